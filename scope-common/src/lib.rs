@@ -1,0 +1,306 @@
+//! Records, map keys and limits shared by the eBPF programs (`scope-ebpf`) and the daemon
+//! (`scoped`).
+//!
+//! Everything here is `#[repr(C)]`, free of implicit padding and of `bool`, and its size is
+//! asserted at compile time, so the kernel and userspace can never disagree silently about a
+//! layout. The `user` feature adds `aya::Pod` so userspace can read these out of maps.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Names of the maps in the eBPF object, used by the daemon to find them.
+pub mod maps {
+    /// `ArrayOfMaps` indexed by CPU; each slot holds that CPU's span ring buffer.
+    pub const RINGS: &str = "RINGS";
+    /// Hash map: tgid → [`super::Target`]. Only processes in it are traced.
+    pub const TARGETS: &str = "TARGETS";
+    /// Hash map: tid → [`super::ThreadStack`], the in-kernel call stack used to pair entry/exit.
+    pub const STACKS: &str = "STACKS";
+    /// Per-CPU array indexed by [`super::Counter`].
+    pub const COUNTERS: &str = "COUNTERS";
+    /// Per-CPU array indexed by probe id: [`super::ProbeCounters`].
+    pub const PROBE_COUNTERS: &str = "PROBE_COUNTERS";
+    /// Per-CPU array with one [`super::CpuState`] (span id sequence).
+    pub const CPU_STATE: &str = "CPU_STATE";
+}
+
+/// Names of the programs in the eBPF object.
+pub mod programs {
+    /// Generic `uprobe.multi` entry program for every traced function.
+    pub const ENTRY: &str = "scope_entry";
+    /// Generic `uretprobe.multi` exit program for every traced function.
+    pub const EXIT: &str = "scope_exit";
+    /// `sched:sched_process_exit`: flushes the call stack of a thread that exits mid-call.
+    pub const THREAD_EXIT: &str = "scope_thread_exit";
+    /// `sched:sched_process_exec`: flushes the call stack of a thread that execs mid-call.
+    pub const EXEC: &str = "scope_exec";
+    /// Empty `uprobe.multi` program: the floor a benchmark compares the real entry program to.
+    pub const NULL_ENTRY: &str = "scope_null_entry";
+    /// Empty `uretprobe.multi` program: the floor a benchmark compares the real exit program to.
+    pub const NULL_EXIT: &str = "scope_null_exit";
+}
+
+/// Deepest nesting of traced calls per thread that the kernel keeps. Deeper calls are counted
+/// in [`Counter::DepthOverflow`] and do not produce spans.
+pub const MAX_DEPTH: usize = 32;
+/// Slots in the per-CPU ring buffer array; CPUs with a higher id than this cannot be traced.
+pub const MAX_CPUS: u32 = 1024;
+/// Probe ids are indexes into [`maps::PROBE_COUNTERS`]; this is its size.
+pub const MAX_PROBES: u32 = 1 << 16;
+/// Threads whose call stack the kernel can hold at once (entries are allocated on first use).
+pub const MAX_THREADS: u32 = 1 << 15;
+/// Processes that can be traced at once.
+pub const MAX_TARGETS: u32 = 1 << 12;
+/// How many frames the exit program walks when it unwinds frames abandoned by `longjmp` or
+/// an exception, or searches for a second probe on the same call.
+pub const MAX_UNWIND: usize = 8;
+
+/// The attach cookie of every probe: the probe id in the low 32 bits, [`cookie`] flags above.
+pub mod cookie {
+    /// Mask of the probe id in a cookie.
+    pub const PROBE_ID_MASK: u64 = 0xffff_ffff;
+    /// The probe has no exit: the entry program emits a zero-length span at once (inlined
+    /// call sites, which have no return to hook).
+    pub const INSTANT: u64 = 1 << 32;
+
+    /// Builds the cookie for a probe.
+    pub const fn new(probe_id: u32, flags: u64) -> u64 {
+        probe_id as u64 | flags
+    }
+}
+
+/// Kinds of records in the ring buffers; every record starts with its kind as a `u32`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordKind {
+    /// A [`Span`].
+    Span = 1,
+}
+
+/// Bits of [`Span::flags`].
+pub mod span_flags {
+    /// Entry-only probe (an inlined call site): `end_ns == start_ns`, no return value.
+    pub const INSTANT: u32 = 1 << 0;
+    /// The thread exited while the call was running; `end_ns` is the exit time, no return value.
+    pub const THREAD_EXITED: u32 = 1 << 1;
+    /// The thread called `exec` while the call was running.
+    pub const EXECED: u32 = 1 << 2;
+    /// The call never returned normally: a `longjmp` or an exception unwound past it. `end_ns`
+    /// is when the kernel noticed (the next return of an enclosing traced call).
+    pub const ABANDONED: u32 = 1 << 3;
+}
+
+/// One traced call, paired in the kernel: entry and exit in a single record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Span {
+    /// [`RecordKind::Span`].
+    pub kind: u32,
+    /// The probe that fired: index into the daemon's probe table.
+    pub probe_id: u32,
+    /// Process id (tgid).
+    pub pid: u32,
+    /// Thread id.
+    pub tid: u32,
+    /// `CLOCK_MONOTONIC` nanoseconds at entry.
+    pub start_ns: u64,
+    /// `CLOCK_MONOTONIC` nanoseconds at exit.
+    pub end_ns: u64,
+    /// Unique per daemon run: `(cpu + 1) << 48 | per-CPU sequence`.
+    pub span_id: u64,
+    /// `span_id` of the enclosing traced call on the same thread, 0 for a root.
+    pub parent_id: u64,
+    /// The first six integer arguments (System V x86-64: rdi, rsi, rdx, rcx, r8, r9).
+    pub args: [u64; 6],
+    /// The return value (rax); 0 when [`span_flags`] say there was no return.
+    pub ret: u64,
+    /// The return address: where in the caller the call came from.
+    pub caller: u64,
+    /// Nesting depth among traced calls on this thread (0 for the outermost).
+    pub depth: u32,
+    /// [`span_flags`] bits.
+    pub flags: u32,
+}
+
+/// One open call on a thread's in-kernel stack.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Frame {
+    pub probe_id: u32,
+    pub _pad: u32,
+    /// Stack pointer at entry (pointing at the return address); the exit sees `sp + 8`.
+    pub sp: u64,
+    pub start_ns: u64,
+    pub span_id: u64,
+    pub caller: u64,
+    pub args: [u64; 6],
+}
+
+/// A thread's in-kernel call stack of traced functions.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ThreadStack {
+    /// Frames in use in `frames`.
+    pub depth: u32,
+    /// Calls entered while `frames` was full; their exits are ignored.
+    pub overflow: u32,
+    pub frames: [Frame; MAX_DEPTH],
+}
+
+/// A traced process. The value of [`maps::TARGETS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Target {
+    /// Number of sessions tracing this process (informational; the key's presence is the filter).
+    pub sessions: u32,
+    pub _pad: u32,
+}
+
+/// Per-CPU bookkeeping. The value of [`maps::CPU_STATE`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuState {
+    /// Next span id sequence number on this CPU.
+    pub next_seq: u64,
+}
+
+/// What a probe has seen. The value of [`maps::PROBE_COUNTERS`] (per CPU; userspace sums).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeCounters {
+    /// Entries of the probed function in traced processes.
+    pub calls: u64,
+    /// Spans of this probe that were lost (ring full, stack full, depth overflow).
+    pub dropped: u64,
+}
+
+/// Global counters, an index into [`maps::COUNTERS`]. Every place in the kernel that loses a
+/// span counts it here; nothing is dropped silently.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Spans written to a ring buffer.
+    SpansEmitted = 0,
+    /// A ring buffer was full: span lost.
+    RingFull = 1,
+    /// No ring buffer for this CPU (CPU id ≥ [`MAX_CPUS`]): span lost.
+    NoRing = 2,
+    /// The thread stack map was full: the call could not be tracked, span lost.
+    StackMapFull = 3,
+    /// Nesting deeper than [`MAX_DEPTH`]: span lost.
+    DepthOverflow = 4,
+    /// An exit with no matching entry (e.g. the probe was attached while the call ran).
+    UnmatchedExit = 5,
+    /// Frames abandoned by `longjmp`/exceptions, reported with [`span_flags::ABANDONED`].
+    Abandoned = 6,
+    /// Open calls flushed because their thread exited or exec'd.
+    Unfinished = 7,
+}
+
+impl Counter {
+    /// Every counter, in index order.
+    pub const ALL: [Counter; 8] = [
+        Counter::SpansEmitted,
+        Counter::RingFull,
+        Counter::NoRing,
+        Counter::StackMapFull,
+        Counter::DepthOverflow,
+        Counter::UnmatchedExit,
+        Counter::Abandoned,
+        Counter::Unfinished,
+    ];
+    /// Size of the [`maps::COUNTERS`] array.
+    pub const COUNT: u32 = Self::ALL.len() as u32;
+
+    /// A stable snake_case name for APIs and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::SpansEmitted => "spans_emitted",
+            Counter::RingFull => "ring_full",
+            Counter::NoRing => "no_ring",
+            Counter::StackMapFull => "stack_map_full",
+            Counter::DepthOverflow => "depth_overflow",
+            Counter::UnmatchedExit => "unmatched_exit",
+            Counter::Abandoned => "abandoned",
+            Counter::Unfinished => "unfinished",
+        }
+    }
+
+    /// Whether this counter counts spans that were lost.
+    pub const fn is_loss(self) -> bool {
+        matches!(
+            self,
+            Counter::RingFull | Counter::NoRing | Counter::StackMapFull | Counter::DepthOverflow
+        )
+    }
+}
+
+const _: () = assert!(size_of::<Span>() == 120);
+const _: () = assert!(size_of::<Frame>() == 88);
+const _: () = assert!(size_of::<ThreadStack>() == 8 + 88 * MAX_DEPTH);
+const _: () = assert!(size_of::<Target>() == 8);
+const _: () = assert!(size_of::<CpuState>() == 8);
+const _: () = assert!(size_of::<ProbeCounters>() == 16);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are `#[repr(C)]`, `Copy`, made only of integers, with no padding
+    // (asserted by the size checks above).
+    unsafe impl aya::Pod for super::Span {}
+    unsafe impl aya::Pod for super::Frame {}
+    unsafe impl aya::Pod for super::ThreadStack {}
+    unsafe impl aya::Pod for super::Target {}
+    unsafe impl aya::Pod for super::CpuState {}
+    unsafe impl aya::Pod for super::ProbeCounters {}
+}
+
+impl Span {
+    /// Decodes a span from ring-buffer bytes, checking length and kind.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Span> {
+        if bytes.len() < size_of::<Span>() {
+            return None;
+        }
+        // SAFETY: the length is checked above, `Span` is plain integers (any bit pattern is
+        // valid), and `read_unaligned` makes no alignment assumption.
+        let span = unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<Span>()) };
+        (span.kind == RecordKind::Span as u32).then_some(span)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn span_round_trips_through_bytes() {
+        let span = Span {
+            kind: RecordKind::Span as u32,
+            probe_id: 7,
+            pid: 10,
+            tid: 11,
+            start_ns: 100,
+            end_ns: 250,
+            span_id: 1 << 48 | 3,
+            parent_id: 0,
+            args: [1, 2, 3, 4, 5, 6],
+            ret: 42,
+            caller: 0x4000,
+            depth: 2,
+            flags: 0,
+        };
+        // SAFETY: Span is plain integers with no padding.
+        let bytes: [u8; size_of::<Span>()] = unsafe { core::mem::transmute(span) };
+        assert_eq!(Span::from_bytes(&bytes), Some(span));
+        assert_eq!(Span::from_bytes(&bytes[..100]), None);
+        let mut wrong_kind = bytes;
+        wrong_kind[0] = 9;
+        assert_eq!(Span::from_bytes(&wrong_kind), None);
+    }
+
+    #[test]
+    fn cookie_carries_probe_id_and_flags() {
+        let c = cookie::new(12345, cookie::INSTANT);
+        assert_eq!(c & cookie::PROBE_ID_MASK, 12345);
+        assert_ne!(c & cookie::INSTANT, 0);
+    }
+}

@@ -1,0 +1,441 @@
+//! scope's kernel side.
+//!
+//! One generic entry program and one generic exit program serve every probed function: the
+//! attach cookie carries the probe id, so tracing N functions loads 2 programs, not 2N.
+//! Entry and exit are paired here, per thread, so userspace receives one [`Span`] per call
+//! (start, end, depth, args, return value) through a ring buffer of the CPU it ran on.
+//! Every place that loses a span increments a counter; nothing is dropped silently.
+#![no_std]
+#![no_main]
+// LLVM lowers this to the BPF atomic add instruction; `AtomicU64::fetch_add` is not offered on
+// the BPF target because it lacks compare-and-swap for every width.
+#![feature(core_intrinsics)]
+#![expect(internal_features, reason = "atomic_xadd is the only atomic add on bpfel")]
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    btf_maps::{ArrayOfMaps, HashMap, PerCpuArray, RingBuf},
+    helpers::{
+        bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        bpf_probe_read_user, generated::bpf_ringbuf_query,
+    },
+    macros::{btf_map, tracepoint, uprobe, uretprobe},
+    programs::{ProbeContext, RetProbeContext, TracePointContext},
+};
+use aya_log_ebpf::warn;
+use scope_common::{
+    CpuState, Counter, Frame, MAX_CPUS, MAX_DEPTH, MAX_PROBES, MAX_TARGETS, MAX_THREADS, MAX_UNWIND,
+    ProbeCounters, RecordKind, Span, Target, ThreadStack, cookie, span_flags,
+};
+
+/// Size of the template ring in the object. The daemon creates the real per-CPU rings (of the
+/// size it was configured with) and puts them in `RINGS`; ring buffers of any size can fill a
+/// slot because the kernel does not compare `max_entries` of ring-buffer inner maps.
+const TEMPLATE_RING_BYTES: usize = 4096;
+
+/// Wake the reader only when a ring holds this much unread data; below it the reader picks
+/// records up on its own short poll interval. One wakeup per record would cost an IPI per call.
+const WAKEUP_BYTES: u64 = 64 * 1024;
+
+#[btf_map]
+static RINGS: ArrayOfMaps<RingBuf<Span, TEMPLATE_RING_BYTES>, { MAX_CPUS as usize }> =
+    ArrayOfMaps::new();
+
+#[btf_map]
+static TARGETS: HashMap<u32, Target, { MAX_TARGETS as usize }> = HashMap::new();
+
+#[btf_map]
+static STACKS: HashMap<u32, ThreadStack, { MAX_THREADS as usize }, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
+
+/// One zeroed `ThreadStack`, the initial value of a new `STACKS` entry (too big for the BPF stack).
+#[btf_map]
+static EMPTY_STACK: PerCpuArray<ThreadStack, 1> = PerCpuArray::new();
+
+#[btf_map]
+static COUNTERS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::new();
+
+#[btf_map]
+static PROBE_COUNTERS: PerCpuArray<ProbeCounters, { MAX_PROBES as usize }> = PerCpuArray::new();
+
+#[btf_map]
+static CPU_STATE: PerCpuArray<CpuState, 1> = PerCpuArray::new();
+
+#[uprobe(multi)]
+pub fn scope_entry(ctx: ProbeContext) -> u32 {
+    on_entry(&ctx);
+    0
+}
+
+#[uretprobe(multi)]
+pub fn scope_exit(ctx: RetProbeContext) -> u32 {
+    on_exit(&ctx);
+    0
+}
+
+#[tracepoint(category = "sched", name = "sched_process_exit")]
+pub fn scope_thread_exit(_ctx: TracePointContext) -> u32 {
+    flush_thread(span_flags::THREAD_EXITED);
+    0
+}
+
+#[tracepoint(category = "sched", name = "sched_process_exec")]
+pub fn scope_exec(_ctx: TracePointContext) -> u32 {
+    flush_thread(span_flags::EXECED);
+    0
+}
+
+/// Benchmark floor: an entry program that does nothing.
+#[uprobe(multi)]
+pub fn scope_null_entry(_ctx: ProbeContext) -> u32 {
+    0
+}
+
+/// Benchmark floor: an exit program that does nothing.
+#[uretprobe(multi)]
+pub fn scope_null_exit(_ctx: RetProbeContext) -> u32 {
+    0
+}
+
+#[inline(always)]
+fn on_entry(ctx: &ProbeContext) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (pid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    // SAFETY: the reference is only checked for presence.
+    if unsafe { TARGETS.get(&pid) }.is_none() {
+        return;
+    }
+    // SAFETY: ctx is the program's context.
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let probe_id = (cookie & cookie::PROBE_ID_MASK) as u32;
+    probe_count(probe_id, ProbeField::Calls);
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: regs points at the trapped task's pt_regs for the duration of the program.
+    let regs = unsafe { &*ctx.regs };
+    let sp = regs.rsp;
+    let args = [regs.rdi, regs.rsi, regs.rdx, regs.rcx, regs.r8, regs.r9];
+    // At entry, sp points at the return address pushed by the call.
+    // SAFETY: bpf_probe_read_user copes with any address.
+    let caller = unsafe { bpf_probe_read_user(sp as *const u64) }.unwrap_or(0);
+
+    let Some(stack) = thread_stack(tid) else {
+        count(Counter::StackMapFull);
+        probe_count(probe_id, ProbeField::Dropped);
+        return;
+    };
+    // SAFETY: only this thread touches its own stack entry (the exit programs run on the same
+    // thread), so there is no concurrent writer.
+    let stack = unsafe { &mut *stack };
+    let depth = stack.depth as usize;
+    let parent_id = parent_of(stack, depth);
+
+    if cookie & cookie::INSTANT != 0 {
+        let span_id = next_span_id();
+        emit(&Span {
+            kind: RecordKind::Span as u32,
+            probe_id,
+            pid,
+            tid,
+            start_ns: now,
+            end_ns: now,
+            span_id,
+            parent_id,
+            args,
+            ret: 0,
+            caller,
+            depth: depth as u32,
+            flags: span_flags::INSTANT,
+        });
+        return;
+    }
+
+    let Some(frame) = stack.frames.get_mut(depth) else {
+        stack.overflow += 1;
+        count(Counter::DepthOverflow);
+        probe_count(probe_id, ProbeField::Dropped);
+        return;
+    };
+    frame.probe_id = probe_id;
+    frame.sp = sp;
+    frame.start_ns = now;
+    frame.span_id = next_span_id();
+    frame.caller = caller;
+    frame.args = args;
+    stack.depth = depth as u32 + 1;
+}
+
+#[inline(always)]
+fn on_exit(ctx: &RetProbeContext) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (pid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    // SAFETY: ctx is the program's context.
+    let probe_id = (unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } & cookie::PROBE_ID_MASK) as u32;
+    let Some(stack) = STACKS.get_ptr_mut(&tid) else {
+        count(Counter::UnmatchedExit);
+        return;
+    };
+    // SAFETY: see on_entry: only this thread touches its stack.
+    let stack = unsafe { &mut *stack };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: regs points at the task's pt_regs for the duration of the program.
+    let regs = unsafe { &*ctx.regs };
+    let ret = regs.rax;
+    // The return popped the return address: the entry saw sp 8 bytes lower.
+    let entry_sp = regs.rsp.wrapping_sub(8);
+
+    for _ in 0..MAX_UNWIND {
+        let depth = stack.depth as usize;
+        if depth == 0 {
+            count(Counter::UnmatchedExit);
+            return;
+        }
+        let top_index = depth - 1;
+        let Some(top) = stack.frames.get(top_index) else {
+            count(Counter::UnmatchedExit);
+            return;
+        };
+        let top = *top;
+        if top.sp == entry_sp {
+            if top.probe_id != probe_id {
+                // Another probe on the same call (two sessions tracing one function): the
+                // kernel runs return handlers in entry order, so ours sits below the top.
+                pop_same_call(stack, top_index, probe_id, pid, tid, now, ret);
+                return;
+            }
+            let parent_id = parent_of(stack, top_index);
+            emit_frame(&top, pid, tid, now, ret, top_index, parent_id, 0);
+            stack.depth = top_index as u32;
+            // Anything deeper has ended, whether we saw its exit or not.
+            stack.overflow = 0;
+            return;
+        }
+        if entry_sp < top.sp {
+            // A call deeper than every stored frame: one that overflowed MAX_DEPTH.
+            if stack.overflow > 0 {
+                stack.overflow -= 1;
+            } else {
+                count(Counter::UnmatchedExit);
+            }
+            return;
+        }
+        // An enclosing call returned while `top` is still open: `top` was unwound by a
+        // longjmp or an exception and will never return. Report it and keep looking.
+        stack.overflow = 0;
+        let parent_id = parent_of(stack, top_index);
+        emit_frame(&top, pid, tid, now, 0, top_index, parent_id, span_flags::ABANDONED);
+        count(Counter::Abandoned);
+        stack.depth = top_index as u32;
+    }
+}
+
+/// The exit of `probe_id` whose frame is below other frames of the same call at `top_index`.
+#[inline(always)]
+fn pop_same_call(
+    stack: &mut ThreadStack,
+    top_index: usize,
+    probe_id: u32,
+    pid: u32,
+    tid: u32,
+    now: u64,
+    ret: u64,
+) {
+    let Some(top) = stack.frames.get(top_index) else {
+        return;
+    };
+    let top = *top;
+    for distance in 1..MAX_UNWIND {
+        let Some(index) = top_index.checked_sub(distance) else {
+            break;
+        };
+        let Some(frame) = stack.frames.get(index) else {
+            break;
+        };
+        if frame.sp != top.sp {
+            break;
+        }
+        if frame.probe_id == probe_id {
+            let frame = *frame;
+            let parent_id = parent_of(stack, index);
+            emit_frame(&frame, pid, tid, now, ret, index, parent_id, 0);
+            // Frames of one call are interchangeable in order: move the top into the hole.
+            if let Some(hole) = stack.frames.get_mut(index) {
+                *hole = top;
+            }
+            stack.depth = top_index as u32;
+            return;
+        }
+    }
+    count(Counter::UnmatchedExit);
+}
+
+/// Reports every open call of the current thread as unfinished and forgets the thread.
+#[inline(always)]
+fn flush_thread(flag: u32) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (pid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    let Some(stack) = STACKS.get_ptr_mut(&tid) else {
+        return;
+    };
+    // SAFETY: the exiting/exec'ing thread is the only one touching its stack.
+    let stack = unsafe { &mut *stack };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    for _ in 0..MAX_DEPTH {
+        let depth = stack.depth as usize;
+        if depth == 0 {
+            break;
+        }
+        let index = depth - 1;
+        let Some(frame) = stack.frames.get(index) else {
+            break;
+        };
+        let frame = *frame;
+        let parent_id = parent_of(stack, index);
+        emit_frame(&frame, pid, tid, now, 0, index, parent_id, flag);
+        count(Counter::Unfinished);
+        stack.depth = index as u32;
+    }
+    let _ = STACKS.remove(&tid);
+}
+
+/// The thread's stack entry, created on first use.
+#[inline(always)]
+fn thread_stack(tid: u32) -> Option<*mut ThreadStack> {
+    if let Some(stack) = STACKS.get_ptr_mut(&tid) {
+        return Some(stack);
+    }
+    let empty = EMPTY_STACK.get(0)?;
+    if STACKS.insert(&tid, empty, BPF_NOEXIST as u64).is_err() {
+        return None;
+    }
+    STACKS.get_ptr_mut(&tid)
+}
+
+#[inline(always)]
+fn parent_of(stack: &ThreadStack, depth: usize) -> u64 {
+    match depth.checked_sub(1).and_then(|i| stack.frames.get(i)) {
+        Some(parent) => parent.span_id,
+        None => 0,
+    }
+}
+
+#[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "flat arguments keep the verifier's job simple")]
+fn emit_frame(
+    frame: &Frame,
+    pid: u32,
+    tid: u32,
+    end_ns: u64,
+    ret: u64,
+    depth: usize,
+    parent_id: u64,
+    flags: u32,
+) {
+    emit(&Span {
+        kind: RecordKind::Span as u32,
+        probe_id: frame.probe_id,
+        pid,
+        tid,
+        start_ns: frame.start_ns,
+        end_ns,
+        span_id: frame.span_id,
+        parent_id,
+        args: frame.args,
+        ret,
+        caller: frame.caller,
+        depth: depth as u32,
+        flags,
+    });
+}
+
+/// Writes a span into this CPU's ring, or counts it lost.
+#[inline(always)]
+fn emit(span: &Span) {
+    // SAFETY: plain helper call.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let Some(ring) = RINGS.get(cpu) else {
+        count(Counter::NoRing);
+        probe_count(span.probe_id, ProbeField::Dropped);
+        warn!(&(), "scope: no span ring for cpu {}", cpu);
+        return;
+    };
+    let Some(mut entry) = ring.reserve(0) else {
+        count(Counter::RingFull);
+        probe_count(span.probe_id, ProbeField::Dropped);
+        return;
+    };
+    entry.write(*span);
+    // SAFETY: ring is a valid ring buffer map pointer obtained from the outer map.
+    let unread = unsafe { bpf_ringbuf_query(core::ptr::from_ref(ring).cast_mut().cast(), BPF_RB_AVAIL_DATA as u64) };
+    let flags = if unread >= WAKEUP_BYTES { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
+    entry.submit(flags as u64);
+    count(Counter::SpansEmitted);
+}
+
+/// A unique span id: the CPU in the top bits, a per-CPU sequence below.
+#[inline(always)]
+fn next_span_id() -> u64 {
+    // SAFETY: plain helper call.
+    let cpu = unsafe { bpf_get_smp_processor_id() } as u64;
+    let seq = match CPU_STATE.get_ptr_mut(0) {
+        // SAFETY: a valid per-CPU map value; atomic because a preempting task on this CPU may
+        // run the same program between our load and store.
+        Some(state) => unsafe { add(&raw mut (*state).next_seq) },
+        None => 0,
+    };
+    (cpu + 1) << 48 | (seq & ((1 << 48) - 1))
+}
+
+#[inline(always)]
+fn count(counter: Counter) {
+    if let Some(value) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: a valid per-CPU map value; atomic for the same reason as next_span_id.
+        unsafe { add(value) };
+    }
+}
+
+#[derive(Clone, Copy)]
+enum ProbeField {
+    Calls,
+    Dropped,
+}
+
+#[inline(always)]
+fn probe_count(probe_id: u32, field: ProbeField) {
+    if let Some(counters) = PROBE_COUNTERS.get_ptr_mut(probe_id) {
+        // SAFETY: a valid per-CPU map value; atomic for the same reason as next_span_id.
+        let value = unsafe {
+            match field {
+                ProbeField::Calls => &raw mut (*counters).calls,
+                ProbeField::Dropped => &raw mut (*counters).dropped,
+            }
+        };
+        // SAFETY: see above.
+        unsafe { add(value) };
+    }
+}
+
+/// Atomically adds one to a map value and returns the old value.
+///
+/// # Safety
+/// `value` must point into a map value.
+#[inline(always)]
+unsafe fn add(value: *mut u64) -> u64 {
+    // SAFETY: the caller passes a valid map value pointer.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(value, 1) }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
