@@ -1,1 +1,294 @@
-fn main() {}
+//! `scope`: the command-line client of the `scoped` tracing daemon. Every command is one
+//! `scope.v1.Scope` gRPC call (or, for `trace`, Attach + Watch + Detach) over a unix socket.
+
+mod client;
+mod commands;
+mod duration;
+mod render;
+mod trace;
+mod tree;
+
+use std::io::{self, BufWriter, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use crate::client::{Client, DEFAULT_SOCKET};
+use crate::duration::parse_duration;
+
+/// How long a finished call waits for children still in flight in other CPUs' rings.
+const DEFAULT_GRACE: &str = "100ms";
+
+#[derive(Parser)]
+#[command(
+    name = "scope",
+    version,
+    about = "Trace function calls in live native processes through the scoped daemon",
+    after_help = "Examples:\n  \
+        scope trace --pid 1234 --func 'processCommand' --func 'lookupKey*' --duration 10s\n  \
+        scope attach --pid 1234 --func 'libc.so.6!malloc'\n  \
+        scope calls --pid 1234 --limit 20\n  \
+        scope detach --all"
+)]
+struct Cli {
+    /// The scoped socket.
+    #[arg(
+        long,
+        global = true,
+        env = "SCOPE_SOCKET",
+        default_value = DEFAULT_SOCKET,
+        value_name = "PATH"
+    )]
+    socket: PathBuf,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach probes to the functions of a running process and print what was probed.
+    Attach {
+        /// The process to trace.
+        #[arg(long, short)]
+        pid: u32,
+        /// Functions to trace: a glob over names (`*`, `?`, `[abc]`); `LIB!GLOB` limits it to
+        /// modules whose file name starts with LIB. Repeat for more.
+        #[arg(long = "func", short, value_name = "GLOB", required = true)]
+        functions: Vec<String>,
+        /// Resolve the globs only in this ELF file mapped by the process (its executable
+        /// or one of its libraries).
+        #[arg(long, value_name = "PATH")]
+        binary: Option<String>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Attach, print calls live as per-thread call trees, and detach on exit.
+    Trace {
+        /// The process to trace.
+        #[arg(long, short)]
+        pid: u32,
+        /// Functions to trace (globs, as for `attach`). Repeat for more.
+        #[arg(long = "func", short, value_name = "GLOB", required = true)]
+        functions: Vec<String>,
+        /// Resolve the globs only in this ELF file mapped by the process (its executable
+        /// or one of its libraries).
+        #[arg(long, value_name = "PATH")]
+        binary: Option<String>,
+        /// Stop after this long (`5s`, `500ms`, `2m`); default: until Ctrl-C or the target
+        /// exits.
+        #[arg(long, short, value_parser = parse_duration)]
+        duration: Option<Duration>,
+        /// How long a finished call waits for late spans of its children before printing.
+        #[arg(long, value_parser = parse_duration, default_value = DEFAULT_GRACE)]
+        grace: Duration,
+    },
+    /// Print recorded calls, oldest first.
+    Calls {
+        /// Only calls in this process.
+        #[arg(long, short)]
+        pid: Option<u32>,
+        /// Only calls of this function.
+        #[arg(long = "func", short, value_name = "GLOB")]
+        function: Option<String>,
+        /// Only calls recorded by this session.
+        #[arg(long, value_name = "ID")]
+        session: Option<u64>,
+        /// The most recent N matching calls; 0 for all.
+        #[arg(long, short = 'n', value_name = "N", default_value_t = 100)]
+        limit: u32,
+        /// Print one JSON object per line (JSON Lines).
+        #[arg(long)]
+        json: bool,
+    },
+    /// List tracing sessions.
+    Sessions {
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a session's probes, or every session's with --all.
+    Detach {
+        /// The session to detach (see `scope sessions`).
+        #[arg(
+            value_name = "SESSION_ID",
+            required_unless_present = "all",
+            conflicts_with = "all"
+        )]
+        session: Option<u64>,
+        /// Detach every session.
+        #[arg(long)]
+        all: bool,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the daemon's counters: spans received and dropped, sessions, probes, store.
+    Status {
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("scope: error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        // `scope calls | head` closes the pipe early; that is not an error.
+        Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("scope: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<io::Error>()
+            .is_some_and(|io| io.kind() == io::ErrorKind::BrokenPipe)
+    })
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let client = Client::connect(&cli.socket).await?;
+    let mut out = BufWriter::new(io::stdout());
+    match cli.command {
+        Command::Attach {
+            pid,
+            functions,
+            binary,
+            json,
+        } => {
+            let target = commands::AttachTarget {
+                pid,
+                functions,
+                binary,
+            };
+            commands::attach(&client, &mut out, &target, json).await?;
+        }
+        Command::Trace {
+            pid,
+            functions,
+            binary,
+            duration,
+            grace,
+        } => {
+            let options = trace::TraceOptions {
+                target: commands::AttachTarget {
+                    pid,
+                    functions,
+                    binary,
+                },
+                duration,
+                grace,
+            };
+            trace::trace(&client, &mut out, options).await?;
+        }
+        Command::Calls {
+            pid,
+            function,
+            session,
+            limit,
+            json,
+        } => {
+            let query = commands::CallsQuery {
+                pid,
+                function,
+                session,
+                limit,
+                json,
+            };
+            commands::calls(&client, &mut out, query).await?;
+        }
+        Command::Sessions { json } => commands::sessions(&client, &mut out, json).await?,
+        Command::Detach { session, all, json } => {
+            commands::detach(&client, &mut out, if all { None } else { session }, json).await?
+        }
+        Command::Status { json } => commands::status(&client, &mut out, json).await?,
+    }
+    out.flush()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_the_documented_command_lines() {
+        let cli = Cli::try_parse_from([
+            "scope",
+            "--socket",
+            "/tmp/s",
+            "trace",
+            "--pid",
+            "7",
+            "--func",
+            "a*",
+            "--func",
+            "b",
+            "--duration",
+            "500ms",
+        ])
+        .expect("trace parses");
+        assert_eq!(cli.socket, PathBuf::from("/tmp/s"));
+        match cli.command {
+            Command::Trace {
+                pid,
+                functions,
+                duration,
+                grace,
+                ..
+            } => {
+                assert_eq!(pid, 7);
+                assert_eq!(functions, ["a*", "b"]);
+                assert_eq!(duration, Some(Duration::from_millis(500)));
+                assert_eq!(grace, Duration::from_millis(100));
+            }
+            _ => panic!("not trace"),
+        }
+        let cli = Cli::try_parse_from(["scope", "calls"]).expect("calls parses");
+        assert!(matches!(cli.command, Command::Calls { limit: 100, .. }));
+        assert!(Cli::try_parse_from(["scope", "detach", "--all"]).is_ok());
+        assert!(Cli::try_parse_from(["scope", "detach", "3"]).is_ok());
+        assert!(Cli::try_parse_from(["scope", "detach"]).is_err());
+        assert!(Cli::try_parse_from(["scope", "detach", "3", "--all"]).is_err());
+        assert!(Cli::try_parse_from(["scope", "attach", "--pid", "1"]).is_err());
+        assert!(
+            Cli::try_parse_from([
+                "scope",
+                "trace",
+                "--pid",
+                "1",
+                "--func",
+                "f",
+                "--duration",
+                "5x"
+            ])
+            .is_err()
+        );
+    }
+}

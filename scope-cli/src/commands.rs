@@ -1,0 +1,232 @@
+//! The one-shot commands: each is one gRPC call and its output.
+
+use std::io::Write;
+
+use anyhow::{Context, Result};
+use scope_proto::v1::{
+    AttachRequest, DetachRequest, ListSessionsRequest, QuerySpansRequest, Session, StatusRequest,
+    detach_request::Target,
+};
+
+use crate::client::Client;
+use crate::render;
+
+/// Rows `scope calls` collects before it sizes the table's columns and starts printing.
+const TABLE_SIZING_ROWS: usize = 1_000;
+
+fn print_lines(out: &mut impl Write, lines: &[String]) -> Result<()> {
+    for line in lines {
+        writeln!(out, "{line}")?;
+    }
+    Ok(())
+}
+
+fn print_json(out: &mut impl Write, value: &impl serde::Serialize) -> Result<()> {
+    serde_json::to_writer(&mut *out, value).context("cannot write JSON")?;
+    writeln!(out)?;
+    Ok(())
+}
+
+/// What to attach to (`scope attach` and `scope trace`).
+pub struct AttachTarget {
+    pub pid: u32,
+    pub functions: Vec<String>,
+    /// Resolve the globs only in this ELF file mapped by the process.
+    pub binary: Option<String>,
+}
+
+/// Attaches and returns the new session (shared with `scope trace`).
+pub async fn attach_session(client: &Client, target: &AttachTarget) -> Result<Session> {
+    let response = client
+        .rpc
+        .clone()
+        .attach(AttachRequest {
+            pid: target.pid,
+            functions: target.functions.clone(),
+            binary: target.binary.clone().unwrap_or_default(),
+        })
+        .await
+        .map_err(|status| client.error(status))?
+        .into_inner();
+    response
+        .session
+        .context("scoped answered Attach without a session; this is a bug in scoped")
+}
+
+pub async fn attach(
+    client: &Client,
+    out: &mut impl Write,
+    target: &AttachTarget,
+    json: bool,
+) -> Result<()> {
+    let session = attach_session(client, target).await?;
+    if json {
+        print_json(out, &render::SessionJson::from(&session))
+    } else {
+        print_lines(out, &render::attach_lines(&session))
+    }
+}
+
+pub async fn detach(
+    client: &Client,
+    out: &mut impl Write,
+    session: Option<u64>,
+    json: bool,
+) -> Result<()> {
+    let target = match session {
+        Some(id) => Target::SessionId(id),
+        None => Target::All(true),
+    };
+    let response = client
+        .rpc
+        .clone()
+        .detach(DetachRequest {
+            target: Some(target),
+        })
+        .await
+        .map_err(|status| client.error(status))?
+        .into_inner();
+    if json {
+        print_json(
+            out,
+            &render::DetachJson {
+                detached_session_ids: &response.detached_session_ids,
+                detach_ns: response.detach_ns,
+            },
+        )
+    } else {
+        writeln!(out, "{}", render::detach_line(&response))?;
+        Ok(())
+    }
+}
+
+pub async fn sessions(client: &Client, out: &mut impl Write, json: bool) -> Result<()> {
+    let response = client
+        .rpc
+        .clone()
+        .list_sessions(ListSessionsRequest {})
+        .await
+        .map_err(|status| client.error(status))?
+        .into_inner();
+    if json {
+        print_json(
+            out,
+            &render::SessionsJson {
+                sessions: response
+                    .sessions
+                    .iter()
+                    .map(render::SessionJson::from)
+                    .collect(),
+            },
+        )
+    } else {
+        print_lines(out, &render::sessions_lines(&response.sessions))
+    }
+}
+
+pub async fn status(client: &Client, out: &mut impl Write, json: bool) -> Result<()> {
+    let response = client
+        .rpc
+        .clone()
+        .status(StatusRequest {})
+        .await
+        .map_err(|status| client.error(status))?
+        .into_inner();
+    if json {
+        print_json(out, &render::StatusJson::from(&response))
+    } else {
+        print_lines(out, &render::status_lines(&response))
+    }
+}
+
+/// What `scope calls` asks for.
+pub struct CallsQuery {
+    pub pid: Option<u32>,
+    pub function: Option<String>,
+    pub session: Option<u64>,
+    pub limit: u32,
+    pub json: bool,
+}
+
+pub async fn calls(client: &Client, out: &mut impl Write, query: CallsQuery) -> Result<()> {
+    let mut stream = client
+        .rpc
+        .clone()
+        .query_spans(QuerySpansRequest {
+            session_id: query.session.unwrap_or(0),
+            pid: query.pid.unwrap_or(0),
+            function: query.function.unwrap_or_default(),
+            limit: query.limit,
+        })
+        .await
+        .map_err(|status| client.error(status))?
+        .into_inner();
+
+    let mut table = render::calls_table();
+    // Rows held until the column widths are known; `None` once the header is out.
+    let mut sizing: Option<Vec<Vec<String>>> = Some(Vec::new());
+    let mut shown: u64 = 0;
+    let mut dropped: u64 = 0;
+    while let Some(batch) = stream
+        .message()
+        .await
+        .map_err(|status| client.error(status))?
+    {
+        dropped = dropped.saturating_add(batch.dropped);
+        for span in &batch.spans {
+            shown += 1;
+            if query.json {
+                print_json(out, &render::SpanJson::from(span))?;
+                continue;
+            }
+            let row = render::call_row(span);
+            match sizing.as_mut() {
+                Some(rows) => {
+                    rows.push(row);
+                    if rows.len() >= TABLE_SIZING_ROWS {
+                        flush_sizing(out, &mut table, &mut sizing)?;
+                    }
+                }
+                None => writeln!(out, "{}", table.line(&row))?,
+            }
+        }
+    }
+    if !query.json {
+        if shown == 0 {
+            writeln!(
+                out,
+                "no calls recorded{} (see `scope sessions`; trace with `scope attach` or `scope trace`)",
+                if query.pid.is_some() || query.session.is_some() {
+                    " for this pid/session"
+                } else {
+                    ""
+                }
+            )?;
+        } else {
+            flush_sizing(out, &mut table, &mut sizing)?;
+        }
+    }
+    out.flush()?;
+    if dropped > 0 {
+        // On stderr so `--json` output stays pure JSON Lines; never silent.
+        eprintln!(
+            "scope: warning: scoped dropped {dropped} spans while sending them to this client"
+        );
+    }
+    Ok(())
+}
+
+fn flush_sizing(
+    out: &mut impl Write,
+    table: &mut render::Table,
+    sizing: &mut Option<Vec<Vec<String>>>,
+) -> Result<()> {
+    if let Some(rows) = sizing.take() {
+        table.fit(&rows);
+        writeln!(out, "{}", table.header())?;
+        for row in &rows {
+            writeln!(out, "{}", table.line(row))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,953 @@
+//! Runs the built `scope` binary against a fake `scoped`: a tonic server on a unix socket in a
+//! temporary directory that returns canned answers and records every request. Needs no root,
+//! no BPF and no real daemon.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use scope_proto::v1::scope_server::{Scope, ScopeServer};
+use scope_proto::v1::{
+    AttachRequest, AttachResponse, DetachRequest, DetachResponse, Frame, ListSessionsRequest,
+    ListSessionsResponse, Probe, QuerySpansRequest, Session, Span, SpanBatch, StatusRequest,
+    StatusResponse, WatchRequest, detach_request::Target,
+};
+use serde_json::Value;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tonic::{Request, Response, Status};
+
+const SCOPE: &str = env!("CARGO_BIN_EXE_scope");
+const SESSION: u64 = 7;
+const PID: u32 = 1234;
+
+/// Requests the fake received, for assertions.
+#[derive(Default, Debug)]
+struct Seen {
+    attach: Vec<AttachRequest>,
+    detach: Vec<DetachRequest>,
+    watch: Vec<WatchRequest>,
+    query: Vec<QuerySpansRequest>,
+}
+
+/// What the fake answers.
+#[derive(Clone)]
+struct Script {
+    /// Batches Watch sends, each after the given pause.
+    watch: Vec<(Duration, SpanBatch)>,
+    /// End the Watch stream after the batches (otherwise it stays open, like a live daemon).
+    end_watch: bool,
+    target_alive: bool,
+}
+
+impl Default for Script {
+    fn default() -> Self {
+        Self {
+            watch: Vec::new(),
+            end_watch: false,
+            target_alive: true,
+        }
+    }
+}
+
+struct Fake {
+    seen: Arc<Mutex<Seen>>,
+    script: Script,
+}
+
+fn probe(id: u32, function: &str, file: &str, line: u32, inlined_into: &str) -> Probe {
+    Probe {
+        probe_id: id,
+        function: function.into(),
+        symbol: function.into(),
+        module: "/usr/bin/redis-server".into(),
+        address: 0x4000 + u64::from(id) * 0x100,
+        file_offset: 0x3000 + u64::from(id) * 0x100,
+        file: file.into(),
+        line,
+        inlined_into: inlined_into.into(),
+        calls: 3,
+        spans_dropped: 0,
+    }
+}
+
+fn session(alive: bool) -> Session {
+    Session {
+        id: SESSION,
+        pid: PID,
+        exe: "/usr/bin/redis-server".into(),
+        comm: "redis-server".into(),
+        patterns: vec!["processCommand".into(), "lookupKey*".into()],
+        probes: vec![
+            probe(1, "processCommand", "src/server.c", 3987, ""),
+            probe(2, "lookupKey", "src/db.c", 100, "lookupKeyRead"),
+        ],
+        created_unix_ns: 1_700_000_000_000_000_000,
+        target_alive: alive,
+        spans_received: 12,
+        spans_dropped: 5,
+    }
+}
+
+fn span(id: u64, parent: u64, tid: u32, depth: u32, function: &str, start: u64, dur: u64) -> Span {
+    Span {
+        span_id: id,
+        parent_id: parent,
+        session_id: SESSION,
+        probe_id: 1,
+        pid: PID,
+        tid,
+        function: function.into(),
+        module: "/usr/bin/redis-server".into(),
+        file: "/src/redis/src/server.c".into(),
+        line: 3987,
+        start_unix_ns: 1_700_000_000_000_000_000 + start,
+        duration_ns: dur,
+        depth,
+        args: vec![0x55d0_c1e0_a2c0, 0, 0, 0, 0, 0],
+        ret: 0,
+        caller: vec![Frame {
+            function: "processInputBuffer".into(),
+            file: "networking.c".into(),
+            line: 2100,
+            inlined: false,
+        }],
+        flags: vec![],
+        inlined_into: String::new(),
+    }
+}
+
+type SpanStream = Pin<Box<dyn Stream<Item = Result<SpanBatch, Status>> + Send>>;
+
+fn stream_of(script: Vec<(Duration, SpanBatch)>, end: bool) -> SpanStream {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        for (pause, batch) in script {
+            tokio::time::sleep(pause).await;
+            if tx.send(Ok(batch)).await.is_err() {
+                return;
+            }
+        }
+        if !end {
+            // Like a live daemon: keep the stream open until the client goes away.
+            tx.closed().await;
+        }
+    });
+    Box::pin(ReceiverStream::new(rx))
+}
+
+#[tonic::async_trait]
+impl Scope for Fake {
+    async fn attach(
+        &self,
+        request: Request<AttachRequest>,
+    ) -> Result<Response<AttachResponse>, Status> {
+        let request = request.into_inner();
+        self.seen.lock().expect("lock").attach.push(request.clone());
+        if request.pid == 4242 {
+            return Err(Status::not_found("pid 4242 does not exist"));
+        }
+        if request.functions.iter().any(|f| f == "procesCommand") {
+            return Err(Status::invalid_argument(
+                "no function matches 'procesCommand' in /usr/bin/redis-server; did you mean \
+                 processCommand?",
+            ));
+        }
+        Ok(Response::new(AttachResponse {
+            session: Some(session(true)),
+        }))
+    }
+
+    async fn detach(
+        &self,
+        request: Request<DetachRequest>,
+    ) -> Result<Response<DetachResponse>, Status> {
+        let request = request.into_inner();
+        self.seen.lock().expect("lock").detach.push(request);
+        let ids = match request.target {
+            Some(Target::SessionId(id)) if id == SESSION || id == 8 => vec![id],
+            Some(Target::SessionId(id)) => {
+                return Err(Status::not_found(format!("no session {id}")));
+            }
+            Some(Target::All(true)) => vec![SESSION, 8],
+            _ => return Err(Status::invalid_argument("say which session to detach")),
+        };
+        Ok(Response::new(DetachResponse {
+            detached_session_ids: ids,
+            detach_ns: 1_234_000,
+        }))
+    }
+
+    async fn list_sessions(
+        &self,
+        _: Request<ListSessionsRequest>,
+    ) -> Result<Response<ListSessionsResponse>, Status> {
+        Ok(Response::new(ListSessionsResponse {
+            sessions: vec![session(self.script.target_alive)],
+        }))
+    }
+
+    type WatchStream = SpanStream;
+
+    async fn watch(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        self.seen
+            .lock()
+            .expect("lock")
+            .watch
+            .push(request.into_inner());
+        Ok(Response::new(stream_of(
+            self.script.watch.clone(),
+            self.script.end_watch,
+        )))
+    }
+
+    type QuerySpansStream = SpanStream;
+
+    async fn query_spans(
+        &self,
+        request: Request<QuerySpansRequest>,
+    ) -> Result<Response<Self::QuerySpansStream>, Status> {
+        self.seen
+            .lock()
+            .expect("lock")
+            .query
+            .push(request.into_inner());
+        let mut exited = span(3, 1, 1235, 1, "addReply", 3_000, 800);
+        exited.flags = vec!["thread_exited".into()];
+        exited.ret = 0;
+        let mut child = span(2, 1, 1235, 1, "lookupKey", 2_000, 1_500);
+        child.ret = u64::MAX;
+        child.args = vec![1, 2, 3, 4, 5, u64::MAX];
+        let batches = vec![
+            (
+                Duration::ZERO,
+                SpanBatch {
+                    spans: vec![span(1, 0, 1235, 0, "processCommand", 1_000, 12_345), child],
+                    dropped: 0,
+                },
+            ),
+            (
+                Duration::ZERO,
+                SpanBatch {
+                    spans: vec![exited],
+                    dropped: 0,
+                },
+            ),
+        ];
+        Ok(Response::new(stream_of(batches, true)))
+    }
+
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        Ok(Response::new(StatusResponse {
+            version: "0.1.0".into(),
+            uptime_ns: 3_723_000_000_000,
+            spans_received: 1000,
+            spans_dropped: 17,
+            counters: [
+                ("kernel.ring_full".to_owned(), 17),
+                ("daemon.queue_full".to_owned(), 0),
+            ]
+            .into_iter()
+            .collect(),
+            sessions: 1,
+            probes: 2,
+            stored_spans: 900,
+            store_capacity: 1_000_000,
+            store_evicted: 0,
+            ring_bytes_per_cpu: 262_144,
+            cpus: 4,
+        }))
+    }
+}
+
+/// A running fake daemon; dropping it stops the server.
+struct Daemon {
+    socket: PathBuf,
+    seen: Arc<Mutex<Seen>>,
+    _dir: tempfile::TempDir,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl Daemon {
+    fn start(script: Script) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("scoped.sock");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let fake = Fake {
+            seen: seen.clone(),
+            script,
+        };
+        let listener = runtime
+            .block_on(async { tokio::net::UnixListener::bind(&socket) })
+            .expect("bind the fake socket");
+        runtime.spawn(async move {
+            tonic::transport::Server::builder()
+                .serve_with_incoming(ScopeServer::new(fake), UnixListenerStream::new(listener))
+                .await
+                .expect("fake server");
+        });
+        Self {
+            socket,
+            seen,
+            _dir: dir,
+            _runtime: runtime,
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(SCOPE);
+        cmd.arg("--socket").arg(&self.socket).args(args);
+        cmd.env_remove("SCOPE_SOCKET");
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run scope")
+    }
+
+    fn seen<T>(&self, f: impl FnOnce(&Seen) -> T) -> T {
+        f(&self.seen.lock().expect("lock"))
+    }
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8(output.stdout.clone()).expect("utf-8 stdout")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8(output.stderr.clone()).expect("utf-8 stderr")
+}
+
+fn assert_ok(output: &Output) {
+    assert!(
+        output.status.success(),
+        "scope failed: {:?}\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        stdout(output),
+        stderr(output)
+    );
+}
+
+/// A user-facing failure: exit code 1, one clear line, no panic or Rust debug output.
+fn assert_clean_error(output: &Output, expected: &str) {
+    let err = stderr(output);
+    assert_eq!(output.status.code(), Some(1), "stderr: {err}");
+    assert_eq!(err, format!("scope: error: {expected}\n"));
+    assert!(!err.contains("panicked") && !err.contains("Status {") && !err.contains("Os {"));
+}
+
+#[test]
+fn attach_prints_session_and_probes() {
+    let daemon = Daemon::start(Script::default());
+    let out = daemon.run(&[
+        "attach",
+        "--pid",
+        "1234",
+        "--func",
+        "processCommand",
+        "--func",
+        "lookupKey*",
+    ]);
+    assert_ok(&out);
+    let text = stdout(&out);
+    assert!(
+        text.starts_with("session 7: attached 2 probes to pid 1234 (redis-server)\n"),
+        "{text}"
+    );
+    let line = |needle: &str| {
+        text.lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no line with {needle} in\n{text}"))
+            .to_owned()
+    };
+    let pc = line("processCommand");
+    assert!(pc.contains("/usr/bin/redis-server") && pc.contains("src/server.c:3987"));
+    let lk = line("lookupKey ");
+    assert!(lk.contains("src/db.c:100") && lk.contains("inlined into lookupKeyRead"));
+    daemon.seen(|seen| {
+        assert_eq!(seen.attach.len(), 1);
+        assert_eq!(seen.attach[0].pid, PID);
+        assert_eq!(seen.attach[0].functions, ["processCommand", "lookupKey*"]);
+    });
+}
+
+#[test]
+fn attach_json_is_one_object() {
+    let daemon = Daemon::start(Script::default());
+    let out = daemon.run(&[
+        "attach",
+        "--pid",
+        "1234",
+        "--func",
+        "processCommand",
+        "--json",
+    ]);
+    assert_ok(&out);
+    let text = stdout(&out);
+    assert_eq!(text.lines().count(), 1, "{text}");
+    let v: Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(v["session_id"], 7);
+    assert_eq!(v["pid"], 1234);
+    let probes = v["probes"].as_array().expect("probes");
+    assert_eq!(probes.len(), 2);
+    let p = &probes[1];
+    assert_eq!(p["probe_id"], 2);
+    assert_eq!(p["function"], "lookupKey");
+    assert_eq!(p["symbol"], "lookupKey");
+    assert_eq!(p["module"], "/usr/bin/redis-server");
+    assert_eq!(p["address"], 0x4200);
+    assert_eq!(p["file"], "src/db.c");
+    assert_eq!(p["line"], 100);
+    assert_eq!(p["inlined_into"], "lookupKeyRead");
+}
+
+#[test]
+fn daemon_errors_are_printed_as_they_are() {
+    let daemon = Daemon::start(Script::default());
+    let out = daemon.run(&["attach", "--pid", "4242", "--func", "main"]);
+    assert_clean_error(&out, "pid 4242 does not exist");
+    let out = daemon.run(&["trace", "--pid", "1234", "--func", "procesCommand"]);
+    assert_clean_error(
+        &out,
+        "no function matches 'procesCommand' in /usr/bin/redis-server; did you mean \
+         processCommand?",
+    );
+    // Nothing was attached, so nothing to detach.
+    daemon.seen(|seen| assert!(seen.detach.is_empty()));
+    let out = daemon.run(&["detach", "99"]);
+    assert_clean_error(&out, "no session 99");
+}
+
+#[test]
+fn missing_socket_says_to_start_scoped() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("nope.sock");
+    let out = Command::new(SCOPE)
+        .arg("--socket")
+        .arg(&socket)
+        .arg("status")
+        .output()
+        .expect("run scope");
+    assert_clean_error(
+        &out,
+        &format!(
+            "cannot connect to scoped at {}: No such file or directory — is scoped running? \
+             (start it with `scoped` or `systemctl start scoped`)",
+            socket.display()
+        ),
+    );
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn stale_socket_is_connection_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&socket).expect("bind"));
+    let out = Command::new(SCOPE)
+        .args(["sessions"])
+        .env("SCOPE_SOCKET", &socket)
+        .output()
+        .expect("run scope");
+    assert_clean_error(
+        &out,
+        &format!(
+            "cannot connect to scoped at {}: Connection refused — is scoped running? \
+             (start it with `scoped` or `systemctl start scoped`)",
+            socket.display()
+        ),
+    );
+}
+
+#[test]
+fn socket_comes_from_the_environment() {
+    let daemon = Daemon::start(Script::default());
+    let out = Command::new(SCOPE)
+        .args(["status", "--json"])
+        .env("SCOPE_SOCKET", &daemon.socket)
+        .output()
+        .expect("run scope");
+    assert_ok(&out);
+}
+
+#[test]
+fn default_socket_is_documented() {
+    let out = Command::new(SCOPE)
+        .arg("--help")
+        .env_remove("SCOPE_SOCKET")
+        .output()
+        .expect("run scope");
+    assert_ok(&out);
+    assert!(stdout(&out).contains("/run/scope/scoped.sock"));
+}
+
+#[test]
+fn calls_json_lines_have_every_key() {
+    let daemon = Daemon::start(Script::default());
+    let out = daemon.run(&["calls", "--pid", "1234", "--json"]);
+    assert_ok(&out);
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    for line in &lines {
+        let v: Value = serde_json::from_str(line).expect("each line is JSON");
+        for key in [
+            "pid",
+            "tid",
+            "line",
+            "start_ns",
+            "duration_ns",
+            "depth",
+            "ret",
+            "span_id",
+            "parent_id",
+            "session_id",
+            "probe_id",
+        ] {
+            assert!(v[key].is_u64(), "{key} is an integer in {line}");
+        }
+        for key in ["function", "module", "file", "inlined_into"] {
+            assert!(v[key].is_string(), "{key} is a string in {line}");
+        }
+        let args = v["args"].as_array().expect("args");
+        assert_eq!(args.len(), 6);
+        assert!(args.iter().all(Value::is_u64));
+        assert!(v["flags"].is_array());
+        let caller = v["caller"].as_array().expect("caller");
+        assert_eq!(caller[0]["function"], "processInputBuffer");
+        assert!(caller[0]["line"].is_u64() && caller[0]["inlined"].is_boolean());
+    }
+    let child: Value = serde_json::from_str(lines[1]).expect("JSON");
+    assert_eq!(child["function"], "lookupKey");
+    assert_eq!(child["ret"].as_u64(), Some(u64::MAX));
+    assert_eq!(child["args"][5].as_u64(), Some(u64::MAX));
+    assert_eq!(child["start_ns"], 1_700_000_000_000_002_000u64);
+    let exited: Value = serde_json::from_str(lines[2]).expect("JSON");
+    assert_eq!(exited["flags"][0], "thread_exited");
+    daemon.seen(|seen| {
+        assert_eq!(seen.query.len(), 1);
+        assert_eq!(seen.query[0].pid, 1234);
+        assert_eq!(seen.query[0].limit, 100, "default limit");
+        assert_eq!(seen.query[0].session_id, 0);
+        assert_eq!(seen.query[0].function, "");
+    });
+}
+
+#[test]
+fn calls_passes_filters_and_prints_a_table() {
+    let daemon = Daemon::start(Script::default());
+    let out = daemon.run(&[
+        "calls",
+        "--session",
+        "7",
+        "--func",
+        "lookup*",
+        "--limit",
+        "0",
+    ]);
+    assert_ok(&out);
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    let header: Vec<&str> = lines[0].split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "TIME", "(UTC)", "PID", "TID", "FUNCTION", "DURATION", "LOCATION", "RET"
+        ]
+    );
+    assert!(lines[1].starts_with("22:13:20.000001"), "{text}");
+    assert!(lines[1].contains(" processCommand ") && lines[1].contains("12.3µs"));
+    assert!(lines[1].contains("server.c:3987") && lines[1].ends_with(" 0"));
+    // The child is indented by its depth.
+    let col = |l: &str, s: &str| l.find(s).unwrap_or_else(|| panic!("{s} in {l}"));
+    assert_eq!(
+        col(lines[2], "lookupKey"),
+        col(lines[1], "processCommand") + 2
+    );
+    assert!(lines[2].ends_with(" -1"), "{text}");
+    assert!(lines[3].ends_with("[thread exited]"), "{text}");
+    daemon.seen(|seen| {
+        assert_eq!(seen.query[0].limit, 0);
+        assert_eq!(seen.query[0].session_id, 7);
+        assert_eq!(seen.query[0].function, "lookup*");
+    });
+}
+
+#[test]
+fn sessions_table_and_json() {
+    let daemon = Daemon::start(Script::default());
+    let out = daemon.run(&["sessions"]);
+    assert_ok(&out);
+    let text = stdout(&out);
+    let lines: Vec<Vec<&str>> = text
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        lines[0],
+        [
+            "ID", "PID", "COMM", "EXE", "ALIVE", "PROBES", "SPANS", "DROPPED", "PATTERNS"
+        ]
+    );
+    assert_eq!(
+        lines[1],
+        [
+            "7",
+            "1234",
+            "redis-server",
+            "/usr/bin/redis-server",
+            "yes",
+            "2",
+            "12",
+            "5",
+            "processCommand",
+            "lookupKey*"
+        ]
+    );
+    let out = daemon.run(&["sessions", "--json"]);
+    assert_ok(&out);
+    let v: Value = serde_json::from_str(&stdout(&out)).expect("JSON");
+    let s = &v["sessions"][0];
+    assert_eq!(s["session_id"], 7);
+    assert_eq!(s["target_alive"], true);
+    assert_eq!(s["spans_dropped"], 5);
+    assert_eq!(s["probes"].as_array().map(Vec::len), Some(2));
+}
+
+#[test]
+fn detach_one_or_all() {
+    let daemon = Daemon::start(Script::default());
+    let out = daemon.run(&["detach", "7"]);
+    assert_ok(&out);
+    assert_eq!(stdout(&out), "detached session 7 in 1.23ms\n");
+    let out = daemon.run(&["detach", "--all"]);
+    assert_ok(&out);
+    assert_eq!(stdout(&out), "detached sessions 7, 8 in 1.23ms\n");
+    daemon.seen(|seen| {
+        assert_eq!(seen.detach[0].target, Some(Target::SessionId(7)));
+        assert_eq!(seen.detach[1].target, Some(Target::All(true)));
+    });
+    let out = daemon.run(&["detach"]);
+    assert_eq!(out.status.code(), Some(2), "usage error");
+}
+
+#[test]
+fn status_human_and_json() {
+    let daemon = Daemon::start(Script::default());
+    let out = daemon.run(&["status"]);
+    assert_ok(&out);
+    let text = stdout(&out);
+    let words: Vec<Vec<&str>> = text
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    for expected in [
+        vec!["spans", "received", "1000"],
+        vec!["spans", "dropped", "17"],
+        vec!["sessions", "1"],
+        vec!["probes", "2"],
+        vec!["kernel.ring_full", "17"],
+        vec!["daemon.queue_full", "0"],
+    ] {
+        assert!(words.contains(&expected), "{expected:?} in\n{text}");
+    }
+    assert!(text.contains("900 of 1000000 spans"), "{text}");
+    let out = daemon.run(&["status", "--json"]);
+    assert_ok(&out);
+    let v: Value = serde_json::from_str(&stdout(&out)).expect("JSON");
+    assert_eq!(v["spans_received"], 1000);
+    assert_eq!(v["spans_dropped"], 17);
+    assert_eq!(v["counters"]["kernel.ring_full"], 17);
+    assert_eq!(v["store_capacity"], 1_000_000);
+}
+
+/// Two threads' calls, children before parents, one root's child arriving after the root,
+/// a span of another session (left out) and 3 spans lost on the way.
+fn live_script() -> Vec<(Duration, SpanBatch)> {
+    let mut abandoned = span(3, 1, 1234, 1, "addReply", 3_000, 900);
+    abandoned.flags = vec!["abandoned".into()];
+    let mut other_session = span(99, 0, 1234, 0, "otherSession", 500, 10);
+    other_session.session_id = 8;
+    let ms = Duration::from_millis;
+    vec![
+        (
+            ms(50),
+            SpanBatch {
+                spans: vec![
+                    span(4, 2, 1234, 2, "dictFind", 2_100, 300),
+                    span(11, 10, 1240, 1, "lookupKey", 1_600, 100),
+                    abandoned,
+                ],
+                dropped: 0,
+            },
+        ),
+        (
+            ms(10),
+            SpanBatch {
+                spans: vec![
+                    span(1, 0, 1234, 0, "processCommand", 1_000, 12_345),
+                    span(10, 0, 1240, 0, "processCommand", 1_500, 2_000),
+                    other_session,
+                ],
+                dropped: 3,
+            },
+        ),
+        (
+            ms(20),
+            SpanBatch {
+                // Ended before the root but came through a slower CPU ring.
+                spans: vec![span(2, 1, 1234, 1, "lookupKey", 2_000, 1_000)],
+                dropped: 0,
+            },
+        ),
+    ]
+}
+
+fn assert_live_trees(text: &str) {
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines
+        .iter()
+        .position(|l| l.starts_with("[pid 1234 tid 1234]"))
+        .unwrap_or_else(|| panic!("no tree for tid 1234 in\n{text}"));
+    assert_eq!(
+        &lines[start..start + 4],
+        [
+            "[pid 1234 tid 1234] processCommand(0x55d0c1e0a2c0) = 0  12.3µs  server.c:3987",
+            "                    ├─ lookupKey(0x55d0c1e0a2c0) = 0  1.00µs  server.c:3987",
+            "                    │  └─ dictFind(0x55d0c1e0a2c0) = 0  300ns  server.c:3987",
+            "                    └─ addReply(0x55d0c1e0a2c0) [abandoned]  900ns  server.c:3987",
+        ],
+        "{text}"
+    );
+    let other = lines
+        .iter()
+        .position(|l| l.starts_with("[pid 1234 tid 1240]"))
+        .unwrap_or_else(|| panic!("no tree for tid 1240 in\n{text}"));
+    assert_eq!(
+        lines[other + 1],
+        "                    └─ lookupKey(0x55d0c1e0a2c0) = 0  100ns  server.c:3987"
+    );
+    assert!(!text.contains("otherSession"), "{text}");
+    assert!(!text.contains("late"), "{text}");
+}
+
+#[test]
+fn trace_prints_trees_and_detaches_when_the_duration_elapses() {
+    let daemon = Daemon::start(Script {
+        watch: live_script(),
+        ..Script::default()
+    });
+    let out = daemon.run(&[
+        "trace",
+        "--pid",
+        "1234",
+        "--func",
+        "processCommand",
+        "--func",
+        "lookupKey*",
+        "--duration",
+        "700ms",
+    ]);
+    assert_ok(&out);
+    let text = stdout(&out);
+    assert!(
+        text.starts_with(
+            "tracing 2 functions in pid 1234 (redis-server) as session 7 for 700ms; Ctrl-C to stop\n"
+        ),
+        "{text}"
+    );
+    assert_live_trees(&text);
+    let last = text.lines().last().expect("a summary");
+    assert_eq!(
+        last,
+        "session 7: 6 spans received, 3 dropped on the way to this client (it fell behind), \
+         5 dropped by scoped for this session (see `scope status`); detached in 1.23ms"
+    );
+    daemon.seen(|seen| {
+        assert_eq!(seen.attach[0].functions, ["processCommand", "lookupKey*"]);
+        assert_eq!(seen.detach.len(), 1);
+        assert_eq!(seen.detach[0].target, Some(Target::SessionId(SESSION)));
+        assert_eq!(seen.watch[0].pid, PID);
+    });
+}
+
+fn trace_until_signal(signal: &str) {
+    let daemon = Daemon::start(Script {
+        watch: live_script(),
+        ..Script::default()
+    });
+    let mut child = daemon
+        .command(&["trace", "--pid", "1234", "--func", "processCommand"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn scope");
+    let mut reader = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut text = String::new();
+    // Wait until both trees are out, then stop the trace.
+    while !(text.contains("tid 1234]") && text.contains("tid 1240]")) {
+        let mut line = String::new();
+        if reader.read_line(&mut line).expect("read") == 0 {
+            panic!("scope ended early:\n{text}");
+        }
+        text.push_str(&line);
+    }
+    daemon.seen(|seen| assert!(seen.detach.is_empty(), "still tracing"));
+    let status = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut reader, &mut rest).expect("read");
+    text.push_str(&rest);
+    let out = child.wait_with_output().expect("wait");
+    assert!(
+        out.status.success(),
+        "{signal}: {:?}\n{text}\n{}",
+        out.status,
+        stderr(&out)
+    );
+    assert_live_trees(&text);
+    assert!(
+        text.lines()
+            .last()
+            .is_some_and(|l| l.starts_with("session 7: 6 spans received, 3 dropped")
+                && l.ends_with("detached in 1.23ms")),
+        "{text}"
+    );
+    daemon.seen(|seen| {
+        assert_eq!(seen.detach.len(), 1);
+        assert_eq!(seen.detach[0].target, Some(Target::SessionId(SESSION)));
+    });
+}
+
+#[test]
+fn trace_detaches_on_ctrl_c() {
+    trace_until_signal("-INT");
+}
+
+#[test]
+fn trace_detaches_on_sigterm() {
+    trace_until_signal("-TERM");
+}
+
+#[test]
+fn trace_stops_when_the_target_exits() {
+    let daemon = Daemon::start(Script {
+        watch: live_script(),
+        target_alive: false,
+        ..Script::default()
+    });
+    let out = daemon.run(&["trace", "--pid", "1234", "--func", "processCommand"]);
+    assert_ok(&out);
+    let text = stdout(&out);
+    assert!(
+        text.lines()
+            .last()
+            .is_some_and(|l| l.starts_with("pid 1234 exited; session 7:")),
+        "{text}"
+    );
+    daemon.seen(|seen| assert_eq!(seen.detach.len(), 1));
+}
+
+#[test]
+fn trace_prints_late_and_unfinished_calls() {
+    let ms = Duration::from_millis;
+    let daemon = Daemon::start(Script {
+        watch: vec![
+            (
+                ms(10),
+                SpanBatch {
+                    spans: vec![span(1, 0, 1234, 0, "processCommand", 1_000, 10_000)],
+                    dropped: 0,
+                },
+            ),
+            // Far past the grace period.
+            (
+                ms(400),
+                SpanBatch {
+                    spans: vec![
+                        span(2, 1, 1234, 1, "lookupKey", 2_000, 1_000),
+                        // Its parent (span 50) is still running when the stream ends.
+                        span(51, 50, 1234, 1, "dictFind", 20_000, 1_000),
+                    ],
+                    dropped: 0,
+                },
+            ),
+        ],
+        end_watch: true,
+        ..Script::default()
+    });
+    let out = daemon.run(&["trace", "--pid", "1234", "--func", "*"]);
+    assert_ok(&out);
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 5, "{text}");
+    assert!(
+        lines[1].starts_with("[pid 1234 tid 1234] processCommand("),
+        "{text}"
+    );
+    assert!(
+        lines[2].starts_with("[pid 1234 tid 1234] lookupKey(")
+            && lines[2].ends_with("(arrived late: called from processCommand, printed above)"),
+        "{text}"
+    );
+    assert!(
+        lines[3].starts_with("[pid 1234 tid 1234] dictFind(")
+            && lines[3].contains("caller was still running"),
+        "{text}"
+    );
+    assert!(
+        lines[4].starts_with("scoped ended the live stream; session 7: 3 spans received"),
+        "{text}"
+    );
+    daemon.seen(|seen| assert_eq!(seen.detach.len(), 1));
+}
+
+#[test]
+fn bad_duration_is_a_usage_error() {
+    let out = Command::new(SCOPE)
+        .args([
+            "--socket",
+            "/nonexistent",
+            "trace",
+            "--pid",
+            "1",
+            "--func",
+            "f",
+        ])
+        .args(["--duration", "5 parsecs"])
+        .output()
+        .expect("run scope");
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains("unknown unit 'parsecs'"), "{err}");
+}
+
+#[test]
+fn closed_stdout_is_not_an_error() {
+    let daemon = Daemon::start(Script::default());
+    let mut child = daemon
+        .command(&["calls", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).is_empty(), "{}", stderr(&out));
+}
