@@ -114,7 +114,8 @@ pub struct Span {
     pub args: [u64; 6],
     /// The return value (rax); 0 when [`span_flags`] say there was no return.
     pub ret: u64,
-    /// The return address: where in the caller the call came from.
+    /// Where the call came from: the return address (for an [`span_flags::INSTANT`] span,
+    /// the probed address inside the caller itself).
     pub caller: u64,
     /// Nesting depth among traced calls on this thread (0 for the outermost).
     pub depth: u32,

@@ -134,6 +134,8 @@ fn on_entry(ctx: &ProbeContext) {
     let parent_id = parent_of(stack, depth);
 
     if cookie & cookie::INSTANT != 0 {
+        // An inlined call site is inside its caller: the probed address itself says where.
+        let caller = regs.rip;
         let span_id = next_span_id();
         emit(&Span {
             kind: RecordKind::Span as u32,
@@ -153,12 +155,13 @@ fn on_entry(ctx: &ProbeContext) {
         return;
     }
 
-    let Some(frame) = stack.frames.get_mut(depth) else {
+    if depth >= MAX_DEPTH {
         stack.overflow += 1;
         count(Counter::DepthOverflow);
         probe_count(probe_id, ProbeField::Dropped);
         return;
-    };
+    }
+    let frame = frame_mut(stack, depth);
     frame.probe_id = probe_id;
     frame.sp = sp;
     frame.start_ns = now;
@@ -190,16 +193,12 @@ fn on_exit(ctx: &RetProbeContext) {
 
     for _ in 0..MAX_UNWIND {
         let depth = stack.depth as usize;
-        if depth == 0 {
+        if depth == 0 || depth > MAX_DEPTH {
             count(Counter::UnmatchedExit);
             return;
         }
         let top_index = depth - 1;
-        let Some(top) = stack.frames.get(top_index) else {
-            count(Counter::UnmatchedExit);
-            return;
-        };
-        let top = *top;
+        let top = *frame(stack, top_index);
         if top.sp == entry_sp {
             if top.probe_id != probe_id {
                 // Another probe on the same call (two sessions tracing one function): the
@@ -244,28 +243,21 @@ fn pop_same_call(
     now: u64,
     ret: u64,
 ) {
-    let Some(top) = stack.frames.get(top_index) else {
-        return;
-    };
-    let top = *top;
+    let top = *frame(stack, top_index);
     for distance in 1..MAX_UNWIND {
         let Some(index) = top_index.checked_sub(distance) else {
             break;
         };
-        let Some(frame) = stack.frames.get(index) else {
-            break;
-        };
-        if frame.sp != top.sp {
+        let candidate = frame(stack, index);
+        if candidate.sp != top.sp {
             break;
         }
-        if frame.probe_id == probe_id {
-            let frame = *frame;
+        if candidate.probe_id == probe_id {
+            let found = *candidate;
             let parent_id = parent_of(stack, index);
-            emit_frame(&frame, pid, tid, now, ret, index, parent_id, 0);
+            emit_frame(&found, pid, tid, now, ret, index, parent_id, 0);
             // Frames of one call are interchangeable in order: move the top into the hole.
-            if let Some(hole) = stack.frames.get_mut(index) {
-                *hole = top;
-            }
+            *frame_mut(stack, index) = top;
             stack.depth = top_index as u32;
             return;
         }
@@ -287,16 +279,13 @@ fn flush_thread(flag: u32) {
     let now = unsafe { bpf_ktime_get_ns() };
     for _ in 0..MAX_DEPTH {
         let depth = stack.depth as usize;
-        if depth == 0 {
+        if depth == 0 || depth > MAX_DEPTH {
             break;
         }
         let index = depth - 1;
-        let Some(frame) = stack.frames.get(index) else {
-            break;
-        };
-        let frame = *frame;
+        let open = *frame(stack, index);
         let parent_id = parent_of(stack, index);
-        emit_frame(&frame, pid, tid, now, 0, index, parent_id, flag);
+        emit_frame(&open, pid, tid, now, 0, index, parent_id, flag);
         count(Counter::Unfinished);
         stack.depth = index as u32;
     }
@@ -318,10 +307,34 @@ fn thread_stack(tid: u32) -> Option<*mut ThreadStack> {
 
 #[inline(always)]
 fn parent_of(stack: &ThreadStack, depth: usize) -> u64 {
-    match depth.checked_sub(1).and_then(|i| stack.frames.get(i)) {
-        Some(parent) => parent.span_id,
-        None => 0,
+    if depth == 0 || depth > MAX_DEPTH {
+        return 0;
     }
+    frame(stack, depth - 1).span_id
+}
+
+const _: () = assert!(MAX_DEPTH.is_power_of_two());
+
+/// Frame `index` (< MAX_DEPTH) of a stack.
+///
+/// The index goes through a volatile read and a mask: LLVM otherwise folds `frames[d - 2]`
+/// into `frames + d * 88 - 176`, a negative offset the verifier cannot prove in bounds, and
+/// would drop a plain mask it can prove redundant. The mask is a no-op for valid indexes.
+#[inline(always)]
+fn frame(stack: &ThreadStack, index: usize) -> &Frame {
+    &stack.frames[opaque(index) & (MAX_DEPTH - 1)]
+}
+
+#[inline(always)]
+fn frame_mut(stack: &mut ThreadStack, index: usize) -> &mut Frame {
+    &mut stack.frames[opaque(index) & (MAX_DEPTH - 1)]
+}
+
+/// `value`, with everything LLVM knew about it forgotten.
+#[inline(always)]
+fn opaque(value: usize) -> usize {
+    // SAFETY: a volatile read of a local.
+    unsafe { core::ptr::read_volatile(&raw const value) }
 }
 
 #[inline(always)]

@@ -1,0 +1,297 @@
+//! Loads scope's eBPF object, creates the per-CPU span rings, and attaches the always-on
+//! lifecycle tracepoints. The probe manager attaches uprobes through [`Kernel`]; the reader
+//! owns the [`Rings`].
+
+use std::{num::NonZeroU32, path::Path};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{ArrayOfMaps, HashMap, MapData, PerCpuArray, PerCpuValues, RingBuf},
+    programs::{TracePoint, UProbe, uprobe::{UProbeAttachPoint, UProbeLink, UProbeScope}},
+};
+use scope_common::{Counter, MAX_CPUS, MAX_PROBES, ProbeCounters, Target, maps, programs};
+
+use crate::error::ScopeError;
+
+/// The eBPF object built by `cargo xtask build-ebpf`; `build.rs` refuses to build without it.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("SCOPE_EBPF_OBJECT"));
+
+/// Default size of each CPU's span ring: 32,768 spans of 128 bytes before the reader must
+/// have caught up.
+pub const DEFAULT_RING_BYTES: u32 = 4 << 20;
+
+/// Default number of probe slots (functions traced at once across all sessions).
+pub const DEFAULT_MAX_PROBES: u32 = 8192;
+
+/// What the daemon was asked to create.
+#[derive(Clone, Copy, Debug)]
+pub struct KernelConfig {
+    pub ring_bytes: u32,
+    pub max_probes: u32,
+}
+
+/// Why loading failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("loading scope's eBPF object failed (scoped needs root, or CAP_BPF + CAP_PERFMON + CAP_SYS_RESOURCE)")]
+    Load(#[source] aya::EbpfError),
+    #[error("the eBPF object has no {kind} named {name}; rebuild it with `cargo xtask build-ebpf`")]
+    Missing { kind: &'static str, name: &'static str },
+    #[error("{name}: wrong type in the eBPF object")]
+    WrongType {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("loading program {name} into the kernel failed")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("attaching {name} to tracepoint {category}:{tracepoint} failed (is tracefs mounted at /sys/kernel/tracing?)")]
+    Tracepoint {
+        name: &'static str,
+        category: &'static str,
+        tracepoint: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("creating the {bytes}-byte span ring of cpu {cpu} failed (--ring-bytes must be a power of two and a multiple of the page size)")]
+    Ring {
+        cpu: u32,
+        bytes: u32,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("this machine has {cpus} possible CPUs; scope handles at most {max}")]
+    TooManyCpus { cpus: u32, max: u32 },
+    #[error("--max-probes {requested} is out of range 1..={max}")]
+    MaxProbes { requested: u32, max: u32 },
+    #[error("counting CPUs failed ({path})")]
+    Cpus {
+        path: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One ring buffer per possible CPU, read by the reader thread.
+pub struct Rings {
+    pub rings: Vec<RingBuf<MapData>>,
+    pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+/// The loaded object: programs to attach and maps the daemon reads or updates.
+pub struct Kernel {
+    ebpf: Ebpf,
+    targets: HashMap<MapData, u32, Target>,
+    counters: PerCpuArray<MapData, u64>,
+    probe_counters: PerCpuArray<MapData, ProbeCounters>,
+    cpus: u32,
+    config: KernelConfig,
+}
+
+/// Which pair of programs a probe uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProgramPair {
+    /// The real entry/exit pairing programs.
+    Scope,
+    /// Programs that return at once: the cost floor, for benchmarks.
+    Null,
+}
+
+impl ProgramPair {
+    fn names(self) -> (&'static str, &'static str) {
+        match self {
+            ProgramPair::Scope => (programs::ENTRY, programs::EXIT),
+            ProgramPair::Null => (programs::NULL_ENTRY, programs::NULL_EXIT),
+        }
+    }
+}
+
+impl Kernel {
+    /// Loads the object and creates everything. Needs root.
+    pub fn load(config: KernelConfig) -> Result<(Kernel, Rings), LoadError> {
+        if config.max_probes == 0 || config.max_probes > MAX_PROBES {
+            return Err(LoadError::MaxProbes { requested: config.max_probes, max: MAX_PROBES });
+        }
+        let cpus = aya::util::nr_cpus().map_err(|(path, source)| LoadError::Cpus { path, source })?;
+        let cpus = NonZeroU32::get(cpus);
+        if cpus > MAX_CPUS {
+            return Err(LoadError::TooManyCpus { cpus, max: MAX_CPUS });
+        }
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(maps::PROBE_COUNTERS, config.max_probes)
+            .load(OBJECT)
+            .map_err(LoadError::Load)?;
+
+        // Diagnostics the programs write with aya-log end up in our log. Keep the logger alive:
+        // dropping it closes the log map (see ../shared/TOOLCHAIN.md).
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(logger),
+            Err(error) => {
+                tracing::warn!(%error, "eBPF-side logging is unavailable");
+                None
+            }
+        };
+
+        let mut ring_slots: ArrayOfMaps<MapData, RingBuf<MapData>> = take_map(&mut ebpf, maps::RINGS)?;
+        let mut rings = Vec::with_capacity(cpus as usize);
+        for cpu in 0..cpus {
+            let ring = RingBuf::create(config.ring_bytes, 0)
+                .map_err(|source| LoadError::Ring { cpu, bytes: config.ring_bytes, source })?;
+            ring_slots
+                .set(cpu, &ring, 0)
+                .map_err(|source| LoadError::Ring { cpu, bytes: config.ring_bytes, source })?;
+            rings.push(ring);
+        }
+
+        for name in [programs::ENTRY, programs::EXIT, programs::NULL_ENTRY, programs::NULL_EXIT] {
+            uprobe_mut(&mut ebpf, name)?
+                .load()
+                .map_err(|source| LoadError::Program { name, source })?;
+        }
+        for (name, category, tracepoint) in [
+            (programs::THREAD_EXIT, "sched", "sched_process_exit"),
+            (programs::EXEC, "sched", "sched_process_exec"),
+        ] {
+            let program: &mut TracePoint = ebpf
+                .program_mut(name)
+                .ok_or(LoadError::Missing { kind: "program", name })?
+                .try_into()
+                .map_err(|source| LoadError::Program { name, source })?;
+            program.load().map_err(|source| LoadError::Program { name, source })?;
+            program
+                .attach(category, tracepoint)
+                .map_err(|source| LoadError::Tracepoint { name, category, tracepoint, source })?;
+        }
+
+        let kernel = Kernel {
+            targets: take_map(&mut ebpf, maps::TARGETS)?,
+            counters: take_map(&mut ebpf, maps::COUNTERS)?,
+            probe_counters: take_map(&mut ebpf, maps::PROBE_COUNTERS)?,
+            ebpf,
+            cpus,
+            config,
+        };
+        Ok((kernel, Rings { rings, logger }))
+    }
+
+    pub fn cpus(&self) -> u32 {
+        self.cpus
+    }
+
+    pub fn config(&self) -> KernelConfig {
+        self.config
+    }
+
+    /// Attaches `pair` to `points` of the ELF file at `path`, for process `pid` only. Returns
+    /// the entry link and, when any point needs an exit, the exit link; dropping a link
+    /// detaches it.
+    pub fn attach(
+        &mut self,
+        pair: ProgramPair,
+        path: &Path,
+        pid: u32,
+        entry_points: &[(u64, u64)],
+        exit_points: &[(u64, u64)],
+    ) -> Result<Vec<UProbeLink>, aya::programs::ProgramError> {
+        let scope = match NonZeroU32::new(pid) {
+            Some(pid) => UProbeScope::OneProcess(pid),
+            None => UProbeScope::AllProcesses,
+        };
+        let (entry_name, exit_name) = pair.names();
+        let mut links = Vec::with_capacity(2);
+        for (name, points) in [(entry_name, entry_points), (exit_name, exit_points)] {
+            if points.is_empty() {
+                continue;
+            }
+            let program: &mut UProbe =
+                self.ebpf.program_mut(name).ok_or(aya::programs::ProgramError::NotLoaded)?.try_into()?;
+            let points = points.iter().map(|&(offset, cookie)| UProbeAttachPoint {
+                location: offset.into(),
+                cookie: Some(cookie),
+            });
+            let link_id = program.attach(points, path, scope)?;
+            links.push(program.take_link(link_id)?);
+        }
+        Ok(links)
+    }
+
+    /// Adds `pid` to the set of traced processes.
+    pub fn add_target(&mut self, pid: u32, sessions: u32) -> Result<(), ScopeError> {
+        self.targets
+            .insert(&pid, &Target { sessions, _pad: 0 }, 0)
+            .map_err(|source| ScopeError::Map { map: maps::TARGETS, source })
+    }
+
+    /// Removes `pid` from the set of traced processes.
+    pub fn remove_target(&mut self, pid: u32) {
+        if let Err(error) = self.targets.remove(&pid) {
+            tracing::debug!(pid, %error, "target was not in the kernel's set");
+        }
+    }
+
+    /// The global counters, summed over CPUs.
+    pub fn counters(&self) -> Vec<(Counter, u64)> {
+        Counter::ALL
+            .iter()
+            .map(|&counter| {
+                let total = self
+                    .counters
+                    .get(&(counter as u32), 0)
+                    .map(|values| values.iter().copied().fold(0u64, u64::wrapping_add))
+                    .unwrap_or(0);
+                (counter, total)
+            })
+            .collect()
+    }
+
+    /// A probe slot's counters, summed over CPUs.
+    pub fn probe_counters(&self, slot: u32) -> ProbeCounters {
+        let mut total = ProbeCounters::default();
+        if let Ok(values) = self.probe_counters.get(&slot, 0) {
+            for value in values.iter() {
+                total.calls = total.calls.wrapping_add(value.calls);
+                total.dropped = total.dropped.wrapping_add(value.dropped);
+            }
+        }
+        total
+    }
+
+    /// Zeroes a probe slot's counters before it is reused.
+    pub fn reset_probe_counters(&mut self, slot: u32) -> Result<(), ScopeError> {
+        let zeros = PerCpuValues::try_from(vec![ProbeCounters::default(); self.cpus as usize])
+            .map_err(|source| ScopeError::Map { map: maps::PROBE_COUNTERS, source: source.into() })?;
+        self.probe_counters
+            .set(slot, zeros, 0)
+            .map_err(|source| ScopeError::Map { map: maps::PROBE_COUNTERS, source })
+    }
+
+    /// Kernel ids of the loaded programs, so tools (and tests) can find them with bpftool.
+    pub fn program_ids(&self) -> Vec<(String, u32)> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, program)| {
+                let info = program.info().ok()?;
+                Some((name.to_owned(), info.id()))
+            })
+            .collect()
+    }
+}
+
+fn uprobe_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, LoadError> {
+    ebpf.program_mut(name)
+        .ok_or(LoadError::Missing { kind: "program", name })?
+        .try_into()
+        .map_err(|source| LoadError::Program { name, source })
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(LoadError::Missing { kind: "map", name })?;
+    T::try_from(map).map_err(|source| LoadError::WrongType { name, source })
+}

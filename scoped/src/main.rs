@@ -1,0 +1,200 @@
+//! scoped: the scope tracing daemon.
+//!
+//! Data flow, one module per stage:
+//! `ebpf` (kernel programs and rings) → `reader` (epoll, decode) → `pipeline` (attribute to
+//! probes, fan out) → `store`; `probes` + `resolve` attach sessions; `daemon` is the domain
+//! API and `api` its gRPC face.
+
+mod api;
+mod daemon;
+mod ebpf;
+mod error;
+mod glob;
+mod pipeline;
+mod probes;
+mod procfs;
+mod reader;
+mod resolve;
+mod stats;
+mod store;
+
+use std::{
+    fs,
+    io::ErrorKind,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use scope_proto::v1::scope_server::ScopeServer;
+use scope_symbolizer::Symbolizer;
+use tokio::{net::UnixListener, signal::unix::SignalKind, sync::mpsc};
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::{
+    daemon::{Daemon, Limits},
+    ebpf::{DEFAULT_MAX_PROBES, DEFAULT_RING_BYTES, Kernel, KernelConfig},
+    pipeline::{INGEST_QUEUE_BATCHES, Pipeline},
+    probes::{ProbeManager, Registry},
+    reader::Reader,
+    resolve::DEFAULT_MAX_SESSION_PROBES,
+    stats::DaemonStats,
+    store::{DEFAULT_MAX_SPANS, Store},
+};
+
+/// Where the daemon listens unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/scope/scoped.sock";
+/// Largest gRPC message the daemon sends or accepts.
+const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// The scope tracing daemon: attaches eBPF probes to live processes and serves what they
+/// report over gRPC (`scope.v1.Scope`) on a unix socket.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Unix socket to serve gRPC on.
+    #[arg(long, env = "SCOPE_SOCKET", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Bytes of span ring buffer per CPU (a power of two, a multiple of the page size).
+    #[arg(long, default_value_t = DEFAULT_RING_BYTES)]
+    ring_bytes: u32,
+    /// Probe slots: functions traced at once across all sessions.
+    #[arg(long, default_value_t = DEFAULT_MAX_PROBES)]
+    max_probes: u32,
+    /// Functions one session may probe.
+    #[arg(long, default_value_t = DEFAULT_MAX_SESSION_PROBES)]
+    max_session_probes: usize,
+    /// Spans kept in memory; the oldest are evicted (and counted) beyond this.
+    #[arg(long, default_value_t = DEFAULT_MAX_SPANS)]
+    max_spans: usize,
+    /// Log filter, e.g. `info`, `scoped=debug`.
+    #[arg(long, env = "SCOPED_LOG", default_value = "info")]
+    log: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("--log is not a valid filter")?)
+        .with_writer(std::io::stderr)
+        .init();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("scoped")
+        .build()
+        .context("starting the async runtime")?
+        .block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    ensure_tracefs()?;
+    let stats = Arc::new(DaemonStats::default());
+    let (kernel, rings) = Kernel::load(KernelConfig { ring_bytes: args.ring_bytes, max_probes: args.max_probes })?;
+    let cpus = kernel.cpus();
+    let registry = Arc::new(Registry::new(args.max_probes));
+    let pipeline = Arc::new(Pipeline::new(Store::new(args.max_spans), Arc::clone(&registry), Arc::clone(&stats)));
+    let (tx, rx) = mpsc::channel(INGEST_QUEUE_BATCHES);
+    let reader = Reader::spawn(rings, tx, Arc::clone(&stats)).context("starting the ring reader")?;
+    let pipeline_task = tokio::spawn(Arc::clone(&pipeline).run(rx));
+
+    let daemon = Arc::new(Daemon::new(
+        ProbeManager::new(kernel, registry),
+        Arc::new(Symbolizer::new()),
+        pipeline,
+        stats,
+        Limits { max_session_probes: args.max_session_probes },
+    ));
+
+    let listener = bind(&args.socket)?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<ScopeServer<api::ScopeService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(scope_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the gRPC reflection service")?;
+    let scope = ScopeServer::new(api::ScopeService::new(Arc::clone(&daemon)))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+
+    tracing::info!(socket = %args.socket.display(), cpus, ring_bytes = args.ring_bytes, "scoped is serving");
+    let served = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(scope)
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
+        .await;
+
+    // Leave no probe behind: detach everything before the process goes.
+    let detach = {
+        let daemon = Arc::clone(&daemon);
+        tokio::task::spawn_blocking(move || daemon.detach(None)).await
+    };
+    match detach {
+        Ok(Ok((ids, took))) if !ids.is_empty() => {
+            tracing::info!(sessions = ids.len(), ms = took.as_secs_f64() * 1e3, "detached every session on shutdown");
+        }
+        Ok(_) => {}
+        Err(error) => tracing::error!(%error, "detaching on shutdown failed"),
+    }
+    drop(reader);
+    pipeline_task.abort();
+    if let Err(error) = fs::remove_file(&args.socket) {
+        tracing::debug!(%error, "removing the socket");
+    }
+    served.context("the gRPC server failed")?;
+    tracing::info!("scoped stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let (Ok(mut term), Ok(mut int)) =
+        (tokio::signal::unix::signal(SignalKind::terminate()), tokio::signal::unix::signal(SignalKind::interrupt()))
+    else {
+        tracing::error!("cannot listen for SIGTERM/SIGINT; stop scoped with SIGKILL (probes go with the process)");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: detaching and stopping"),
+        _ = int.recv() => tracing::info!("SIGINT: detaching and stopping"),
+    }
+}
+
+/// Binds the unix socket, replacing a stale one but never a live daemon's.
+fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = socket.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    match std::os::unix::net::UnixStream::connect(socket) {
+        Ok(_) => bail!("another scoped is already serving on {}; stop it or pass --socket", socket.display()),
+        Err(error) if error.kind() == ErrorKind::NotFound => {}
+        Err(_) => {
+            // Nobody answers: a socket file left by a daemon that was killed.
+            fs::remove_file(socket).with_context(|| format!("removing the stale socket {}", socket.display()))?;
+        }
+    }
+    let listener = UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
+    fs::set_permissions(socket, fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("setting the mode of {}", socket.display()))?;
+    Ok(listener)
+}
+
+/// Tracepoints need tracefs; a fresh machine may not have it mounted.
+fn ensure_tracefs() -> anyhow::Result<()> {
+    let events = Path::new("/sys/kernel/tracing/events");
+    if events.exists() {
+        return Ok(());
+    }
+    let target = c"/sys/kernel/tracing";
+    let fstype = c"tracefs";
+    // SAFETY: all pointers are valid NUL-terminated strings; data is null.
+    let rc = unsafe { libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        let error = std::io::Error::last_os_error();
+        bail!("tracefs is not mounted at /sys/kernel/tracing and mounting it failed ({error}); run `mount -t tracefs tracefs /sys/kernel/tracing` as root");
+    }
+    tracing::info!("mounted tracefs at /sys/kernel/tracing");
+    Ok(())
+}

@@ -1,0 +1,265 @@
+//! The probe manager: sessions, their probes and kernel links.
+//!
+//! A probe is one traced function in one process, with a kernel *slot* (its id in the attach
+//! cookie and its index in the per-probe counters). The [`Registry`] maps slots to
+//! [`ProbeInfo`] for the pipeline. Freed slots are reused oldest-first, so spans still in
+//! flight when a session detaches are attributed to the right probe.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    path::PathBuf,
+    sync::{Arc, RwLock},
+    time::{Duration, Instant, SystemTime},
+};
+
+use aya::programs::uprobe::UProbeLink;
+use scope_common::{ProbeCounters, cookie};
+
+use crate::{
+    ebpf::{Kernel, ProgramPair},
+    error::ScopeError,
+    procfs::ProcessInfo,
+    resolve::Plan,
+    stats::Count,
+};
+
+/// A traced function (or inlined call site) in one session.
+#[derive(Debug)]
+pub struct ProbeInfo {
+    pub slot: u32,
+    pub session_id: u64,
+    pub pid: u32,
+    pub function: String,
+    pub symbol: String,
+    pub module: PathBuf,
+    pub address: u64,
+    pub file_offset: u64,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    pub inlined_into: Option<String>,
+    /// Spans of this probe that reached the pipeline.
+    pub received: Count,
+}
+
+/// Slot → probe, read by the pipeline once per batch.
+#[derive(Debug)]
+pub struct Registry {
+    slots: RwLock<Vec<Option<Arc<ProbeInfo>>>>,
+}
+
+impl Registry {
+    pub fn new(slots: u32) -> Registry {
+        Registry { slots: RwLock::new(vec![None; slots as usize]) }
+    }
+
+    /// Runs `f` with a lookup function; the lock is taken once for the whole batch.
+    pub fn with<R>(&self, f: impl for<'a> FnOnce(&'a dyn Fn(u32) -> Option<&'a Arc<ProbeInfo>>) -> R) -> R {
+        let slots = self.slots.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&|slot| slots.get(slot as usize)?.as_ref())
+    }
+
+    fn set(&self, slot: u32, probe: Option<Arc<ProbeInfo>>) {
+        let mut slots = self.slots.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(entry) = slots.get_mut(slot as usize) {
+            *entry = probe;
+        }
+    }
+}
+
+/// An attach request that succeeded: the probes it placed and the links that keep them.
+#[derive(Debug)]
+pub struct Session {
+    pub id: u64,
+    pub process: ProcessInfo,
+    pub patterns: Vec<String>,
+    pub probes: Vec<Arc<ProbeInfo>>,
+    pub created: SystemTime,
+    links: Vec<UProbeLink>,
+}
+
+impl Session {
+    pub fn spans_received(&self) -> u64 {
+        self.probes.iter().map(|p| p.received.get()).sum()
+    }
+}
+
+/// A session after detach, with its links still to be dropped (which is what takes time).
+pub struct Detached {
+    pub id: u64,
+    links: Vec<UProbeLink>,
+}
+
+/// Drops the links of detached sessions, in parallel: the kernel waits for an RCU grace
+/// period per uprobe_multi link, and those waits overlap across threads.
+pub fn release(detached: Vec<Detached>) -> (Vec<u64>, Duration) {
+    let started = Instant::now();
+    let ids = detached.iter().map(|d| d.id).collect();
+    let links: Vec<UProbeLink> = detached.into_iter().flat_map(|d| d.links).collect();
+    std::thread::scope(|scope| {
+        for link in links {
+            scope.spawn(move || drop(link));
+        }
+    });
+    (ids, started.elapsed())
+}
+
+/// Owns the kernel object, the sessions and the slot allocator.
+pub struct ProbeManager {
+    kernel: Kernel,
+    registry: Arc<Registry>,
+    sessions: BTreeMap<u64, Session>,
+    /// Free slots, oldest-freed first.
+    free_slots: VecDeque<u32>,
+    /// Sessions per traced pid.
+    targets: HashMap<u32, u32>,
+    next_session: u64,
+}
+
+impl ProbeManager {
+    pub fn new(kernel: Kernel, registry: Arc<Registry>) -> ProbeManager {
+        let slots = kernel.config().max_probes;
+        ProbeManager {
+            kernel,
+            registry,
+            sessions: BTreeMap::new(),
+            free_slots: (0..slots).collect(),
+            targets: HashMap::new(),
+            next_session: 1,
+        }
+    }
+
+    pub fn kernel(&self) -> &Kernel {
+        &self.kernel
+    }
+
+    pub fn sessions(&self) -> impl Iterator<Item = &Session> {
+        self.sessions.values()
+    }
+
+    pub fn probe_counters(&self, probe: &ProbeInfo) -> ProbeCounters {
+        self.kernel.probe_counters(probe.slot)
+    }
+
+    pub fn session(&self, id: u64) -> Option<&Session> {
+        self.sessions.get(&id)
+    }
+
+    /// Attaches a resolved plan as a new session and returns its id. On any failure nothing
+    /// stays attached.
+    pub fn attach(&mut self, plan: Plan, pair: ProgramPair) -> Result<u64, ScopeError> {
+        let needed = plan.probe_count();
+        if needed > self.free_slots.len() {
+            return Err(ScopeError::ProbeSlotsExhausted { needed, free: self.free_slots.len() });
+        }
+        let id = self.next_session;
+        self.next_session += 1;
+        let pid = plan.process.pid;
+
+        let mut session = Session {
+            id,
+            process: plan.process,
+            patterns: plan.patterns,
+            probes: Vec::with_capacity(needed),
+            created: SystemTime::now(),
+            links: Vec::new(),
+        };
+        let result = self.place(&mut session, plan.modules, pair);
+        if let Err(error) = result {
+            self.unregister(&session.probes);
+            drop(session.links);
+            return Err(error);
+        }
+        *self.targets.entry(pid).or_insert(0) += 1;
+        if let Err(error) = self.kernel.add_target(pid, self.targets[&pid]) {
+            self.targets.entry(pid).and_modify(|n| *n -= 1);
+            self.unregister(&session.probes);
+            return Err(error);
+        }
+        self.sessions.insert(id, session);
+        Ok(id)
+    }
+
+    fn place(
+        &mut self,
+        session: &mut Session,
+        modules: Vec<crate::resolve::PlannedModule>,
+        pair: ProgramPair,
+    ) -> Result<(), ScopeError> {
+        let pid = session.process.pid;
+        for mut module in modules {
+            // The kernel runs the handlers of probes on one address newest-registered first.
+            // Registering inlined call sites (entry-only) before function entries makes a site
+            // at the very start of a traced function run after that function's entry, so the
+            // site is nested inside the call it belongs to.
+            module.probes.sort_by_key(|p| p.inlined_into.is_none());
+            let mut entry_points = Vec::with_capacity(module.probes.len());
+            let mut exit_points = Vec::with_capacity(module.probes.len());
+            for probe in module.probes {
+                let Some(slot) = self.free_slots.pop_front() else {
+                    return Err(ScopeError::ProbeSlotsExhausted { needed: 1, free: 0 });
+                };
+                let instant = probe.inlined_into.is_some();
+                let info = Arc::new(ProbeInfo {
+                    slot,
+                    session_id: session.id,
+                    pid,
+                    function: probe.function,
+                    symbol: probe.symbol,
+                    module: module.path.clone(),
+                    address: probe.address,
+                    file_offset: probe.file_offset,
+                    file: probe.file,
+                    line: probe.line,
+                    inlined_into: probe.inlined_into,
+                    received: Count::default(),
+                });
+                self.kernel.reset_probe_counters(slot)?;
+                self.registry.set(slot, Some(Arc::clone(&info)));
+                session.probes.push(info);
+                let flags = if instant { cookie::INSTANT } else { 0 };
+                entry_points.push((probe.file_offset, cookie::new(slot, flags)));
+                if !instant {
+                    exit_points.push((probe.file_offset, cookie::new(slot, 0)));
+                }
+            }
+            let count = entry_points.len();
+            let links = self
+                .kernel
+                .attach(pair, &module.open_path, pid, &entry_points, &exit_points)
+                .map_err(|source| ScopeError::Attach { module: module.path.clone(), pid, count, source })?;
+            session.links.extend(links);
+        }
+        Ok(())
+    }
+
+    /// Frees the probes' slots. Their registry entries stay until a slot is reused, so
+    /// spans still in the rings are attributed correctly.
+    fn unregister(&mut self, probes: &[Arc<ProbeInfo>]) {
+        self.free_slots.extend(probes.iter().map(|p| p.slot));
+    }
+
+    /// Removes one session (or all). The returned links detach the probes when dropped; call
+    /// [`release`] outside any lock.
+    pub fn detach(&mut self, id: Option<u64>) -> Result<Vec<Detached>, ScopeError> {
+        let ids: Vec<u64> = match id {
+            Some(id) if self.sessions.contains_key(&id) => vec![id],
+            Some(id) => return Err(ScopeError::NoSuchSession { id }),
+            None => self.sessions.keys().copied().collect(),
+        };
+        let mut detached = Vec::with_capacity(ids.len());
+        for id in ids {
+            let Some(session) = self.sessions.remove(&id) else { continue };
+            let pid = session.process.pid;
+            if let Some(count) = self.targets.get_mut(&pid) {
+                *count -= 1;
+                if *count == 0 {
+                    self.targets.remove(&pid);
+                    self.kernel.remove_target(pid);
+                }
+            }
+            self.unregister(&session.probes);
+            detached.push(Detached { id, links: session.links });
+        }
+        Ok(detached)
+    }
+}

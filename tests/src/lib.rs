@@ -1,0 +1,391 @@
+//! Harness for scope's end-to-end tests, demo and benchmarks: starts `scoped` on a private
+//! socket, runs the `scope` CLI, builds and drives target programs.
+//!
+//! Everything here loads BPF through the real daemon and needs root. When BPF cannot be used
+//! the harness **panics** with what is missing: a skipped privileged test would hide a broken
+//! build (see ../shared/STYLE.md).
+#![expect(clippy::unwrap_used, reason = "a test harness: a panic with its location is the report")]
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// A directory of the running executable's build: `target/<profile>`.
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let mut dir = exe.parent().unwrap().to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// A workspace binary (`scoped`, `scope`) of the same build profile as the caller.
+pub fn bin(name: &str) -> PathBuf {
+    let path = target_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is not built; run the suite with `cargo xtask test` (it builds every binary first)",
+        path.display()
+    );
+    path
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A child process that is killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    name: String,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, command: &mut Command) -> Proc {
+        let child = command.spawn().unwrap_or_else(|e| panic!("starting {name} ({command:?}): {e}"));
+        Proc { child, name: name.to_owned() }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal to the process.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    /// Waits for the process to exit, at most `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        self.signal(libc::SIGTERM);
+        if self.wait_exit(Duration::from_secs(5)).is_none() {
+            eprintln!("{} did not stop on SIGTERM; killing it", self.name);
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A running `scoped` on a private socket.
+pub struct Scoped {
+    pub proc: Proc,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Scoped {
+    pub fn start() -> Scoped {
+        Scoped::start_with(&[])
+    }
+
+    /// Starts scoped with extra arguments and waits until it answers `scope status`.
+    pub fn start_with(args: &[&str]) -> Scoped {
+        assert!(
+            is_root(),
+            "this test loads BPF programs through scoped and must run as root (CAP_BPF, CAP_PERFMON); run `sudo cargo xtask test`"
+        );
+        let dir = tempfile::Builder::new().prefix("scoped-test").tempdir().unwrap();
+        let socket = dir.path().join("scoped.sock");
+        let log = dir.path().join("scoped.log");
+        let log_file = std::fs::File::create(&log).unwrap();
+        let mut proc = Proc::spawn(
+            "scoped",
+            Command::new(bin("scoped"))
+                .arg("--socket")
+                .arg(&socket)
+                .args(args)
+                .env("SCOPED_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(log_file),
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = proc.child.try_wait().unwrap() {
+                panic!(
+                    "scoped exited with {status} before serving; BPF may be unusable here. Its log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "scoped did not serve within 30 s. Its log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        Scoped { proc, socket, log, _dir: dir }
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs `scope --socket S ARGS...`.
+    pub fn scope(&self, args: &[&str]) -> Output {
+        Command::new(bin("scope")).arg("--socket").arg(&self.socket).args(args).output().unwrap()
+    }
+
+    /// Runs `scope` and returns stdout, panicking with stderr and the daemon log on failure.
+    pub fn scope_ok(&self, args: &[&str]) -> String {
+        let out = self.scope(args);
+        assert!(
+            out.status.success(),
+            "scope {args:?} failed ({}):\nstdout: {}\nstderr: {}\nscoped log:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs `scope ... --json` and parses one JSON document.
+    pub fn scope_json(&self, args: &[&str]) -> Value {
+        let out = self.scope_ok(args);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("scope {args:?} printed invalid JSON ({e}):\n{out}"))
+    }
+
+    /// Runs `scope calls ... --json` and parses its JSON Lines.
+    pub fn calls(&self, args: &[&str]) -> Vec<Value> {
+        let mut all = vec!["calls", "--json", "--limit", "0"];
+        all.extend_from_slice(args);
+        self.scope_ok(&all)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("invalid JSON line ({e}): {l}")))
+            .collect()
+    }
+
+    /// Attaches and returns the session id.
+    pub fn attach(&self, pid: u32, funcs: &[&str]) -> Value {
+        let pid = pid.to_string();
+        let mut args = vec!["attach", "--pid", &pid, "--json"];
+        for func in funcs {
+            args.extend_from_slice(&["--func", func]);
+        }
+        self.scope_json(&args)
+    }
+
+    pub fn status(&self) -> Value {
+        self.scope_json(&["status", "--json"])
+    }
+
+    /// Waits until the daemon has received at least `n` spans in total.
+    pub fn wait_received(&self, n: u64, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.status();
+            let received = status["spans_received"].as_u64().unwrap();
+            if received >= n || Instant::now() > deadline {
+                return status;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until the number of spans matching `args` stops changing (and is at least `min`).
+    pub fn settled_calls(&self, args: &[&str], min: usize, timeout: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + timeout;
+        let mut last = usize::MAX;
+        loop {
+            let calls = self.calls(args);
+            if (calls.len() >= min && calls.len() == last) || Instant::now() > deadline {
+                return calls;
+            }
+            last = calls.len();
+            thread::sleep(Duration::from_millis(150));
+        }
+    }
+
+    /// A gRPC client on the daemon's socket, for tests of the wire API itself.
+    pub async fn client(&self) -> scope_proto::v1::scope_client::ScopeClient<tonic::transport::Channel> {
+        let socket = self.socket.clone();
+        let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_| {
+                let socket = socket.clone();
+                async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(socket).await?)) }
+            }))
+            .await
+            .unwrap();
+        scope_proto::v1::scope_client::ScopeClient::new(channel)
+    }
+}
+
+/// A target program that prints lines and reads commands on stdin.
+pub struct Target {
+    pub proc: Proc,
+    stdin: ChildStdin,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Target {
+    pub fn spawn(name: &str, command: &mut Command) -> Target {
+        let mut proc = Proc::spawn(name, command.stdin(Stdio::piped()).stdout(Stdio::piped()));
+        let stdin = proc.child.stdin.take().unwrap();
+        let stdout: ChildStdout = proc.child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Target { proc, stdin, lines }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// Waits for a line starting with `prefix` and returns it.
+    pub fn expect_line(&self, prefix: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.starts_with(prefix) => return line,
+                Ok(_) => continue,
+                Err(e) => panic!("target did not print a line starting with {prefix:?} ({e})"),
+            }
+        }
+    }
+
+    pub fn send(&mut self, line: &str) {
+        writeln!(self.stdin, "{line}").unwrap();
+        self.stdin.flush().unwrap();
+    }
+}
+
+/// Compiles a fixture with `compiler` (gcc, g++, rustc) into `dir`.
+pub fn compile(dir: &Path, compiler: &str, file_name: &str, source: &str, flags: &[&str]) -> PathBuf {
+    let src = dir.join(file_name);
+    std::fs::write(&src, source).unwrap();
+    let stem = Path::new(file_name).file_stem().unwrap().to_str().unwrap();
+    let out = dir.join(stem);
+    let output = Command::new(compiler).args(flags).arg("-o").arg(&out).arg(&src).output().unwrap_or_else(|e| {
+        panic!("running {compiler} failed ({e}); install it with `cargo xtask setup`")
+    });
+    assert!(output.status.success(), "{compiler} failed:\n{}", String::from_utf8_lossy(&output.stderr));
+    out
+}
+
+/// The 1-based line of the first line in `source` containing `needle`.
+pub fn line_of(source: &str, needle: &str) -> u32 {
+    source.lines().position(|l| l.contains(needle)).map(|i| i as u32 + 1).unwrap_or_else(|| panic!("{needle:?} not in source"))
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A throwaway `redis-server` (Debian's) on a free port.
+pub struct Redis {
+    pub proc: Proc,
+    pub port: u16,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        let port = free_port();
+        let proc = Proc::spawn(
+            "redis-server",
+            Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no", "--daemonize", "no"])
+                .stdout(Stdio::null()),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let ping = Command::new("redis-cli").args(["-p", &port.to_string(), "ping"]).output();
+            if ping.is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("PONG")) {
+                return Redis { proc, port };
+            }
+            assert!(Instant::now() < deadline, "redis-server did not answer on port {port} (is it installed? `cargo xtask setup`)");
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// Runs redis-benchmark against this server.
+    pub fn benchmark(&self, args: &[&str]) -> Output {
+        Command::new("redis-benchmark").args(["-p", &self.port.to_string()]).args(args).output().unwrap()
+    }
+}
+
+/// Reads `len` bytes of a process's memory at `address`.
+pub fn read_memory(pid: u32, address: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut buf = vec![0; len];
+    mem.read_exact_at(&mut buf, address).unwrap();
+    buf
+}
+
+/// The runtime address of a function of a process's main executable, from its load base in
+/// /proc/PID/maps and the function's ELF address (`nm`).
+pub fn runtime_address(pid: u32, binary: &Path, symbol: &str) -> u64 {
+    let nm = Command::new("nm").arg(binary).output().unwrap();
+    let nm = String::from_utf8(nm.stdout).unwrap();
+    let vaddr = nm
+        .lines()
+        .find_map(|l| {
+            let mut parts = l.split_whitespace();
+            let (addr, _kind, name) = (parts.next()?, parts.next()?, parts.next()?);
+            (name == symbol).then(|| u64::from_str_radix(addr, 16).ok()).flatten()
+        })
+        .unwrap_or_else(|| panic!("{symbol} not in nm output of {}", binary.display()));
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let canonical = std::fs::canonicalize(binary).unwrap();
+    let base = maps
+        .lines()
+        .find_map(|l| {
+            let fields: Vec<&str> = l.split_whitespace().collect();
+            let path = fields.get(5)?;
+            if Path::new(path) != canonical || fields[2] != "00000000" {
+                return None;
+            }
+            u64::from_str_radix(fields[0].split('-').next()?, 16).ok()
+        })
+        .unwrap_or_else(|| panic!("{} is not mapped at offset 0 in pid {pid}", binary.display()));
+    base + vaddr
+}

@@ -1,0 +1,120 @@
+//! `cargo xtask`: everything needed to go from a fresh machine to a traced program.
+//!
+//! - `setup`: install what is missing (Debian packages, the bpf-debian toolchain link,
+//!   bpf-linker), mount tracefs and bpffs. Idempotent.
+//! - `build-ebpf`: build the eBPF object the daemon embeds.
+//! - `build`: setup + build-ebpf + the release binaries.
+//! - `demo`: build, start scoped, trace a real redis-server under load, print what it saw.
+//! - `test`: build, then the whole test suite (unit + privileged end-to-end).
+//! - `bench`: measure the per-call cost of tracing against bpftrace and perf; write BENCHMARKS.md.
+
+mod demo;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, bail};
+
+const USAGE: &str = "usage: cargo xtask <setup | build-ebpf | build | demo | test [ARGS...] | bench [--quick] | ci>";
+
+fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let command = args.next().unwrap_or_default();
+    let rest: Vec<String> = args.collect();
+    match command.as_str() {
+        "setup" => setup::setup(),
+        "build-ebpf" => build_ebpf(),
+        "build" => build(),
+        "demo" => {
+            build()?;
+            demo::demo()
+        }
+        "test" | "ci" => {
+            setup::setup()?;
+            build_ebpf()?;
+            test(&rest)
+        }
+        "" | "help" | "--help" | "-h" => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        other => bail!("unknown xtask command {other:?}\n{USAGE}"),
+    }
+}
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// A `cargo` command for the workspace. `--ignore-rust-version` is needed until the
+/// toolchain reaches aya 0.16's declared 1.98 (see .cargo/config.toml).
+pub fn cargo(args: &[&str]) -> Command {
+    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()));
+    command.current_dir(root()).args(args);
+    command
+}
+
+/// Runs a command, failing with its command line if it fails.
+pub fn run(command: &mut Command) -> anyhow::Result<()> {
+    let status = command.status().with_context(|| format!("running {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed with {status}");
+    }
+    Ok(())
+}
+
+/// Builds `scope-ebpf` for `bpfel-unknown-none` with the bpf-debian toolchain and bpf-linker.
+pub fn build_ebpf() -> anyhow::Result<()> {
+    // The bpf-debian toolchain is selected with `+bpf-debian`, which only rustup's proxy
+    // understands, so call `cargo` through PATH rather than the running cargo binary.
+    let mut command = Command::new("cargo");
+    command
+        .current_dir(root())
+        .args([
+            "+bpf-debian",
+            "build",
+            "--ignore-rust-version",
+            "--release",
+            "--package",
+            "scope-ebpf",
+            "--target",
+            "bpfel-unknown-none",
+            "--config",
+            "target.bpfel-unknown-none.linker=\"bpf-linker\"",
+        ])
+        // aya-ebpf uses `asm_experimental_arch`; the prebuilt BPF `core` needs no build-std.
+        .env("RUSTC_BOOTSTRAP", "1")
+        // BTF for the BTF-defined maps; BPF v3 for atomic fetch-and-add. RUSTFLAGS replaces
+        // the userspace rustflags of .cargo/config.toml, which are not for this target.
+        .env("RUSTFLAGS", "-C link-arg=--btf -C target-cpu=v3")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO");
+    run(&mut command).context("building the eBPF object (run `cargo xtask setup` first on a new machine)")?;
+    let object = root().join("target/bpfel-unknown-none/release/scope");
+    let size = std::fs::metadata(&object).map(|m| m.len()).unwrap_or(0);
+    if size == 0 {
+        bail!("the eBPF build succeeded but {} is missing or empty", object.display());
+    }
+    Ok(())
+}
+
+/// Setup, the eBPF object, then the release binaries.
+pub fn build() -> anyhow::Result<()> {
+    setup::setup()?;
+    build_ebpf()?;
+    run(&mut cargo(&["build", "--ignore-rust-version", "--release", "--package", "scoped", "--package", "scope-cli"]))
+}
+
+fn test(extra: &[String]) -> anyhow::Result<()> {
+    let mut args = vec!["test", "--ignore-rust-version", "--workspace", "--exclude", "scope-ebpf"];
+    args.extend(extra.iter().map(String::as_str));
+    let mut command = cargo(&args);
+    if std::env::var_os("RUST_BACKTRACE").is_none() {
+        command.env("RUST_BACKTRACE", "1");
+    }
+    run(&mut command)
+}

@@ -1,0 +1,107 @@
+//! `cargo xtask setup`: installs what a fresh machine lacks, and nothing it already has.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{Context, bail};
+
+use crate::run;
+
+/// Debian packages, and why each is needed.
+const PACKAGES: &[(&str, &str)] = &[
+    ("rustc-web", "Debian's rustc, whose prebuilt BPF core builds the eBPF crate"),
+    ("libstd-rust-web-dev-bpf", "core for bpfel-unknown-none"),
+    ("llvm-22-dev", "bpf-linker links with LLVM 22"),
+    ("libpolly-22-dev", "bpf-linker links with LLVM 22"),
+    ("libzstd-dev", "bpf-linker"),
+    ("zlib1g-dev", "bpf-linker"),
+    ("gcc", "the tests build C fixtures"),
+    ("g++", "the tests build C++ fixtures"),
+    ("binutils", "strip/objcopy for debug-link fixtures"),
+    ("redis-server", "a real program to trace"),
+    ("redis-tools", "redis-benchmark drives it"),
+    ("bpftrace", "benchmark peer"),
+    ("linux-perf", "benchmark peer (perf probe)"),
+    ("bpftool", "tests check which BPF programs and links exist"),
+    ("procps", "ps, pgrep in tests"),
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn setup() -> anyhow::Result<()> {
+    install_packages()?;
+    link_bpf_toolchain()?;
+    install_bpf_linker()?;
+    mount_if_missing("tracefs", "/sys/kernel/tracing", "/sys/kernel/tracing/events")?;
+    mount_if_missing("bpf", "/sys/fs/bpf", "/sys/fs/bpf/.")?;
+    Ok(())
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|out| out.status.success() && String::from_utf8_lossy(&out.stdout).contains("install ok installed"))
+}
+
+fn install_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = PACKAGES.iter().map(|(p, _)| *p).filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("these Debian packages are missing and installing them needs root: {}", missing.join(" "));
+    }
+    eprintln!("xtask setup: installing {}", missing.join(" "));
+    run(Command::new("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn link_bpf_toolchain() -> anyhow::Result<()> {
+    let list = Command::new("rustup").args(["toolchain", "list"]).output().context("running rustup")?;
+    if String::from_utf8_lossy(&list.stdout).lines().any(|l| l.starts_with("bpf-debian")) {
+        return Ok(());
+    }
+    eprintln!("xtask setup: linking Debian's rustc as the bpf-debian toolchain");
+    run(Command::new("rustup").args(["toolchain", "link", "bpf-debian", "/usr"]))
+}
+
+fn install_bpf_linker() -> anyhow::Result<()> {
+    let version = Command::new("bpf-linker").arg("--version").output();
+    if version.is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION)) {
+        return Ok(());
+    }
+    eprintln!("xtask setup: installing bpf-linker {BPF_LINKER_VERSION} (about a minute)");
+    // Run outside the workspace so its .cargo/config.toml does not apply, and with the
+    // machine's stable toolchain.
+    run(Command::new("cargo")
+        .current_dir("/")
+        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--no-default-features", "--features", "llvm-22"])
+        // Without LLVM_PREFIX bpf-linker's build looks for LLVM under /usr/lib64.
+        .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+        .env_remove("RUSTC_BOOTSTRAP")
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO")
+        .env_remove("RUSTUP_TOOLCHAIN"))
+}
+
+fn mount_if_missing(fstype: &str, target: &str, probe: &str) -> anyhow::Result<()> {
+    let mounted = std::fs::read_to_string("/proc/self/mounts")
+        .is_ok_and(|mounts| mounts.lines().any(|l| l.split_whitespace().nth(1) == Some(target)));
+    if mounted || (fstype == "tracefs" && Path::new(probe).exists()) {
+        return Ok(());
+    }
+    if !is_root() {
+        eprintln!("xtask setup: {fstype} is not mounted at {target}; scoped (as root) will need it");
+        return Ok(());
+    }
+    eprintln!("xtask setup: mounting {fstype} at {target}");
+    run(Command::new("mount").args(["-t", fstype, fstype, target]))
+}
