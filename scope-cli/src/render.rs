@@ -68,16 +68,25 @@ pub fn format_flags(flags: &[String]) -> String {
         .join(", ")
 }
 
+/// Flags that mark an entry-only span (an inlined call site): scoped calls it `inlined`;
+/// `instant` is the kernel's name for the same bit.
+const ENTRY_ONLY_FLAGS: &[&str] = &["inlined", "instant"];
+
 /// An entry-only span (an inlined call site): it has neither a duration nor a return value.
 fn is_instant(span: &Span) -> bool {
-    span.flags.iter().any(|f| f == "instant")
+    !span.inlined_into.is_empty()
+        || span
+            .flags
+            .iter()
+            .any(|f| ENTRY_ONLY_FLAGS.contains(&f.as_str()))
 }
 
-/// Flags other than `instant`, which is shown as "inlined into X" instead.
+/// Flags saying the call did not return normally (everything but the entry-only marker,
+/// which is shown as "inlined into X" instead).
 fn abnormal_flags(span: &Span) -> Vec<String> {
     span.flags
         .iter()
-        .filter(|f| *f != "instant")
+        .filter(|f| !ENTRY_ONLY_FLAGS.contains(&f.as_str()))
         .cloned()
         .collect()
 }
@@ -94,7 +103,7 @@ fn function_name(span: &Span) -> &str {
 pub fn span_summary(span: &Span) -> String {
     let mut text = format!("{}({})", function_name(span), format_args(&span.args));
     let flags = abnormal_flags(span);
-    let instant = is_instant(span) || !span.inlined_into.is_empty();
+    let instant = is_instant(span);
     if !flags.is_empty() {
         // The call did not return normally, so there is no return value to show.
         text.push_str(&format!(" [{}]", format_flags(&flags)));
@@ -251,7 +260,7 @@ pub fn call_row(span: &Span) -> Vec<String> {
     let flags = abnormal_flags(span);
     let ret = if !flags.is_empty() {
         format!("[{}]", format_flags(&flags))
-    } else if is_instant(span) || !span.inlined_into.is_empty() {
+    } else if is_instant(span) {
         "-".to_owned()
     } else {
         format_ret(span.ret)
@@ -760,13 +769,19 @@ mod tests {
             "processCommand(0x55d0c1e0a2c0) [thread exited]  12.3µs  server.c:3987"
         );
         let mut inlined = sample_span();
-        inlined.flags = vec!["instant".into()];
+        inlined.flags = vec!["inlined".into()];
         inlined.duration_ns = 0;
         inlined.inlined_into = "processInputBuffer".into();
         assert_eq!(
             span_summary(&inlined),
             "processCommand(0x55d0c1e0a2c0)  server.c:3987  (inlined into processInputBuffer)"
         );
+        inlined.inlined_into.clear();
+        assert_eq!(
+            span_summary(&inlined),
+            "processCommand(0x55d0c1e0a2c0)  server.c:3987"
+        );
+        assert_eq!(call_row(&inlined)[6], "-");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use scope_proto::v1::{
     DetachRequest, DetachResponse, ListSessionsRequest, Session, SpanBatch, WatchRequest,
     detach_request::Target,
 };
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::time::{sleep_until, timeout};
 use tonic::Streaming;
 
@@ -44,11 +44,6 @@ enum Stop {
     OutputFailed(std::io::Error),
 }
 
-struct Counts {
-    received: u64,
-    dropped: u64,
-}
-
 pub async fn trace(client: &Client, out: &mut impl Write, options: TraceOptions) -> Result<()> {
     // Take over Ctrl-C and SIGTERM before anything is attached, so no signal can end the
     // process between Attach and Detach.
@@ -73,20 +68,27 @@ pub async fn trace(client: &Client, out: &mut impl Write, options: TraceOptions)
     let session = attach_session(client, &options.target).await?;
     let session_id = session.id;
     // From here on, every way out goes through `detach` below.
-    let outcome = run(
-        client,
-        out,
-        &options,
-        &session,
-        early,
-        &mut sigint,
-        &mut sigterm,
-    )
-    .await;
+    let mut live = Live {
+        session_id,
+        trees: TreeBuilder::new(options.grace),
+        received: 0,
+        dropped: 0,
+    };
+    let outcome = live
+        .run(
+            client,
+            out,
+            &options,
+            &session,
+            early,
+            &mut sigint,
+            &mut sigterm,
+        )
+        .await;
     let stats = list_session(client, session_id).await.flatten();
     let detached = detach(client, session_id).await;
 
-    let (counts, stop) = match outcome {
+    let (mut stream, stop) = match outcome {
         Ok(pair) => pair,
         Err(err) => {
             return match detached {
@@ -95,15 +97,39 @@ pub async fn trace(client: &Client, out: &mut impl Write, options: TraceOptions)
             };
         }
     };
+    // Calls that ended just before the probes went away may still be in flight: read them for
+    // one more grace period (the stream may end sooner now that the session is gone).
+    let mut stop = stop;
+    let in_flight = matches!(
+        stop,
+        Stop::Elapsed | Stop::Interrupted | Stop::Terminated | Stop::TargetGone
+    );
+    let drained = if in_flight {
+        live.drain(out, &mut stream, options.grace).await
+    } else {
+        Ok(())
+    };
+    if let Err(err) = drained {
+        stop = Stop::OutputFailed(err);
+    }
+    let flushed = if matches!(stop, Stop::OutputFailed(_)) {
+        Ok(())
+    } else {
+        print_trees(out, live.trees.finish())
+    };
+    if let Err(err) = flushed {
+        stop = Stop::OutputFailed(err);
+    }
+
     let mut summary = format!(
         "session {session_id}: {} span{} received",
-        counts.received,
-        if counts.received == 1 { "" } else { "s" }
+        live.received,
+        if live.received == 1 { "" } else { "s" }
     );
-    if counts.dropped > 0 {
+    if live.dropped > 0 {
         summary.push_str(&format!(
             ", {} dropped on the way to this client (it fell behind)",
-            counts.dropped
+            live.dropped
         ));
     }
     if let Some(stats) = stats.as_ref().filter(|s| s.spans_dropped > 0) {
@@ -121,15 +147,14 @@ pub async fn trace(client: &Client, out: &mut impl Write, options: TraceOptions)
         Err(_) => summary.push_str("; NOT detached"),
     }
     let reason = match &stop {
-        Stop::Elapsed | Stop::Interrupted | Stop::Terminated => None,
         Stop::TargetGone => Some(format!("pid {} exited", options.target.pid)),
         Stop::StreamEnded => Some("scoped ended the live stream".to_owned()),
-        Stop::StreamFailed(_) | Stop::OutputFailed(_) => None,
+        _ => None,
     };
     if let Some(reason) = reason {
         summary = format!("{reason}; {summary}");
     }
-    // The summary is best effort when the output itself is what failed.
+    // No summary when the output itself is what failed (a closed pipe, say).
     if !matches!(stop, Stop::OutputFailed(_)) {
         writeln!(out, "{summary}")?;
         out.flush()?;
@@ -142,141 +167,137 @@ pub async fn trace(client: &Client, out: &mut impl Write, options: TraceOptions)
     }
 }
 
-/// Watches the session and prints trees until told to stop; never returns before the
-/// session should be detached.
-async fn run(
-    client: &Client,
-    out: &mut impl Write,
-    options: &TraceOptions,
-    session: &Session,
-    early: Option<Streaming<SpanBatch>>,
-    sigint: &mut tokio::signal::unix::Signal,
-    sigterm: &mut tokio::signal::unix::Signal,
-) -> Result<(Counts, Stop)> {
-    let started = Instant::now();
-    let deadline = options.duration.map(|d| started + d);
-    let mut stream = match early {
-        Some(stream) => stream,
-        None => client
-            .rpc
-            .clone()
-            .watch(WatchRequest {
-                session_id: session.id,
-                pid: 0,
-                function: String::new(),
-            })
-            .await
-            .map_err(|status| client.error(status))?
-            .into_inner(),
-    };
-    let header = format!(
-        "tracing {} function{} in pid {} ({}) as session {}{}; Ctrl-C to stop",
-        session.probes.len(),
-        if session.probes.len() == 1 { "" } else { "s" },
-        session.pid,
-        if session.comm.is_empty() {
-            &session.exe
-        } else {
-            &session.comm
-        },
-        session.id,
-        options
-            .duration
-            .map(|d| format!(" for {}", format_duration_ns(d.as_nanos() as u64)))
-            .unwrap_or_default(),
-    );
-    let mut counts = Counts {
-        received: 0,
-        dropped: 0,
-    };
-    if let Err(err) = writeln!(out, "{header}").and_then(|()| out.flush()) {
-        return Ok((counts, Stop::OutputFailed(err)));
+/// The live part of a trace: the trees being built and what was counted.
+struct Live {
+    session_id: u64,
+    trees: TreeBuilder,
+    received: u64,
+    dropped: u64,
+}
+
+impl Live {
+    /// Watches the session and prints trees until told to stop. Returns the stream so the
+    /// caller can read spans still in flight after detaching.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one call site; a struct would not help"
+    )]
+    async fn run(
+        &mut self,
+        client: &Client,
+        out: &mut impl Write,
+        options: &TraceOptions,
+        session: &Session,
+        early: Option<Streaming<SpanBatch>>,
+        sigint: &mut Signal,
+        sigterm: &mut Signal,
+    ) -> Result<(Streaming<SpanBatch>, Stop)> {
+        let started = Instant::now();
+        let deadline = options.duration.map(|d| started + d);
+        let mut stream = match early {
+            Some(stream) => stream,
+            None => client
+                .rpc
+                .clone()
+                .watch(WatchRequest {
+                    session_id: session.id,
+                    pid: 0,
+                    function: String::new(),
+                })
+                .await
+                .map_err(|status| client.error(status))?
+                .into_inner(),
+        };
+        let header = format!(
+            "tracing {} function{} in pid {} ({}) as session {}{}; Ctrl-C to stop",
+            session.probes.len(),
+            if session.probes.len() == 1 { "" } else { "s" },
+            session.pid,
+            if session.comm.is_empty() {
+                &session.exe
+            } else {
+                &session.comm
+            },
+            session.id,
+            options
+                .duration
+                .map(|d| format!(" for {}", format_duration_ns(d.as_nanos() as u64)))
+                .unwrap_or_default(),
+        );
+        if let Err(err) = writeln!(out, "{header}").and_then(|()| out.flush()) {
+            return Ok((stream, Stop::OutputFailed(err)));
+        }
+
+        let mut poll = tokio::time::interval(SESSION_POLL);
+        poll.tick().await;
+        let far = started + Duration::from_secs(86_400 * 365);
+        let stop = loop {
+            let flush_at = self.trees.next_ready_at();
+            let message = tokio::select! {
+                _ = sigint.recv() => break Stop::Interrupted,
+                _ = sigterm.recv() => break Stop::Terminated,
+                _ = sleep_until(deadline.unwrap_or(far).into()), if deadline.is_some() => {
+                    break Stop::Elapsed
+                }
+                _ = sleep_until(flush_at.unwrap_or(far).into()), if flush_at.is_some() => {
+                    if let Err(err) = print_trees(out, self.trees.take_ready(Instant::now())) {
+                        break Stop::OutputFailed(err);
+                    }
+                    continue;
+                }
+                _ = poll.tick() => {
+                    if !target_alive(client, session.id).await {
+                        break Stop::TargetGone;
+                    }
+                    continue;
+                }
+                message = stream.message() => message,
+            };
+            match message {
+                Ok(Some(batch)) => {
+                    if let Err(err) = self.take_batch(out, batch) {
+                        break Stop::OutputFailed(err);
+                    }
+                }
+                Ok(None) => break Stop::StreamEnded,
+                Err(status) => break Stop::StreamFailed(status),
+            }
+        };
+        Ok((stream, stop))
     }
 
-    let mut trees = TreeBuilder::new(options.grace);
-    let mut poll = tokio::time::interval(SESSION_POLL);
-    poll.tick().await;
-    let far = started + Duration::from_secs(86_400 * 365);
-    let stop = loop {
-        let flush_at = trees.next_ready_at();
-        let batch = tokio::select! {
-            _ = sigint.recv() => break Stop::Interrupted,
-            _ = sigterm.recv() => break Stop::Terminated,
-            _ = sleep_until(deadline.unwrap_or(far).into()), if deadline.is_some() => {
-                break Stop::Elapsed
-            }
-            _ = sleep_until(flush_at.unwrap_or(far).into()), if flush_at.is_some() => {
-                if let Err(err) = print_trees(out, trees.take_ready(Instant::now())) {
-                    break Stop::OutputFailed(err);
-                }
-                continue;
-            }
-            _ = poll.tick() => {
-                if !target_alive(client, session.id).await {
-                    break Stop::TargetGone;
-                }
-                continue;
-            }
-            message = stream.message() => message,
-        };
-        match batch {
-            Ok(Some(batch)) => {
-                if let Err(err) = take_batch(out, &mut trees, &mut counts, session.id, batch) {
-                    break Stop::OutputFailed(err);
-                }
-            }
-            Ok(None) => break Stop::StreamEnded,
-            Err(status) => break Stop::StreamFailed(status),
-        }
-    };
-
-    // Spans of calls that ended just before we stopped may still be in flight: read them for a
-    // grace period more (the stream may end sooner once the session is gone).
-    if matches!(
-        stop,
-        Stop::Elapsed | Stop::Interrupted | Stop::Terminated | Stop::TargetGone
-    ) {
-        let until = Instant::now() + options.grace;
+    /// Reads whatever arrives within `grace`, or until the stream ends.
+    async fn drain(
+        &mut self,
+        out: &mut impl Write,
+        stream: &mut Streaming<SpanBatch>,
+        grace: Duration,
+    ) -> std::io::Result<()> {
+        let until = Instant::now() + grace;
         while let Ok(Ok(Some(batch))) = timeout(
             until.saturating_duration_since(Instant::now()),
             stream.message(),
         )
         .await
         {
-            if let Err(err) = take_batch(out, &mut trees, &mut counts, session.id, batch) {
-                return Ok((counts, Stop::OutputFailed(err)));
-            }
+            self.take_batch(out, batch)?;
         }
-    }
-    let flushed = if matches!(stop, Stop::OutputFailed(_)) {
         Ok(())
-    } else {
-        print_trees(out, trees.finish())
-    };
-    if let Err(err) = flushed {
-        return Ok((counts, Stop::OutputFailed(err)));
     }
-    Ok((counts, stop))
-}
 
-fn take_batch(
-    out: &mut impl Write,
-    trees: &mut TreeBuilder,
-    counts: &mut Counts,
-    session_id: u64,
-    batch: SpanBatch,
-) -> std::io::Result<()> {
-    counts.dropped = counts.dropped.saturating_add(batch.dropped);
-    let now = Instant::now();
-    for span in batch.spans {
-        // The early stream is per pid: leave out other sessions' spans.
-        if span.session_id != 0 && span.session_id != session_id {
-            continue;
+    fn take_batch(&mut self, out: &mut impl Write, batch: SpanBatch) -> std::io::Result<()> {
+        self.dropped = self.dropped.saturating_add(batch.dropped);
+        let now = Instant::now();
+        for span in batch.spans {
+            // The early stream is per pid: leave out other sessions' spans.
+            if span.session_id != 0 && span.session_id != self.session_id {
+                continue;
+            }
+            self.received += 1;
+            print_trees(out, self.trees.push(span, now))?;
         }
-        counts.received += 1;
-        print_trees(out, trees.push(span, now))?;
+        print_trees(out, self.trees.take_ready(now))
     }
-    print_trees(out, trees.take_ready(now))
 }
 
 fn print_trees(out: &mut impl Write, ready: Vec<ReadyTree>) -> std::io::Result<()> {

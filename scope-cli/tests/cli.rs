@@ -40,6 +40,10 @@ struct Script {
     watch: Vec<(Duration, SpanBatch)>,
     /// End the Watch stream after the batches (otherwise it stays open, like a live daemon).
     end_watch: bool,
+    /// End the Watch stream with this error after the batches.
+    watch_error: Option<Status>,
+    /// Refuse a Watch that names no session (as an older daemon might).
+    session_watch_only: bool,
     target_alive: bool,
 }
 
@@ -48,6 +52,8 @@ impl Default for Script {
         Self {
             watch: Vec::new(),
             end_watch: false,
+            watch_error: None,
+            session_watch_only: false,
             target_alive: true,
         }
     }
@@ -123,6 +129,14 @@ fn span(id: u64, parent: u64, tid: u32, depth: u32, function: &str, start: u64, 
 type SpanStream = Pin<Box<dyn Stream<Item = Result<SpanBatch, Status>> + Send>>;
 
 fn stream_of(script: Vec<(Duration, SpanBatch)>, end: bool) -> SpanStream {
+    stream_ending(script, end, None)
+}
+
+fn stream_ending(
+    script: Vec<(Duration, SpanBatch)>,
+    end: bool,
+    error: Option<Status>,
+) -> SpanStream {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tokio::spawn(async move {
         for (pause, batch) in script {
@@ -130,6 +144,10 @@ fn stream_of(script: Vec<(Duration, SpanBatch)>, end: bool) -> SpanStream {
             if tx.send(Ok(batch)).await.is_err() {
                 return;
             }
+        }
+        if let Some(error) = error {
+            let _ = tx.send(Err(error)).await;
+            return;
         }
         if !end {
             // Like a live daemon: keep the stream open until the client goes away.
@@ -196,14 +214,15 @@ impl Scope for Fake {
         &self,
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        self.seen
-            .lock()
-            .expect("lock")
-            .watch
-            .push(request.into_inner());
-        Ok(Response::new(stream_of(
+        let request = request.into_inner();
+        self.seen.lock().expect("lock").watch.push(request.clone());
+        if self.script.session_watch_only && request.session_id == 0 {
+            return Err(Status::invalid_argument("say which session to watch"));
+        }
+        Ok(Response::new(stream_ending(
             self.script.watch.clone(),
             self.script.end_watch,
+            self.script.watch_error.clone(),
         )))
     }
 
@@ -950,4 +969,53 @@ fn closed_stdout_is_not_an_error() {
     let out = child.wait_with_output().expect("wait");
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).is_empty(), "{}", stderr(&out));
+}
+
+#[test]
+fn trace_watches_the_session_when_scoped_refuses_a_pid_watch() {
+    let daemon = Daemon::start(Script {
+        watch: live_script(),
+        session_watch_only: true,
+        ..Script::default()
+    });
+    let out = daemon.run(&[
+        "trace",
+        "--pid",
+        "1234",
+        "--func",
+        "*",
+        "--duration",
+        "500ms",
+    ]);
+    assert_ok(&out);
+    assert_live_trees(&stdout(&out));
+    daemon.seen(|seen| {
+        assert_eq!(seen.watch.len(), 2);
+        assert_eq!((seen.watch[0].session_id, seen.watch[0].pid), (0, PID));
+        assert_eq!((seen.watch[1].session_id, seen.watch[1].pid), (SESSION, 0));
+        assert_eq!(seen.detach.len(), 1);
+    });
+}
+
+#[test]
+fn trace_reports_a_failed_stream_and_still_detaches() {
+    let daemon = Daemon::start(Script {
+        watch: live_script(),
+        watch_error: Some(Status::internal(
+            "the span reader stopped: ring buffer gone",
+        )),
+        ..Script::default()
+    });
+    let out = daemon.run(&["trace", "--pid", "1234", "--func", "*"]);
+    assert_clean_error(&out, "the span reader stopped: ring buffer gone");
+    let text = stdout(&out);
+    // What arrived before the failure is still printed, and the summary too.
+    assert_live_trees(&text);
+    assert!(
+        text.lines()
+            .last()
+            .is_some_and(|l| l.starts_with("session 7: 6 spans received")),
+        "{text}"
+    );
+    daemon.seen(|seen| assert_eq!(seen.detach.len(), 1));
 }
