@@ -7,9 +7,9 @@
 //! Every place that loses a span increments a counter; nothing is dropped silently.
 #![no_std]
 #![no_main]
-// LLVM lowers this to the BPF atomic add instruction; `AtomicU64::fetch_add` is not offered on
-// the BPF target because it lacks compare-and-swap for every width.
-#![feature(core_intrinsics)]
+// `AtomicU64` has no read-modify-write operations on the BPF target, so counters use the
+// `atomic_xadd` intrinsic and the span-id sequence a line of BPF assembly.
+#![feature(core_intrinsics, asm_experimental_arch)]
 #![expect(internal_features, reason = "atomic_xadd is the only atomic add on bpfel")]
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
@@ -398,7 +398,7 @@ fn next_span_id() -> u64 {
     let seq = match CPU_STATE.get_ptr_mut(0) {
         // SAFETY: a valid per-CPU map value; atomic because a preempting task on this CPU may
         // run the same program between our load and store.
-        Some(state) => unsafe { add(&raw mut (*state).next_seq) },
+        Some(state) => unsafe { fetch_add(&raw mut (*state).next_seq) },
         None => 0,
     };
     (cpu + 1) << 48 | (seq & ((1 << 48) - 1))
@@ -433,14 +433,36 @@ fn probe_count(probe_id: u32, field: ProbeField) {
     }
 }
 
-/// Atomically adds one to a map value and returns the old value.
+/// Atomically adds one to a map value.
 ///
 /// # Safety
 /// `value` must point into a map value.
 #[inline(always)]
-unsafe fn add(value: *mut u64) -> u64 {
+unsafe fn add(value: *mut u64) {
     // SAFETY: the caller passes a valid map value pointer.
-    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(value, 1) }
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(value, 1) };
+}
+
+/// Atomically adds one to a map value and returns the value before.
+///
+/// Written in assembly: LLVM 22 lowers `atomic_xadd` whose result is used to the BPF add
+/// *without* BPF_FETCH (imm 0x00, not 0x01) and then reads the unchanged register as the old
+/// value, so every caller got the same number.
+///
+/// # Safety
+/// `value` must point into a map value.
+#[inline(always)]
+unsafe fn fetch_add(value: *mut u64) -> u64 {
+    let mut old: u64 = 1;
+    // SAFETY: the caller passes a valid map value pointer; the instruction touches only it.
+    unsafe {
+        core::arch::asm!(
+            "{old} = atomic_fetch_add((u64 *)({ptr} + 0), {old})",
+            old = inout(reg) old,
+            ptr = in(reg) value,
+        );
+    }
+    old
 }
 
 #[cfg(not(test))]

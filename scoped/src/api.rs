@@ -11,7 +11,6 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     daemon::{Daemon, SessionSnapshot, StatusSnapshot},
-    ebpf::ProgramPair,
     glob::Glob,
     probes::ProbeInfo,
     resolve::AttachSpec,
@@ -40,7 +39,7 @@ impl pb::scope_server::Scope for ScopeService {
     async fn attach(&self, request: Request<pb::AttachRequest>) -> Result<Response<pb::AttachResponse>, Status> {
         let spec = AttachSpec::from(request.into_inner());
         let daemon = Arc::clone(&self.daemon);
-        let session = blocking(move || daemon.attach(&spec, ProgramPair::Scope)).await??;
+        let session = blocking(move || daemon.attach(&spec)).await??;
         Ok(Response::new(pb::AttachResponse { session: Some(session.into()) }))
     }
 
@@ -240,8 +239,7 @@ fn span_to_wire(daemon: &Daemon, stored: &StoredSpan) -> pb::Span {
         depth: span.depth,
         args: span.args.to_vec(),
         ret: span.ret,
-        caller: daemon
-            .caller_frames(span.pid, span.caller, span.flags & span_flags::INSTANT == 0)
+        caller: caller_frames(daemon, stored)
             .into_iter()
             .map(|frame| pb::Frame {
                 function: frame.function,
@@ -253,4 +251,17 @@ fn span_to_wire(daemon: &Daemon, stored: &StoredSpan) -> pb::Span {
         flags: flag_names(span.flags),
         inlined_into: probe.inlined_into.clone().unwrap_or_default(),
     }
+}
+
+/// Where a span's call came from. For an inlined call site the probed address is inside the
+/// inlined function itself: frames of functions inlined *into it* are dropped, so the first
+/// frame is the inlined function, then the function(s) it sits in.
+fn caller_frames(daemon: &Daemon, stored: &StoredSpan) -> Vec<scope_symbolizer::Frame> {
+    let span = &stored.span;
+    let instant = span.flags & span_flags::INSTANT != 0;
+    let mut frames = daemon.caller_frames(span.pid, span.caller, !instant);
+    if instant && let Some(own) = frames.iter().position(|f| f.function == stored.probe.function) {
+        frames.drain(..own);
+    }
+    frames
 }

@@ -106,6 +106,7 @@ pub struct Daemon {
     clock: Clock,
     started: Instant,
     limits: Limits,
+    programs: ProgramPair,
 }
 
 impl Daemon {
@@ -115,6 +116,7 @@ impl Daemon {
         pipeline: Arc<Pipeline>,
         stats: Arc<DaemonStats>,
         limits: Limits,
+        programs: ProgramPair,
     ) -> Daemon {
         Daemon {
             manager: Mutex::new(manager),
@@ -125,6 +127,7 @@ impl Daemon {
             clock: Clock::now(),
             started: Instant::now(),
             limits,
+            programs,
         }
     }
 
@@ -137,10 +140,10 @@ impl Daemon {
     }
 
     /// Resolves and attaches. Blocking: call from a blocking thread.
-    pub fn attach(&self, spec: &AttachSpec, pair: ProgramPair) -> Result<SessionSnapshot, ScopeError> {
+    pub fn attach(&self, spec: &AttachSpec) -> Result<SessionSnapshot, ScopeError> {
         let plan = resolve::plan(&self.symbolizer, spec, self.limits.max_session_probes)?;
         let mut manager = self.manager();
-        let id = manager.attach(plan, pair)?;
+        let id = manager.attach(plan, self.programs)?;
         let Some(session) = manager.session(id) else {
             return Err(ScopeError::NoSuchSession { id });
         };

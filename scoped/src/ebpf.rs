@@ -47,7 +47,7 @@ pub enum LoadError {
     Program {
         name: &'static str,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("attaching {name} to tracepoint {category}:{tracepoint} failed (is tracefs mounted at /sys/kernel/tracing?)")]
     Tracepoint {
@@ -55,7 +55,7 @@ pub enum LoadError {
         category: &'static str,
         tracepoint: &'static str,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("creating the {bytes}-byte span ring of cpu {cpu} failed (--ring-bytes must be a power of two and a multiple of the page size)")]
     Ring {
@@ -150,7 +150,7 @@ impl Kernel {
         for name in [programs::ENTRY, programs::EXIT, programs::NULL_ENTRY, programs::NULL_EXIT] {
             uprobe_mut(&mut ebpf, name)?
                 .load()
-                .map_err(|source| LoadError::Program { name, source })?;
+                .map_err(|source| LoadError::Program { name, source: Box::new(source) })?;
         }
         for (name, category, tracepoint) in [
             (programs::THREAD_EXIT, "sched", "sched_process_exit"),
@@ -160,11 +160,11 @@ impl Kernel {
                 .program_mut(name)
                 .ok_or(LoadError::Missing { kind: "program", name })?
                 .try_into()
-                .map_err(|source| LoadError::Program { name, source })?;
-            program.load().map_err(|source| LoadError::Program { name, source })?;
+                .map_err(|source| LoadError::Program { name, source: Box::new(source) })?;
+            program.load().map_err(|source| LoadError::Program { name, source: Box::new(source) })?;
             program
                 .attach(category, tracepoint)
-                .map_err(|source| LoadError::Tracepoint { name, category, tracepoint, source })?;
+                .map_err(|source| LoadError::Tracepoint { name, category, tracepoint, source: Box::new(source) })?;
         }
 
         let kernel = Kernel {
@@ -268,24 +268,13 @@ impl Kernel {
             .set(slot, zeros, 0)
             .map_err(|source| ScopeError::Map { map: maps::PROBE_COUNTERS, source })
     }
-
-    /// Kernel ids of the loaded programs, so tools (and tests) can find them with bpftool.
-    pub fn program_ids(&self) -> Vec<(String, u32)> {
-        self.ebpf
-            .programs()
-            .filter_map(|(name, program)| {
-                let info = program.info().ok()?;
-                Some((name.to_owned(), info.id()))
-            })
-            .collect()
-    }
 }
 
 fn uprobe_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, LoadError> {
     ebpf.program_mut(name)
         .ok_or(LoadError::Missing { kind: "program", name })?
         .try_into()
-        .map_err(|source| LoadError::Program { name, source })
+        .map_err(|source| LoadError::Program { name, source: Box::new(source) })
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>

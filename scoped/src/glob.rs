@@ -81,11 +81,6 @@ impl Glob {
         &self.source
     }
 
-    /// True when the glob has no wildcard: it can only match its own text.
-    pub fn is_literal(&self) -> bool {
-        self.tokens.iter().all(|t| matches!(t, Token::Literal(_)))
-    }
-
     pub fn matches(&self, text: &str) -> bool {
         let text: Vec<char> = text.chars().collect();
         // Iterative matcher with single-star backtracking: linear for patterns with one
@@ -179,11 +174,5 @@ mod tests {
         let glob = Glob::new("*a*a*a*a*a*a*a*a*b").expect("valid glob");
         let text = "a".repeat(5000);
         assert!(!glob.matches(&text));
-    }
-
-    #[test]
-    fn literal_detection() {
-        assert!(Glob::new("malloc").expect("valid").is_literal());
-        assert!(!Glob::new("mal*").expect("valid").is_literal());
     }
 }

@@ -35,7 +35,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::{
     daemon::{Daemon, Limits},
-    ebpf::{DEFAULT_MAX_PROBES, DEFAULT_RING_BYTES, Kernel, KernelConfig},
+    ebpf::{DEFAULT_MAX_PROBES, DEFAULT_RING_BYTES, Kernel, KernelConfig, ProgramPair},
     pipeline::{INGEST_QUEUE_BATCHES, Pipeline},
     probes::{ProbeManager, Registry},
     reader::Reader,
@@ -69,6 +69,10 @@ struct Args {
     /// Spans kept in memory; the oldest are evicted (and counted) beyond this.
     #[arg(long, default_value_t = DEFAULT_MAX_SPANS)]
     max_spans: usize,
+    /// Benchmarks only: attach programs that return at once instead of scope's, to measure
+    /// the floor cost of an uprobe + uretprobe pair. Spans are not produced.
+    #[arg(long, hide = true)]
+    bench_null_programs: bool,
     /// Log filter, e.g. `info`, `scoped=debug`.
     #[arg(long, env = "SCOPED_LOG", default_value = "info")]
     log: String,
@@ -105,6 +109,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         pipeline,
         stats,
         Limits { max_session_probes: args.max_session_probes },
+        if args.bench_null_programs { ProgramPair::Null } else { ProgramPair::Scope },
     ));
 
     let listener = bind(&args.socket)?;

@@ -90,6 +90,10 @@ fn c_program_calls_args_returns_depths_and_lines() {
         assert!(span["module"].as_str().unwrap().ends_with("/calls"));
         assert!(u64_of(&span["duration_ns"]) > 0);
     }
+    let mut ids: Vec<u64> = adds.iter().map(|s| u64_of(&s["span_id"])).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 1000, "span ids are unique");
     // Spans come back in start order.
     let starts: Vec<u64> = adds.iter().map(|s| u64_of(&s["start_ns"])).collect();
     assert!(starts.windows(2).all(|w| w[0] <= w[1]));
@@ -125,7 +129,7 @@ fn c_program_calls_args_returns_depths_and_lines() {
     let status = scoped.status();
     assert_eq!(u64_of(&status["spans_dropped"]), 0, "{status}");
     let sessions = scoped.scope_json(&["sessions", "--json"]);
-    let probe_calls: u64 = sessions[0]["probes"].as_array().unwrap().iter().map(|p| u64_of(&p["calls"])).sum();
+    let probe_calls: u64 = sessions["sessions"][0]["probes"].as_array().unwrap().iter().map(|p| u64_of(&p["calls"])).sum();
     assert_eq!(probe_calls, 1005, "{sessions}");
     let _ = binary;
     target.send("quit");
