@@ -9,7 +9,9 @@ fn main() {
     let object = match env::var_os("SCOPE_EBPF_OBJECT") {
         Some(path) => PathBuf::from(path),
         None => {
-            let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+            let manifest = PathBuf::from(
+                env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"),
+            );
             manifest.join("../target/bpfel-unknown-none/release/scope")
         }
     };
@@ -36,5 +38,8 @@ fn main() {
             bytes.len()
         );
     }
-    println!("cargo:rustc-env=SCOPE_EBPF_OBJECT={}", fs::canonicalize(&object).unwrap_or(object).display());
+    println!(
+        "cargo:rustc-env=SCOPE_EBPF_OBJECT={}",
+        fs::canonicalize(&object).unwrap_or(object).display()
+    );
 }

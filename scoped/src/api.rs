@@ -36,19 +36,29 @@ type SpanStream = Pin<Box<dyn Stream<Item = Result<pb::SpanBatch, Status>> + Sen
 
 #[tonic::async_trait]
 impl pb::scope_server::Scope for ScopeService {
-    async fn attach(&self, request: Request<pb::AttachRequest>) -> Result<Response<pb::AttachResponse>, Status> {
+    async fn attach(
+        &self,
+        request: Request<pb::AttachRequest>,
+    ) -> Result<Response<pb::AttachResponse>, Status> {
         let spec = AttachSpec::from(request.into_inner());
         let daemon = Arc::clone(&self.daemon);
         let session = blocking(move || daemon.attach(&spec)).await??;
-        Ok(Response::new(pb::AttachResponse { session: Some(session.into()) }))
+        Ok(Response::new(pb::AttachResponse {
+            session: Some(session.into()),
+        }))
     }
 
-    async fn detach(&self, request: Request<pb::DetachRequest>) -> Result<Response<pb::DetachResponse>, Status> {
+    async fn detach(
+        &self,
+        request: Request<pb::DetachRequest>,
+    ) -> Result<Response<pb::DetachResponse>, Status> {
         let id = match request.into_inner().target {
             Some(pb::detach_request::Target::SessionId(id)) => Some(id),
             Some(pb::detach_request::Target::All(true)) => None,
             Some(pb::detach_request::Target::All(false)) | None => {
-                return Err(Status::invalid_argument("say which session to detach: session_id, or all = true"));
+                return Err(Status::invalid_argument(
+                    "say which session to detach: session_id, or all = true",
+                ));
             }
         };
         let daemon = Arc::clone(&self.daemon);
@@ -65,12 +75,17 @@ impl pb::scope_server::Scope for ScopeService {
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
         let daemon = Arc::clone(&self.daemon);
         let sessions = blocking(move || daemon.sessions()).await?;
-        Ok(Response::new(pb::ListSessionsResponse { sessions: sessions.into_iter().map(Into::into).collect() }))
+        Ok(Response::new(pb::ListSessionsResponse {
+            sessions: sessions.into_iter().map(Into::into).collect(),
+        }))
     }
 
     type WatchStream = SpanStream;
 
-    async fn watch(&self, request: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
         let request = request.into_inner();
         let filter = filter(request.session_id, request.pid, &request.function)?;
         let mut subscription = self.daemon.subscribe(filter);
@@ -106,8 +121,10 @@ impl pb::scope_server::Scope for ScopeService {
         tokio::task::spawn_blocking(move || {
             let spans = daemon.query(&filter, request.limit as usize);
             for chunk in spans.chunks(QUERY_BATCH_SPANS) {
-                let message =
-                    pb::SpanBatch { spans: chunk.iter().map(|s| span_to_wire(&daemon, s)).collect(), dropped: 0 };
+                let message = pb::SpanBatch {
+                    spans: chunk.iter().map(|s| span_to_wire(&daemon, s)).collect(),
+                    dropped: 0,
+                };
                 if tx.blocking_send(Ok(message)).is_err() {
                     break;
                 }
@@ -116,7 +133,10 @@ impl pb::scope_server::Scope for ScopeService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn status(&self, _request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
         let daemon = Arc::clone(&self.daemon);
         let status = blocking(move || daemon.status()).await?;
         Ok(Response::new(status.into()))
@@ -137,7 +157,11 @@ fn filter(session_id: u64, pid: u32, function: &str) -> Result<SpanFilter, Statu
             Status::invalid_argument(format!("invalid function pattern {glob:?}: {error}"))
         })?),
     };
-    Ok(SpanFilter { session_id: (session_id != 0).then_some(session_id), pid: (pid != 0).then_some(pid), function })
+    Ok(SpanFilter {
+        session_id: (session_id != 0).then_some(session_id),
+        pid: (pid != 0).then_some(pid),
+        function,
+    })
 }
 
 impl From<pb::AttachRequest> for AttachSpec {
@@ -174,7 +198,11 @@ impl From<SessionSnapshot> for pb::Session {
             exe: session.process.exe.display().to_string(),
             comm: session.process.comm,
             patterns: session.patterns,
-            probes: session.probes.iter().map(|(p, c)| probe_to_wire(p, c.calls, c.dropped)).collect(),
+            probes: session
+                .probes
+                .iter()
+                .map(|(p, c)| probe_to_wire(p, c.calls, c.dropped))
+                .collect(),
             created_unix_ns: session
                 .created
                 .duration_since(UNIX_EPOCH)
@@ -260,7 +288,11 @@ fn caller_frames(daemon: &Daemon, stored: &StoredSpan) -> Vec<scope_symbolizer::
     let span = &stored.span;
     let instant = span.flags & span_flags::INSTANT != 0;
     let mut frames = daemon.caller_frames(span.pid, span.caller, !instant);
-    if instant && let Some(own) = frames.iter().position(|f| f.function == stored.probe.function) {
+    if instant
+        && let Some(own) = frames
+            .iter()
+            .position(|f| f.function == stored.probe.function)
+    {
         frames.drain(..own);
     }
     frames

@@ -32,7 +32,9 @@ impl Clock {
     pub fn now() -> Clock {
         let realtime = clock_ns(libc::CLOCK_REALTIME);
         let monotonic = clock_ns(libc::CLOCK_MONOTONIC);
-        Clock { offset_ns: realtime - monotonic }
+        Clock {
+            offset_ns: realtime - monotonic,
+        }
     }
 
     pub fn to_unix_ns(self, monotonic_ns: u64) -> u64 {
@@ -41,7 +43,10 @@ impl Clock {
 }
 
 fn clock_ns(clock: libc::clockid_t) -> i128 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: `ts` is a valid timespec for the duration of the call.
     unsafe { libc::clock_gettime(clock, &mut ts) };
     i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
@@ -61,8 +66,11 @@ pub struct SessionSnapshot {
 
 impl SessionSnapshot {
     fn of(session: &Session, manager: &ProbeManager) -> SessionSnapshot {
-        let probes: Vec<(Arc<ProbeInfo>, ProbeCounters)> =
-            session.probes.iter().map(|p| (Arc::clone(p), manager.probe_counters(p))).collect();
+        let probes: Vec<(Arc<ProbeInfo>, ProbeCounters)> = session
+            .probes
+            .iter()
+            .map(|p| (Arc::clone(p), manager.probe_counters(p)))
+            .collect();
         SessionSnapshot {
             id: session.id,
             process: session.process.clone(),
@@ -132,7 +140,9 @@ impl Daemon {
     }
 
     fn manager(&self) -> MutexGuard<'_, ProbeManager> {
-        self.manager.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.manager
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn clock(&self) -> Clock {
@@ -167,7 +177,10 @@ impl Daemon {
 
     pub fn sessions(&self) -> Vec<SessionSnapshot> {
         let manager = self.manager();
-        manager.sessions().map(|s| SessionSnapshot::of(s, &manager)).collect()
+        manager
+            .sessions()
+            .map(|s| SessionSnapshot::of(s, &manager))
+            .collect()
     }
 
     pub fn query(&self, filter: &SpanFilter, limit: usize) -> Vec<StoredSpan> {
@@ -182,10 +195,21 @@ impl Daemon {
         let manager = self.manager();
         let kernel = manager.kernel();
         let kernel_counters = kernel.counters();
-        let kernel_lost: u64 = kernel_counters.iter().filter(|(c, _)| c.is_loss()).map(|(_, n)| n).sum();
-        let mut counters: Vec<(String, u64)> =
-            kernel_counters.iter().map(|(c, n)| (format!("kernel.{}", c.name()), *n)).collect();
-        counters.extend(self.stats.snapshot().iter().map(|(name, n)| ((*name).to_owned(), *n)));
+        let kernel_lost: u64 = kernel_counters
+            .iter()
+            .filter(|(c, _)| c.is_loss())
+            .map(|(_, n)| n)
+            .sum();
+        let mut counters: Vec<(String, u64)> = kernel_counters
+            .iter()
+            .map(|(c, n)| (format!("kernel.{}", c.name()), *n))
+            .collect();
+        counters.extend(
+            self.stats
+                .snapshot()
+                .iter()
+                .map(|(name, n)| ((*name).to_owned(), *n)),
+        );
         let store = self.pipeline.store();
         counters.push(("store.evicted".to_owned(), store.evicted()));
         let config = kernel.config();
@@ -231,34 +255,56 @@ struct ProcessView {
 
 impl CallerSymbolizer {
     fn new(symbolizer: Arc<Symbolizer>) -> CallerSymbolizer {
-        CallerSymbolizer { symbolizer, processes: Mutex::new(HashMap::new()) }
+        CallerSymbolizer {
+            symbolizer,
+            processes: Mutex::new(HashMap::new()),
+        }
     }
 
     fn frames(&self, pid: u32, address: u64, is_return_address: bool) -> Vec<Frame> {
         if address == 0 {
             return Vec::new();
         }
-        let mut processes = self.processes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let stale = processes
-            .get(&pid)
-            .is_none_or(|view| view.maps.lookup(address).is_none() && view.read_at.elapsed() > MAPS_REFRESH);
+        let mut processes = self
+            .processes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let stale = processes.get(&pid).is_none_or(|view| {
+            view.maps.lookup(address).is_none() && view.read_at.elapsed() > MAPS_REFRESH
+        });
         if stale {
             if processes.len() >= MAX_PROCESS_VIEWS {
                 processes.clear();
             }
             match ProcessMaps::read(pid) {
                 Ok(maps) => {
-                    processes.insert(pid, ProcessView { maps, read_at: Instant::now(), modules: HashMap::new() });
+                    processes.insert(
+                        pid,
+                        ProcessView {
+                            maps,
+                            read_at: Instant::now(),
+                            modules: HashMap::new(),
+                        },
+                    );
                 }
                 Err(_) if processes.contains_key(&pid) => {}
                 Err(_) => return Vec::new(),
             }
         }
-        let Some(view) = processes.get_mut(&pid) else { return Vec::new() };
-        let Some((mapping, file_offset)) = view.maps.lookup(address) else { return Vec::new() };
-        let Some(path) = mapping.path.clone() else { return Vec::new() };
+        let Some(view) = processes.get_mut(&pid) else {
+            return Vec::new();
+        };
+        let Some((mapping, file_offset)) = view.maps.lookup(address) else {
+            return Vec::new();
+        };
+        let Some(path) = mapping.path.clone() else {
+            return Vec::new();
+        };
         let open_path = if mapping.deleted {
-            format!("/proc/{pid}/map_files/{:x}-{:x}", mapping.start, mapping.end)
+            format!(
+                "/proc/{pid}/map_files/{:x}-{:x}",
+                mapping.start, mapping.end
+            )
         } else {
             format!("/proc/{pid}/root{path}")
         };
@@ -266,11 +312,21 @@ impl CallerSymbolizer {
             .modules
             .entry(path)
             .or_insert_with(|| {
-                self.symbolizer.module_in_root(open_path.as_ref(), format!("/proc/{pid}/root").as_ref()).ok()
+                self.symbolizer
+                    .module_in_root(open_path.as_ref(), format!("/proc/{pid}/root").as_ref())
+                    .ok()
             })
             .clone();
-        let Some(module) = module else { return Vec::new() };
-        let Some(vaddr) = module.file_offset_to_vaddr(file_offset) else { return Vec::new() };
-        module.frames(if is_return_address { vaddr.saturating_sub(1) } else { vaddr })
+        let Some(module) = module else {
+            return Vec::new();
+        };
+        let Some(vaddr) = module.file_offset_to_vaddr(file_offset) else {
+            return Vec::new();
+        };
+        module.frames(if is_return_address {
+            vaddr.saturating_sub(1)
+        } else {
+            vaddr
+        })
     }
 }

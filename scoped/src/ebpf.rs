@@ -7,7 +7,10 @@ use std::{num::NonZeroU32, path::Path};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{ArrayOfMaps, HashMap, MapData, PerCpuArray, PerCpuValues, RingBuf},
-    programs::{TracePoint, UProbe, uprobe::{UProbeAttachPoint, UProbeLink, UProbeScope}},
+    programs::{
+        TracePoint, UProbe,
+        uprobe::{UProbeAttachPoint, UProbeLink, UProbeScope},
+    },
 };
 use scope_common::{Counter, MAX_CPUS, MAX_PROBES, ProbeCounters, Target, maps, programs};
 
@@ -33,10 +36,15 @@ pub struct KernelConfig {
 /// Why loading failed.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("loading scope's eBPF object failed (scoped needs root, or CAP_BPF + CAP_PERFMON + CAP_SYS_RESOURCE)")]
+    #[error(
+        "loading scope's eBPF object failed (scoped needs root, or CAP_BPF + CAP_PERFMON + CAP_SYS_RESOURCE)"
+    )]
     Load(#[source] aya::EbpfError),
     #[error("the eBPF object has no {kind} named {name}; rebuild it with `cargo xtask build-ebpf`")]
-    Missing { kind: &'static str, name: &'static str },
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
     #[error("{name}: wrong type in the eBPF object")]
     WrongType {
         name: &'static str,
@@ -49,7 +57,9 @@ pub enum LoadError {
         #[source]
         source: Box<aya::programs::ProgramError>,
     },
-    #[error("attaching {name} to tracepoint {category}:{tracepoint} failed (is tracefs mounted at /sys/kernel/tracing?)")]
+    #[error(
+        "attaching {name} to tracepoint {category}:{tracepoint} failed (is tracefs mounted at /sys/kernel/tracing?)"
+    )]
     Tracepoint {
         name: &'static str,
         category: &'static str,
@@ -57,7 +67,9 @@ pub enum LoadError {
         #[source]
         source: Box<aya::programs::ProgramError>,
     },
-    #[error("creating the {bytes}-byte span ring of cpu {cpu} failed (--ring-bytes must be a power of two and a multiple of the page size)")]
+    #[error(
+        "creating the {bytes}-byte span ring of cpu {cpu} failed (--ring-bytes must be a power of two and a multiple of the page size)"
+    )]
     Ring {
         cpu: u32,
         bytes: u32,
@@ -114,12 +126,19 @@ impl Kernel {
     /// Loads the object and creates everything. Needs root.
     pub fn load(config: KernelConfig) -> Result<(Kernel, Rings), LoadError> {
         if config.max_probes == 0 || config.max_probes > MAX_PROBES {
-            return Err(LoadError::MaxProbes { requested: config.max_probes, max: MAX_PROBES });
+            return Err(LoadError::MaxProbes {
+                requested: config.max_probes,
+                max: MAX_PROBES,
+            });
         }
-        let cpus = aya::util::nr_cpus().map_err(|(path, source)| LoadError::Cpus { path, source })?;
+        let cpus =
+            aya::util::nr_cpus().map_err(|(path, source)| LoadError::Cpus { path, source })?;
         let cpus = NonZeroU32::get(cpus);
         if cpus > MAX_CPUS {
-            return Err(LoadError::TooManyCpus { cpus, max: MAX_CPUS });
+            return Err(LoadError::TooManyCpus {
+                cpus,
+                max: MAX_CPUS,
+            });
         }
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(maps::PROBE_COUNTERS, config.max_probes)
@@ -136,21 +155,37 @@ impl Kernel {
             }
         };
 
-        let mut ring_slots: ArrayOfMaps<MapData, RingBuf<MapData>> = take_map(&mut ebpf, maps::RINGS)?;
+        let mut ring_slots: ArrayOfMaps<MapData, RingBuf<MapData>> =
+            take_map(&mut ebpf, maps::RINGS)?;
         let mut rings = Vec::with_capacity(cpus as usize);
         for cpu in 0..cpus {
-            let ring = RingBuf::create(config.ring_bytes, 0)
-                .map_err(|source| LoadError::Ring { cpu, bytes: config.ring_bytes, source })?;
+            let ring = RingBuf::create(config.ring_bytes, 0).map_err(|source| LoadError::Ring {
+                cpu,
+                bytes: config.ring_bytes,
+                source,
+            })?;
             ring_slots
                 .set(cpu, &ring, 0)
-                .map_err(|source| LoadError::Ring { cpu, bytes: config.ring_bytes, source })?;
+                .map_err(|source| LoadError::Ring {
+                    cpu,
+                    bytes: config.ring_bytes,
+                    source,
+                })?;
             rings.push(ring);
         }
 
-        for name in [programs::ENTRY, programs::EXIT, programs::NULL_ENTRY, programs::NULL_EXIT] {
+        for name in [
+            programs::ENTRY,
+            programs::EXIT,
+            programs::NULL_ENTRY,
+            programs::NULL_EXIT,
+        ] {
             uprobe_mut(&mut ebpf, name)?
                 .load()
-                .map_err(|source| LoadError::Program { name, source: Box::new(source) })?;
+                .map_err(|source| LoadError::Program {
+                    name,
+                    source: Box::new(source),
+                })?;
         }
         for (name, category, tracepoint) in [
             (programs::THREAD_EXIT, "sched", "sched_process_exit"),
@@ -158,13 +193,27 @@ impl Kernel {
         ] {
             let program: &mut TracePoint = ebpf
                 .program_mut(name)
-                .ok_or(LoadError::Missing { kind: "program", name })?
+                .ok_or(LoadError::Missing {
+                    kind: "program",
+                    name,
+                })?
                 .try_into()
-                .map_err(|source| LoadError::Program { name, source: Box::new(source) })?;
-            program.load().map_err(|source| LoadError::Program { name, source: Box::new(source) })?;
+                .map_err(|source| LoadError::Program {
+                    name,
+                    source: Box::new(source),
+                })?;
+            program.load().map_err(|source| LoadError::Program {
+                name,
+                source: Box::new(source),
+            })?;
             program
                 .attach(category, tracepoint)
-                .map_err(|source| LoadError::Tracepoint { name, category, tracepoint, source: Box::new(source) })?;
+                .map_err(|source| LoadError::Tracepoint {
+                    name,
+                    category,
+                    tracepoint,
+                    source: Box::new(source),
+                })?;
         }
 
         let kernel = Kernel {
@@ -207,8 +256,11 @@ impl Kernel {
             if points.is_empty() {
                 continue;
             }
-            let program: &mut UProbe =
-                self.ebpf.program_mut(name).ok_or(aya::programs::ProgramError::NotLoaded)?.try_into()?;
+            let program: &mut UProbe = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(aya::programs::ProgramError::NotLoaded)?
+                .try_into()?;
             let points = points.iter().map(|&(offset, cookie)| UProbeAttachPoint {
                 location: offset.into(),
                 cookie: Some(cookie),
@@ -223,7 +275,10 @@ impl Kernel {
     pub fn add_target(&mut self, pid: u32, sessions: u32) -> Result<(), ScopeError> {
         self.targets
             .insert(&pid, &Target { sessions, _pad: 0 }, 0)
-            .map_err(|source| ScopeError::Map { map: maps::TARGETS, source })
+            .map_err(|source| ScopeError::Map {
+                map: maps::TARGETS,
+                source,
+            })
     }
 
     /// Removes `pid` from the set of traced processes.
@@ -263,24 +318,38 @@ impl Kernel {
     /// Zeroes a probe slot's counters before it is reused.
     pub fn reset_probe_counters(&mut self, slot: u32) -> Result<(), ScopeError> {
         let zeros = PerCpuValues::try_from(vec![ProbeCounters::default(); self.cpus as usize])
-            .map_err(|source| ScopeError::Map { map: maps::PROBE_COUNTERS, source: source.into() })?;
+            .map_err(|source| ScopeError::Map {
+                map: maps::PROBE_COUNTERS,
+                source: source.into(),
+            })?;
         self.probe_counters
             .set(slot, zeros, 0)
-            .map_err(|source| ScopeError::Map { map: maps::PROBE_COUNTERS, source })
+            .map_err(|source| ScopeError::Map {
+                map: maps::PROBE_COUNTERS,
+                source,
+            })
     }
 }
 
 fn uprobe_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, LoadError> {
     ebpf.program_mut(name)
-        .ok_or(LoadError::Missing { kind: "program", name })?
+        .ok_or(LoadError::Missing {
+            kind: "program",
+            name,
+        })?
         .try_into()
-        .map_err(|source| LoadError::Program { name, source: Box::new(source) })
+        .map_err(|source| LoadError::Program {
+            name,
+            source: Box::new(source),
+        })
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
-    let map = ebpf.take_map(name).ok_or(LoadError::Missing { kind: "map", name })?;
+    let map = ebpf
+        .take_map(name)
+        .ok_or(LoadError::Missing { kind: "map", name })?;
     T::try_from(map).map_err(|source| LoadError::WrongType { name, source })
 }

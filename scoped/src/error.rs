@@ -29,15 +29,30 @@ pub enum ScopeError {
 
     #[error("no function matches '{pattern}' in pid {pid} ({searched}){}",
         suggestion.as_ref().map(|s| format!("; did you mean {s}?")).unwrap_or_default())]
-    NoMatch { pattern: String, pid: u32, searched: String, suggestion: Option<String> },
+    NoMatch {
+        pattern: String,
+        pid: u32,
+        searched: String,
+        suggestion: Option<String>,
+    },
 
-    #[error("{name} is an IFUNC: its symbol is the resolver that picks an implementation once, at load time; trace the implementations instead (e.g. '__{name}_*')")]
+    #[error(
+        "{name} is an IFUNC: its symbol is the resolver that picks an implementation once, at load time; trace the implementations instead (e.g. '__{name}_*')"
+    )]
     Ifunc { name: String },
 
-    #[error("'{pattern}' matches {count} functions, more than the {limit} one session may probe; narrow the pattern")]
-    TooManyMatches { pattern: String, count: usize, limit: usize },
+    #[error(
+        "'{pattern}' matches {count} functions, more than the {limit} one session may probe; narrow the pattern"
+    )]
+    TooManyMatches {
+        pattern: String,
+        count: usize,
+        limit: usize,
+    },
 
-    #[error("out of probe slots: {needed} needed, {free} free (scoped --max-probes raises the limit)")]
+    #[error(
+        "out of probe slots: {needed} needed, {free} free (scoped --max-probes raises the limit)"
+    )]
     ProbeSlotsExhausted { needed: usize, free: usize },
 
     #[error("{} is not an ELF file that can be traced", path.display())]
@@ -48,7 +63,11 @@ pub enum ScopeError {
     },
 
     #[error("{} is not mapped by pid {pid}; the process maps: {mapped}", path.display())]
-    BinaryNotMapped { path: PathBuf, pid: u32, mapped: String },
+    BinaryNotMapped {
+        path: PathBuf,
+        pid: u32,
+        mapped: String,
+    },
 
     #[error("cannot read the memory map of pid {pid}")]
     ProcessMaps {

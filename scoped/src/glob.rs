@@ -14,7 +14,10 @@ enum Token {
     Literal(char),
     Any,
     Star,
-    Class { negated: bool, ranges: Vec<(char, char)> },
+    Class {
+        negated: bool,
+        ranges: Vec<(char, char)>,
+    },
 }
 
 /// Why a glob could not be parsed.
@@ -45,7 +48,9 @@ impl Glob {
                     }
                 }
                 '?' => tokens.push(Token::Any),
-                '\\' => tokens.push(Token::Literal(chars.next().ok_or(GlobError::TrailingEscape)?)),
+                '\\' => tokens.push(Token::Literal(
+                    chars.next().ok_or(GlobError::TrailingEscape)?,
+                )),
                 '[' => {
                     let negated = matches!(chars.peek(), Some('!' | '^'));
                     if negated {
@@ -59,9 +64,15 @@ impl Glob {
                             break;
                         }
                         first = false;
-                        let low = if c == '\\' { chars.next().ok_or(GlobError::TrailingEscape)? } else { c };
+                        let low = if c == '\\' {
+                            chars.next().ok_or(GlobError::TrailingEscape)?
+                        } else {
+                            c
+                        };
                         let mut lookahead = chars.clone();
-                        if lookahead.next() == Some('-') && lookahead.peek().is_some_and(|&n| n != ']') {
+                        if lookahead.next() == Some('-')
+                            && lookahead.peek().is_some_and(|&n| n != ']')
+                        {
                             chars.next();
                             let high = chars.next().ok_or(GlobError::UnclosedClass)?;
                             ranges.push((low, high));
@@ -74,7 +85,10 @@ impl Glob {
                 c => tokens.push(Token::Literal(c)),
             }
         }
-        Ok(Glob { source: pattern.to_owned(), tokens })
+        Ok(Glob {
+            source: pattern.to_owned(),
+            tokens,
+        })
     }
 
     pub fn as_str(&self) -> &str {

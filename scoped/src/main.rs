@@ -81,7 +81,10 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("--log is not a valid filter")?)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&args.log)
+                .context("--log is not a valid filter")?,
+        )
         .with_writer(std::io::stderr)
         .init();
     tokio::runtime::Builder::new_multi_thread()
@@ -95,12 +98,20 @@ fn main() -> anyhow::Result<()> {
 async fn run(args: Args) -> anyhow::Result<()> {
     ensure_tracefs()?;
     let stats = Arc::new(DaemonStats::default());
-    let (kernel, rings) = Kernel::load(KernelConfig { ring_bytes: args.ring_bytes, max_probes: args.max_probes })?;
+    let (kernel, rings) = Kernel::load(KernelConfig {
+        ring_bytes: args.ring_bytes,
+        max_probes: args.max_probes,
+    })?;
     let cpus = kernel.cpus();
     let registry = Arc::new(Registry::new(args.max_probes));
-    let pipeline = Arc::new(Pipeline::new(Store::new(args.max_spans), Arc::clone(&registry), Arc::clone(&stats)));
+    let pipeline = Arc::new(Pipeline::new(
+        Store::new(args.max_spans),
+        Arc::clone(&registry),
+        Arc::clone(&stats),
+    ));
     let (tx, rx) = mpsc::channel(INGEST_QUEUE_BATCHES);
-    let reader = Reader::spawn(rings, tx, Arc::clone(&stats)).context("starting the ring reader")?;
+    let reader =
+        Reader::spawn(rings, tx, Arc::clone(&stats)).context("starting the ring reader")?;
     let pipeline_task = tokio::spawn(Arc::clone(&pipeline).run(rx));
 
     let daemon = Arc::new(Daemon::new(
@@ -108,8 +119,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Arc::new(Symbolizer::new()),
         pipeline,
         stats,
-        Limits { max_session_probes: args.max_session_probes },
-        if args.bench_null_programs { ProgramPair::Null } else { ProgramPair::Scope },
+        Limits {
+            max_session_probes: args.max_session_probes,
+        },
+        if args.bench_null_programs {
+            ProgramPair::Null
+        } else {
+            ProgramPair::Scope
+        },
     ));
 
     let listener = bind(&args.socket)?;
@@ -139,7 +156,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     match detach {
         Ok(Ok((ids, took))) if !ids.is_empty() => {
-            tracing::info!(sessions = ids.len(), ms = took.as_secs_f64() * 1e3, "detached every session on shutdown");
+            tracing::info!(
+                sessions = ids.len(),
+                ms = took.as_secs_f64() * 1e3,
+                "detached every session on shutdown"
+            );
         }
         Ok(_) => {}
         Err(error) => tracing::error!(%error, "detaching on shutdown failed"),
@@ -155,10 +176,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 async fn shutdown_signal() {
-    let (Ok(mut term), Ok(mut int)) =
-        (tokio::signal::unix::signal(SignalKind::terminate()), tokio::signal::unix::signal(SignalKind::interrupt()))
-    else {
-        tracing::error!("cannot listen for SIGTERM/SIGINT; stop scoped with SIGKILL (probes go with the process)");
+    let (Ok(mut term), Ok(mut int)) = (
+        tokio::signal::unix::signal(SignalKind::terminate()),
+        tokio::signal::unix::signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!(
+            "cannot listen for SIGTERM/SIGINT; stop scoped with SIGKILL (probes go with the process)"
+        );
         return std::future::pending().await;
     };
     tokio::select! {
@@ -173,14 +197,19 @@ fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     match std::os::unix::net::UnixStream::connect(socket) {
-        Ok(_) => bail!("another scoped is already serving on {}; stop it or pass --socket", socket.display()),
+        Ok(_) => bail!(
+            "another scoped is already serving on {}; stop it or pass --socket",
+            socket.display()
+        ),
         Err(error) if error.kind() == ErrorKind::NotFound => {}
         Err(_) => {
             // Nobody answers: a socket file left by a daemon that was killed.
-            fs::remove_file(socket).with_context(|| format!("removing the stale socket {}", socket.display()))?;
+            fs::remove_file(socket)
+                .with_context(|| format!("removing the stale socket {}", socket.display()))?;
         }
     }
-    let listener = UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
+    let listener =
+        UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
     fs::set_permissions(socket, fs::Permissions::from_mode(0o660))
         .with_context(|| format!("setting the mode of {}", socket.display()))?;
     Ok(listener)
@@ -195,10 +224,20 @@ fn ensure_tracefs() -> anyhow::Result<()> {
     let target = c"/sys/kernel/tracing";
     let fstype = c"tracefs";
     // SAFETY: all pointers are valid NUL-terminated strings; data is null.
-    let rc = unsafe { libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
     if rc != 0 {
         let error = std::io::Error::last_os_error();
-        bail!("tracefs is not mounted at /sys/kernel/tracing and mounting it failed ({error}); run `mount -t tracefs tracefs /sys/kernel/tracing` as root");
+        bail!(
+            "tracefs is not mounted at /sys/kernel/tracing and mounting it failed ({error}); run `mount -t tracefs tracefs /sys/kernel/tracing` as root"
+        );
     }
     tracing::info!("mounted tracefs at /sys/kernel/tracing");
     Ok(())

@@ -42,22 +42,35 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub fn new(store: Store, registry: Arc<Registry>, stats: Arc<DaemonStats>) -> Pipeline {
-        Pipeline { store: Mutex::new(store), watchers: Mutex::new(Vec::new()), registry, stats }
+        Pipeline {
+            store: Mutex::new(store),
+            watchers: Mutex::new(Vec::new()),
+            registry,
+            stats,
+        }
     }
 
     pub fn store(&self) -> MutexGuard<'_, Store> {
-        self.store.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.store
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn subscribe(&self, filter: SpanFilter) -> Subscription {
         let (tx, rx) = mpsc::channel(WATCH_QUEUE_BATCHES);
         let dropped = Arc::new(Count::default());
-        self.watchers().push(Watcher { filter, tx, dropped: Arc::clone(&dropped) });
+        self.watchers().push(Watcher {
+            filter,
+            tx,
+            dropped: Arc::clone(&dropped),
+        });
         Subscription { rx, dropped }
     }
 
     fn watchers(&self) -> MutexGuard<'_, Vec<Watcher>> {
-        self.watchers.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.watchers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Runs until the reader's side of `rx` is gone.
@@ -75,7 +88,10 @@ impl Pipeline {
                     // A slot reused by another process's probe cannot be this span's probe.
                     Some(probe) if probe.pid == span.pid => {
                         probe.received.add(1);
-                        Some(StoredSpan { span, probe: Arc::clone(probe) })
+                        Some(StoredSpan {
+                            span,
+                            probe: Arc::clone(probe),
+                        })
                     }
                     _ => {
                         self.stats.orphaned.add(1);
@@ -93,7 +109,11 @@ impl Pipeline {
 
     fn fan_out(&self, stored: &[StoredSpan]) {
         self.watchers().retain(|watcher| {
-            let matching: Vec<StoredSpan> = stored.iter().filter(|s| watcher.filter.matches(s)).cloned().collect();
+            let matching: Vec<StoredSpan> = stored
+                .iter()
+                .filter(|s| watcher.filter.matches(s))
+                .cloned()
+                .collect();
             if matching.is_empty() {
                 return !watcher.tx.is_closed();
             }

@@ -49,17 +49,28 @@ pub struct Registry {
 
 impl Registry {
     pub fn new(slots: u32) -> Registry {
-        Registry { slots: RwLock::new(vec![None; slots as usize]) }
+        Registry {
+            slots: RwLock::new(vec![None; slots as usize]),
+        }
     }
 
     /// Runs `f` with a lookup function; the lock is taken once for the whole batch.
-    pub fn with<R>(&self, f: impl for<'a> FnOnce(&'a dyn Fn(u32) -> Option<&'a Arc<ProbeInfo>>) -> R) -> R {
-        let slots = self.slots.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+    pub fn with<R>(
+        &self,
+        f: impl for<'a> FnOnce(&'a dyn Fn(u32) -> Option<&'a Arc<ProbeInfo>>) -> R,
+    ) -> R {
+        let slots = self
+            .slots
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         f(&|slot| slots.get(slot as usize)?.as_ref())
     }
 
     fn set(&self, slot: u32, probe: Option<Arc<ProbeInfo>>) {
-        let mut slots = self.slots.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut slots = self
+            .slots
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(entry) = slots.get_mut(slot as usize) {
             *entry = probe;
         }
@@ -149,7 +160,10 @@ impl ProbeManager {
     pub fn attach(&mut self, plan: Plan, pair: ProgramPair) -> Result<u64, ScopeError> {
         let needed = plan.probe_count();
         if needed > self.free_slots.len() {
-            return Err(ScopeError::ProbeSlotsExhausted { needed, free: self.free_slots.len() });
+            return Err(ScopeError::ProbeSlotsExhausted {
+                needed,
+                free: self.free_slots.len(),
+            });
         }
         let id = self.next_session;
         self.next_session += 1;
@@ -226,7 +240,12 @@ impl ProbeManager {
             let links = self
                 .kernel
                 .attach(pair, &module.open_path, pid, &entry_points, &exit_points)
-                .map_err(|source| ScopeError::Attach { module: module.path.clone(), pid, count, source })?;
+                .map_err(|source| ScopeError::Attach {
+                    module: module.path.clone(),
+                    pid,
+                    count,
+                    source,
+                })?;
             session.links.extend(links);
         }
         Ok(())
@@ -248,7 +267,9 @@ impl ProbeManager {
         };
         let mut detached = Vec::with_capacity(ids.len());
         for id in ids {
-            let Some(session) = self.sessions.remove(&id) else { continue };
+            let Some(session) = self.sessions.remove(&id) else {
+                continue;
+            };
             let pid = session.process.pid;
             if let Some(count) = self.targets.get_mut(&pid) {
                 *count -= 1;
@@ -258,7 +279,10 @@ impl ProbeManager {
                 }
             }
             self.unregister(&session.probes);
-            detached.push(Detached { id, links: session.links });
+            detached.push(Detached {
+                id,
+                links: session.links,
+            });
         }
         Ok(detached)
     }

@@ -22,7 +22,12 @@ impl ProcessInfo {
             .map(|comm| comm.trim_end().to_owned())
             .unwrap_or_default();
         let exe = fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
-        Some(ProcessInfo { pid, comm, exe, start_time })
+        Some(ProcessInfo {
+            pid,
+            comm,
+            exe,
+            start_time,
+        })
     }
 
     /// Whether the same process (not a reused pid) is still alive.
@@ -51,7 +56,8 @@ mod tests {
 
     #[test]
     fn start_time_survives_odd_command_names() {
-        let stat = "1234 (a) b (c)) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 200";
+        let stat =
+            "1234 (a) b (c)) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 200";
         assert_eq!(parse_start_time(stat), Some(987654));
         assert_eq!(parse_start_time("garbage"), None);
     }
@@ -62,7 +68,10 @@ mod tests {
         assert!(me.start_time > 0);
         assert!(me.is_alive());
         assert!(!me.comm.is_empty());
-        let reused = ProcessInfo { start_time: me.start_time + 1, ..me };
+        let reused = ProcessInfo {
+            start_time: me.start_time + 1,
+            ..me
+        };
         assert!(!reused.is_alive());
     }
 

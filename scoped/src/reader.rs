@@ -42,7 +42,11 @@ pub struct Reader {
 }
 
 impl Reader {
-    pub fn spawn(rings: Rings, tx: mpsc::Sender<Vec<Span>>, stats: Arc<DaemonStats>) -> io::Result<Reader> {
+    pub fn spawn(
+        rings: Rings,
+        tx: mpsc::Sender<Vec<Span>>,
+        stats: Arc<DaemonStats>,
+    ) -> io::Result<Reader> {
         let epoll = Epoll::new()?;
         let wake = eventfd()?;
         epoll.add(wake.as_raw_fd(), WAKE_TOKEN)?;
@@ -53,11 +57,17 @@ impl Reader {
             epoll.add(logger.as_raw_fd(), LOG_TOKEN)?;
         }
         let stop = Arc::new(AtomicBool::new(false));
-        let thread = std::thread::Builder::new().name("scoped-reader".into()).spawn({
-            let stop = Arc::clone(&stop);
-            move || run(epoll, rings, tx, stats, stop)
-        })?;
-        Ok(Reader { stop, wake, thread: Some(thread) })
+        let thread = std::thread::Builder::new()
+            .name("scoped-reader".into())
+            .spawn({
+                let stop = Arc::clone(&stop);
+                move || run(epoll, rings, tx, stats, stop)
+            })?;
+        Ok(Reader {
+            stop,
+            wake,
+            thread: Some(thread),
+        })
     }
 }
 
@@ -73,11 +83,21 @@ impl Drop for Reader {
     }
 }
 
-fn run(epoll: Epoll, mut rings: Rings, tx: mpsc::Sender<Vec<Span>>, stats: Arc<DaemonStats>, stop: Arc<AtomicBool>) {
+fn run(
+    epoll: Epoll,
+    mut rings: Rings,
+    tx: mpsc::Sender<Vec<Span>>,
+    stats: Arc<DaemonStats>,
+    stop: Arc<AtomicBool>,
+) {
     let mut quiet_sweeps = 0u32;
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; rings.rings.len() + 2];
     loop {
-        let timeout = if quiet_sweeps >= QUIET_SWEEPS { IDLE_INTERVAL } else { FLUSH_INTERVAL };
+        let timeout = if quiet_sweeps >= QUIET_SWEEPS {
+            IDLE_INTERVAL
+        } else {
+            FLUSH_INTERVAL
+        };
         let ready = match epoll.wait(&mut events, timeout) {
             Ok(ready) => ready,
             Err(error) => {
@@ -91,7 +111,11 @@ fn run(epoll: Epoll, mut rings: Rings, tx: mpsc::Sender<Vec<Span>>, stats: Arc<D
             logger.flush();
         }
         let read = sweep(&mut rings, &tx, &stats);
-        quiet_sweeps = if read == 0 { quiet_sweeps.saturating_add(1) } else { 0 };
+        quiet_sweeps = if read == 0 {
+            quiet_sweeps.saturating_add(1)
+        } else {
+            0
+        };
         if stop.load(Ordering::Acquire) {
             sweep(&mut rings, &tx, &stats);
             return;
@@ -145,7 +169,10 @@ impl Epoll {
     }
 
     fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
-        let mut event = libc::epoll_event { events: libc::EPOLLIN as u32, u64: token };
+        let mut event = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: token,
+        };
         // SAFETY: both descriptors are valid and `event` outlives the call.
         if unsafe { libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut event) } < 0 {
             return Err(io::Error::last_os_error());
@@ -158,7 +185,12 @@ impl Epoll {
         loop {
             // SAFETY: `events` is a valid buffer of the given length.
             let n = unsafe {
-                libc::epoll_wait(self.0.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, timeout)
+                libc::epoll_wait(
+                    self.0.as_raw_fd(),
+                    events.as_mut_ptr(),
+                    events.len() as i32,
+                    timeout,
+                )
             };
             if n >= 0 {
                 return Ok(n as usize);

@@ -86,8 +86,15 @@ impl Pattern {
             Some((library, glob)) if !library.is_empty() => (Some(library.to_owned()), glob),
             _ => (None, text),
         };
-        let glob = Glob::new(glob).map_err(|source| ScopeError::BadPattern { pattern: text.to_owned(), source })?;
-        Ok(Pattern { text: text.to_owned(), library, glob })
+        let glob = Glob::new(glob).map_err(|source| ScopeError::BadPattern {
+            pattern: text.to_owned(),
+            source,
+        })?;
+        Ok(Pattern {
+            text: text.to_owned(),
+            library,
+            glob,
+        })
     }
 
     fn wants_module(&self, path: &Path) -> bool {
@@ -96,13 +103,19 @@ impl Pattern {
             Some(library) => path
                 .file_name()
                 .and_then(|name| name.to_str())
-                .is_some_and(|name| name.starts_with(library.as_str()) || path.to_str() == Some(library.as_str())),
+                .is_some_and(|name| {
+                    name.starts_with(library.as_str()) || path.to_str() == Some(library.as_str())
+                }),
         }
     }
 }
 
 /// Resolves `spec` against the live process. `max_probes` bounds the plan's size.
-pub fn plan(symbolizer: &Symbolizer, spec: &AttachSpec, max_probes: usize) -> Result<Plan, ScopeError> {
+pub fn plan(
+    symbolizer: &Symbolizer,
+    spec: &AttachSpec,
+    max_probes: usize,
+) -> Result<Plan, ScopeError> {
     let pid = spec.pid;
     if pid == 0 {
         return Err(ScopeError::PidZero);
@@ -111,9 +124,16 @@ pub fn plan(symbolizer: &Symbolizer, spec: &AttachSpec, max_probes: usize) -> Re
         return Err(ScopeError::NoPatterns);
     }
     if spec.patterns.len() > MAX_PATTERNS {
-        return Err(ScopeError::TooManyPatterns { count: spec.patterns.len(), limit: MAX_PATTERNS });
+        return Err(ScopeError::TooManyPatterns {
+            count: spec.patterns.len(),
+            limit: MAX_PATTERNS,
+        });
     }
-    let patterns = spec.patterns.iter().map(|p| Pattern::parse(p)).collect::<Result<Vec<_>, _>>()?;
+    let patterns = spec
+        .patterns
+        .iter()
+        .map(|p| Pattern::parse(p))
+        .collect::<Result<Vec<_>, _>>()?;
     let process = ProcessInfo::read(pid).ok_or(ScopeError::NoSuchProcess { pid })?;
     let maps = ProcessMaps::read(pid).map_err(|source| match ProcessInfo::read(pid) {
         None => ScopeError::NoSuchProcess { pid },
@@ -126,25 +146,45 @@ pub fn plan(symbolizer: &Symbolizer, spec: &AttachSpec, max_probes: usize) -> Re
         // The file must be an ELF file first: that is the error a user most needs to see.
         symbolizer
             .module(binary)
-            .map_err(|source| ScopeError::NotElf { path: binary.clone(), source })?;
+            .map_err(|source| ScopeError::NotElf {
+                path: binary.clone(),
+                source,
+            })?;
         let wanted = std::fs::canonicalize(binary).unwrap_or_else(|_| binary.clone());
-        let listing = mapped.iter().map(|m| m.path.as_str()).collect::<Vec<_>>().join(", ");
+        let listing = mapped
+            .iter()
+            .map(|m| m.path.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
         mapped.retain(|m| Path::new(&m.path) == wanted || Path::new(&m.path) == binary.as_path());
         if mapped.is_empty() {
-            return Err(ScopeError::BinaryNotMapped { path: binary.clone(), pid, mapped: listing });
+            return Err(ScopeError::BinaryNotMapped {
+                path: binary.clone(),
+                pid,
+                mapped: listing,
+            });
         }
     }
 
     let mut modules = Vec::new();
     for (index, mapping) in mapped.iter().enumerate() {
         match symbolizer.module_in_root(&mapping.open_path, &root) {
-            Ok(module) => modules.push((PathBuf::from(&mapping.path), mapping.open_path.clone(), module)),
+            Ok(module) => modules.push((
+                PathBuf::from(&mapping.path),
+                mapping.open_path.clone(),
+                module,
+            )),
             // The executable (or the file the user named) must be traceable; a library
             // that is not (an odd mapped file) is skipped.
             Err(source) if index == 0 || spec.binary.is_some() => {
-                return Err(ScopeError::NotElf { path: PathBuf::from(&mapping.path), source });
+                return Err(ScopeError::NotElf {
+                    path: PathBuf::from(&mapping.path),
+                    source,
+                });
             }
-            Err(error) => tracing::warn!(pid, path = %mapping.path, %error, "skipping a mapped file that is not a traceable ELF"),
+            Err(error) => {
+                tracing::warn!(pid, path = %mapping.path, %error, "skipping a mapped file that is not a traceable ELF")
+            }
         }
     }
 
@@ -191,7 +231,9 @@ pub fn plan(symbolizer: &Symbolizer, spec: &AttachSpec, max_probes: usize) -> Re
                     tracing::warn!(function = %function.name, "function is outside every loadable segment; skipped");
                     continue;
                 };
-                let (file, line) = module.location(function.address).map_or((None, None), |(f, l)| (Some(f), Some(l)));
+                let (file, line) = module
+                    .location(function.address)
+                    .map_or((None, None), |(f, l)| (Some(f), Some(l)));
                 target.probes.push(PlannedProbe {
                     function: function.base_name.clone(),
                     symbol: function.symbol.clone(),
@@ -229,21 +271,41 @@ pub fn plan(symbolizer: &Symbolizer, spec: &AttachSpec, max_probes: usize) -> Re
         }
         total += matched;
         if total > max_probes {
-            return Err(ScopeError::TooManyMatches { pattern: pattern.text.clone(), count: total, limit: max_probes });
+            return Err(ScopeError::TooManyMatches {
+                pattern: pattern.text.clone(),
+                count: total,
+                limit: max_probes,
+            });
         }
     }
     planned.retain(|m| !m.probes.is_empty());
-    Ok(Plan { process, patterns: spec.patterns.clone(), modules: planned })
+    Ok(Plan {
+        process,
+        patterns: spec.patterns.clone(),
+        modules: planned,
+    })
 }
 
 /// The error for a pattern that matched nothing, with the closest name as a suggestion.
-fn no_match(pattern: &Pattern, pid: u32, modules: &[PlannedModule], ifuncs: &[String]) -> ScopeError {
-    let searched_modules: Vec<&PlannedModule> = modules.iter().filter(|m| pattern.wants_module(&m.path)).collect();
+fn no_match(
+    pattern: &Pattern,
+    pid: u32,
+    modules: &[PlannedModule],
+    ifuncs: &[String],
+) -> ScopeError {
+    let searched_modules: Vec<&PlannedModule> = modules
+        .iter()
+        .filter(|m| pattern.wants_module(&m.path))
+        .collect();
     let searched = match searched_modules.as_slice() {
         [] => format!(
             "no mapped file is named '{}*'; mapped: {}",
             pattern.library.as_deref().unwrap_or(""),
-            modules.iter().filter_map(|m| m.path.file_name()?.to_str()).collect::<Vec<_>>().join(", ")
+            modules
+                .iter()
+                .filter_map(|m| m.path.file_name()?.to_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
         [only] => only.path.display().to_string(),
         [first, rest @ ..] => format!("{} and {} libraries", first.path.display(), rest.len()),
@@ -253,15 +315,25 @@ fn no_match(pattern: &Pattern, pid: u32, modules: &[PlannedModule], ifuncs: &[St
     }
     let suggestion = suggest(
         pattern.glob.as_str(),
-        searched_modules.iter().flat_map(|m| m.module.functions().iter().map(|f| f.base_name.as_str())),
+        searched_modules
+            .iter()
+            .flat_map(|m| m.module.functions().iter().map(|f| f.base_name.as_str())),
     );
-    ScopeError::NoMatch { pattern: pattern.text.clone(), pid, searched, suggestion }
+    ScopeError::NoMatch {
+        pattern: pattern.text.clone(),
+        pid,
+        searched,
+        suggestion,
+    }
 }
 
 /// The candidate closest to `pattern` (wildcards removed), if it is close enough to be what
 /// the user meant: same name in another case, or a few typos away.
 pub fn suggest<'a>(pattern: &str, candidates: impl Iterator<Item = &'a str>) -> Option<String> {
-    let wanted: String = pattern.chars().filter(|c| !matches!(c, '*' | '?' | '[' | ']' | '\\')).collect();
+    let wanted: String = pattern
+        .chars()
+        .filter(|c| !matches!(c, '*' | '?' | '[' | ']' | '\\'))
+        .collect();
     if wanted.is_empty() {
         return None;
     }
@@ -276,7 +348,10 @@ pub fn suggest<'a>(pattern: &str, candidates: impl Iterator<Item = &'a str>) -> 
             .map(|name| strsim::damerau_levenshtein(&wanted_lower, &name.to_lowercase()))
             .min()
             .unwrap_or(usize::MAX);
-        if distance <= budget && best.is_none_or(|(d, c)| distance < d || (distance == d && candidate.len() < c.len())) {
+        if distance <= budget
+            && best
+                .is_none_or(|(d, c)| distance < d || (distance == d && candidate.len() < c.len()))
+        {
             best = Some((distance, candidate));
         }
     }
@@ -290,9 +365,18 @@ mod tests {
     #[test]
     fn suggests_close_names() {
         let names = ["processCommand", "call", "processInlineBuffer", "demo::fib"];
-        assert_eq!(suggest("procesCommand", names.iter().copied()).as_deref(), Some("processCommand"));
-        assert_eq!(suggest("processcommand", names.iter().copied()).as_deref(), Some("processCommand"));
-        assert_eq!(suggest("fbi", names.iter().copied()).as_deref(), Some("demo::fib"));
+        assert_eq!(
+            suggest("procesCommand", names.iter().copied()).as_deref(),
+            Some("processCommand")
+        );
+        assert_eq!(
+            suggest("processcommand", names.iter().copied()).as_deref(),
+            Some("processCommand")
+        );
+        assert_eq!(
+            suggest("fbi", names.iter().copied()).as_deref(),
+            Some("demo::fib")
+        );
         assert_eq!(suggest("completelyDifferent", names.iter().copied()), None);
         assert_eq!(suggest("*", names.iter().copied()), None);
     }

@@ -50,7 +50,11 @@ pub struct Store {
 
 impl Store {
     pub fn new(capacity: usize) -> Store {
-        Store { spans: VecDeque::new(), capacity: capacity.max(1), evicted: 0 }
+        Store {
+            spans: VecDeque::new(),
+            capacity: capacity.max(1),
+            evicted: 0,
+        }
     }
 
     pub fn insert(&mut self, batch: impl IntoIterator<Item = StoredSpan>) {
@@ -73,8 +77,9 @@ impl Store {
             if found.len() >= limit {
                 break;
             }
-            let probe_ok =
-                *verdicts.entry(Arc::as_ptr(&stored.probe)).or_insert_with(|| filter.wants_probe(&stored.probe));
+            let probe_ok = *verdicts
+                .entry(Arc::as_ptr(&stored.probe))
+                .or_insert_with(|| filter.wants_probe(&stored.probe));
             if probe_ok && filter.pid.is_none_or(|pid| stored.span.pid == pid) {
                 found.push(stored.clone());
             }
@@ -123,7 +128,14 @@ mod tests {
     }
 
     fn span(pid: u32, start: u64, probe: &Arc<ProbeInfo>) -> StoredSpan {
-        StoredSpan { span: Span { pid, start_ns: start, ..Span::default() }, probe: Arc::clone(probe) }
+        StoredSpan {
+            span: Span {
+                pid,
+                start_ns: start,
+                ..Span::default()
+            },
+            probe: Arc::clone(probe),
+        }
     }
 
     #[test]
@@ -134,7 +146,10 @@ mod tests {
         assert_eq!(store.len(), 3);
         assert_eq!(store.evicted(), 2);
         let all = store.query(&SpanFilter::default(), 0);
-        assert_eq!(all.iter().map(|s| s.span.start_ns).collect::<Vec<_>>(), vec![2, 3, 4]);
+        assert_eq!(
+            all.iter().map(|s| s.span.start_ns).collect::<Vec<_>>(),
+            vec![2, 3, 4]
+        );
     }
 
     #[test]
@@ -142,14 +157,35 @@ mod tests {
         let f = probe(1, "demo::fib");
         let g = probe(2, "main");
         let mut store = Store::new(100);
-        store.insert((0..10).map(|i| span(if i % 2 == 0 { 7 } else { 8 }, i, if i < 6 { &f } else { &g })));
-        let by_func = SpanFilter { function: Some(Glob::new("*fib").expect("glob")), ..Default::default() };
+        store.insert((0..10).map(|i| {
+            span(
+                if i % 2 == 0 { 7 } else { 8 },
+                i,
+                if i < 6 { &f } else { &g },
+            )
+        }));
+        let by_func = SpanFilter {
+            function: Some(Glob::new("*fib").expect("glob")),
+            ..Default::default()
+        };
         assert_eq!(store.query(&by_func, 0).len(), 6);
         let newest_two = store.query(&by_func, 2);
-        assert_eq!(newest_two.iter().map(|s| s.span.start_ns).collect::<Vec<_>>(), vec![4, 5]);
-        let by_pid = SpanFilter { pid: Some(8), ..Default::default() };
+        assert_eq!(
+            newest_two
+                .iter()
+                .map(|s| s.span.start_ns)
+                .collect::<Vec<_>>(),
+            vec![4, 5]
+        );
+        let by_pid = SpanFilter {
+            pid: Some(8),
+            ..Default::default()
+        };
         assert!(store.query(&by_pid, 0).iter().all(|s| s.span.pid == 8));
-        let by_session = SpanFilter { session_id: Some(2), ..Default::default() };
+        let by_session = SpanFilter {
+            session_id: Some(2),
+            ..Default::default()
+        };
         assert_eq!(store.query(&by_session, 0).len(), 4);
     }
 }

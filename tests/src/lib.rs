@@ -4,7 +4,10 @@
 //! Everything here loads BPF through the real daemon and needs root. When BPF cannot be used
 //! the harness **panics** with what is missing: a skipped privileged test would hide a broken
 //! build (see ../shared/STYLE.md).
-#![expect(clippy::unwrap_used, reason = "a test harness: a panic with its location is the report")]
+#![expect(
+    clippy::unwrap_used,
+    reason = "a test harness: a panic with its location is the report"
+)]
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -52,8 +55,13 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, command: &mut Command) -> Proc {
-        let child = command.spawn().unwrap_or_else(|e| panic!("starting {name} ({command:?}): {e}"));
-        Proc { child, name: name.to_owned() }
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name} ({command:?}): {e}"));
+        Proc {
+            child,
+            name: name.to_owned(),
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -116,7 +124,10 @@ impl Scoped {
             is_root(),
             "this test loads BPF programs through scoped and must run as root (CAP_BPF, CAP_PERFMON); run `sudo cargo xtask test`"
         );
-        let dir = tempfile::Builder::new().prefix("scoped-test").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("scoped-test")
+            .tempdir()
+            .unwrap();
         let socket = dir.path().join("scoped.sock");
         let log = dir.path().join("scoped.log");
         let log_file = std::fs::File::create(&log).unwrap();
@@ -148,7 +159,12 @@ impl Scoped {
             );
             thread::sleep(Duration::from_millis(20));
         }
-        Scoped { proc, socket, log, _dir: dir }
+        Scoped {
+            proc,
+            socket,
+            log,
+            _dir: dir,
+        }
     }
 
     /// The daemon's log so far.
@@ -158,7 +174,12 @@ impl Scoped {
 
     /// Runs `scope --socket S ARGS...`.
     pub fn scope(&self, args: &[&str]) -> Output {
-        Command::new(bin("scope")).arg("--socket").arg(&self.socket).args(args).output().unwrap()
+        Command::new(bin("scope"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .unwrap()
     }
 
     /// Runs `scope` and returns stdout, panicking with stderr and the daemon log on failure.
@@ -178,7 +199,8 @@ impl Scoped {
     /// Runs `scope ... --json` and parses one JSON document.
     pub fn scope_json(&self, args: &[&str]) -> Value {
         let out = self.scope_ok(args);
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("scope {args:?} printed invalid JSON ({e}):\n{out}"))
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("scope {args:?} printed invalid JSON ({e}):\n{out}"))
     }
 
     /// Runs `scope calls ... --json` and parses its JSON Lines.
@@ -188,7 +210,9 @@ impl Scoped {
         self.scope_ok(&all)
             .lines()
             .filter(|l| !l.trim().is_empty())
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("invalid JSON line ({e}): {l}")))
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("invalid JSON line ({e}): {l}"))
+            })
             .collect()
     }
 
@@ -234,13 +258,19 @@ impl Scoped {
     }
 
     /// A gRPC client on the daemon's socket, for tests of the wire API itself.
-    pub async fn client(&self) -> scope_proto::v1::scope_client::ScopeClient<tonic::transport::Channel> {
+    pub async fn client(
+        &self,
+    ) -> scope_proto::v1::scope_client::ScopeClient<tonic::transport::Channel> {
         let socket = self.socket.clone();
         let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")
             .unwrap()
             .connect_with_connector(tower::service_fn(move |_| {
                 let socket = socket.clone();
-                async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(socket).await?)) }
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(socket).await?,
+                    ))
+                }
             }))
             .await
             .unwrap();
@@ -295,25 +325,49 @@ impl Target {
 }
 
 /// Compiles a fixture with `compiler` (gcc, g++, rustc) into `dir`.
-pub fn compile(dir: &Path, compiler: &str, file_name: &str, source: &str, flags: &[&str]) -> PathBuf {
+pub fn compile(
+    dir: &Path,
+    compiler: &str,
+    file_name: &str,
+    source: &str,
+    flags: &[&str],
+) -> PathBuf {
     let src = dir.join(file_name);
     std::fs::write(&src, source).unwrap();
     let stem = Path::new(file_name).file_stem().unwrap().to_str().unwrap();
     let out = dir.join(stem);
-    let output = Command::new(compiler).args(flags).arg("-o").arg(&out).arg(&src).output().unwrap_or_else(|e| {
-        panic!("running {compiler} failed ({e}); install it with `cargo xtask setup`")
-    });
-    assert!(output.status.success(), "{compiler} failed:\n{}", String::from_utf8_lossy(&output.stderr));
+    let output = Command::new(compiler)
+        .args(flags)
+        .arg("-o")
+        .arg(&out)
+        .arg(&src)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("running {compiler} failed ({e}); install it with `cargo xtask setup`")
+        });
+    assert!(
+        output.status.success(),
+        "{compiler} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     out
 }
 
 /// The 1-based line of the first line in `source` containing `needle`.
 pub fn line_of(source: &str, needle: &str) -> u32 {
-    source.lines().position(|l| l.contains(needle)).map(|i| i as u32 + 1).unwrap_or_else(|| panic!("{needle:?} not in source"))
+    source
+        .lines()
+        .position(|l| l.contains(needle))
+        .map(|i| i as u32 + 1)
+        .unwrap_or_else(|| panic!("{needle:?} not in source"))
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A throwaway `redis-server` (Debian's) on a free port.
@@ -328,16 +382,30 @@ impl Redis {
         let proc = Proc::spawn(
             "redis-server",
             Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no", "--daemonize", "no"])
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--daemonize",
+                    "no",
+                ])
                 .stdout(Stdio::null()),
         );
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let ping = Command::new("redis-cli").args(["-p", &port.to_string(), "ping"]).output();
+            let ping = Command::new("redis-cli")
+                .args(["-p", &port.to_string(), "ping"])
+                .output();
             if ping.is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("PONG")) {
                 return Redis { proc, port };
             }
-            assert!(Instant::now() < deadline, "redis-server did not answer on port {port} (is it installed? `cargo xtask setup`)");
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer on port {port} (is it installed? `cargo xtask setup`)"
+            );
             thread::sleep(Duration::from_millis(50));
         }
     }
@@ -348,7 +416,11 @@ impl Redis {
 
     /// Runs redis-benchmark against this server.
     pub fn benchmark(&self, args: &[&str]) -> Output {
-        Command::new("redis-benchmark").args(["-p", &self.port.to_string()]).args(args).output().unwrap()
+        Command::new("redis-benchmark")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .unwrap()
     }
 }
 
@@ -371,7 +443,9 @@ pub fn runtime_address(pid: u32, binary: &Path, symbol: &str) -> u64 {
         .find_map(|l| {
             let mut parts = l.split_whitespace();
             let (addr, _kind, name) = (parts.next()?, parts.next()?, parts.next()?);
-            (name == symbol).then(|| u64::from_str_radix(addr, 16).ok()).flatten()
+            (name == symbol)
+                .then(|| u64::from_str_radix(addr, 16).ok())
+                .flatten()
         })
         .unwrap_or_else(|| panic!("{symbol} not in nm output of {}", binary.display()));
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
@@ -386,6 +460,11 @@ pub fn runtime_address(pid: u32, binary: &Path, symbol: &str) -> u64 {
             }
             u64::from_str_radix(fields[0].split('-').next()?, 16).ok()
         })
-        .unwrap_or_else(|| panic!("{} is not mapped at offset 0 in pid {pid}", binary.display()));
+        .unwrap_or_else(|| {
+            panic!(
+                "{} is not mapped at offset 0 in pid {pid}",
+                binary.display()
+            )
+        });
     base + vaddr
 }

@@ -52,7 +52,9 @@ fn c_target(dir: &std::path::Path) -> (std::path::PathBuf, Target) {
 }
 
 fn u64_of(value: &Value) -> u64 {
-    value.as_u64().unwrap_or_else(|| panic!("not an unsigned integer: {value}"))
+    value
+        .as_u64()
+        .unwrap_or_else(|| panic!("not an unsigned integer: {value}"))
 }
 
 #[test]
@@ -64,8 +66,14 @@ fn c_program_calls_args_returns_depths_and_lines() {
 
     let attached = scoped.attach(pid, &["add", "fact"]);
     let probes = attached["probes"].as_array().unwrap();
-    let names: Vec<&str> = probes.iter().map(|p| p["function"].as_str().unwrap()).collect();
-    assert!(names.contains(&"add") && names.contains(&"fact"), "probed: {names:?}");
+    let names: Vec<&str> = probes
+        .iter()
+        .map(|p| p["function"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"add") && names.contains(&"fact"),
+        "probed: {names:?}"
+    );
     assert_eq!(probes.len(), 2, "exactly the two functions: {probes:?}");
 
     target.send("add");
@@ -75,18 +83,34 @@ fn c_program_calls_args_returns_depths_and_lines() {
 
     let pid_arg = pid.to_string();
     let adds = scoped.settled_calls(&["--pid", &pid_arg, "--func", "add"], 1000, TIMEOUT);
-    assert_eq!(adds.len(), 1000, "1000 calls of add give exactly 1000 spans");
+    assert_eq!(
+        adds.len(),
+        1000,
+        "1000 calls of add give exactly 1000 spans"
+    );
     let add_line = line_of(C_SOURCE, "long add(long a, long b)");
     for (i, span) in adds.iter().enumerate() {
         let i = i as u64;
-        let args: Vec<u64> = span["args"].as_array().unwrap().iter().map(u64_of).collect();
+        let args: Vec<u64> = span["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(u64_of)
+            .collect();
         assert_eq!(args.len(), 6);
         assert_eq!((args[0], args[1]), (i, 2 * i), "args of call {i}: {span}");
         assert_eq!(u64_of(&span["ret"]), 3 * i, "return value of call {i}");
         assert_eq!(u64_of(&span["depth"]), 0);
         assert_eq!(u64_of(&span["pid"]), u64::from(pid));
-        assert_eq!(span["file"].as_str().unwrap().rsplit('/').next(), Some("calls.c"));
-        assert_eq!(u64_of(&span["line"]), u64::from(add_line), "add is defined on line {add_line}");
+        assert_eq!(
+            span["file"].as_str().unwrap().rsplit('/').next(),
+            Some("calls.c")
+        );
+        assert_eq!(
+            u64_of(&span["line"]),
+            u64::from(add_line),
+            "add is defined on line {add_line}"
+        );
         assert!(span["module"].as_str().unwrap().ends_with("/calls"));
         assert!(u64_of(&span["duration_ns"]) > 0);
     }
@@ -109,7 +133,11 @@ fn c_program_calls_args_returns_depths_and_lines() {
         assert_eq!(u64_of(&span["ret"]), expected_ret[depth]);
         assert_eq!(u64_of(&span["line"]), u64::from(fact_line));
         if depth > 0 {
-            assert_eq!(span["parent_id"], facts[depth - 1]["span_id"], "each level's parent is the level above");
+            assert_eq!(
+                span["parent_id"],
+                facts[depth - 1]["span_id"],
+                "each level's parent is the level above"
+            );
             // The caller of a recursive call is fact itself, at the recursive call's line.
             assert_eq!(span["caller"][0]["function"], "fact", "caller of {span}");
         } else {
@@ -129,7 +157,12 @@ fn c_program_calls_args_returns_depths_and_lines() {
     let status = scoped.status();
     assert_eq!(u64_of(&status["spans_dropped"]), 0, "{status}");
     let sessions = scoped.scope_json(&["sessions", "--json"]);
-    let probe_calls: u64 = sessions["sessions"][0]["probes"].as_array().unwrap().iter().map(|p| u64_of(&p["calls"])).sum();
+    let probe_calls: u64 = sessions["sessions"][0]["probes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| u64_of(&p["calls"]))
+        .sum();
     assert_eq!(probe_calls, 1005, "{sessions}");
     let _ = binary;
     target.send("quit");
@@ -144,14 +177,20 @@ fn shared_library_function_traced_by_name() {
     let attached = scoped.attach(pid, &["libc.so.6!write"]);
     let probe = &attached["probes"][0];
     assert_eq!(probe["function"], "write");
-    assert!(probe["module"].as_str().unwrap().contains("libc.so.6"), "{probe}");
+    assert!(
+        probe["module"].as_str().unwrap().contains("libc.so.6"),
+        "{probe}"
+    );
 
     target.send("write");
     assert_eq!(target.expect_line("done", TIMEOUT), "done 1500");
     let pid_arg = pid.to_string();
     let writes = scoped.settled_calls(&["--pid", &pid_arg, "--func", "write"], 251, TIMEOUT);
     // 250 writes to /dev/null, plus the write of "done 1500\n" to stdout.
-    let to_devnull: Vec<&Value> = writes.iter().filter(|w| u64_of(&w["args"][2]) == 6).collect();
+    let to_devnull: Vec<&Value> = writes
+        .iter()
+        .filter(|w| u64_of(&w["args"][2]) == 6)
+        .collect();
     assert_eq!(to_devnull.len(), 250, "{} write spans", writes.len());
     for write in to_devnull {
         assert_eq!(u64_of(&write["ret"]), 6, "write returns the bytes written");
@@ -196,7 +235,13 @@ fn main() {
 #[test]
 fn rust_program_demangled_names_and_inlined_calls() {
     let dir = tempfile::tempdir().unwrap();
-    let binary = compile(dir.path(), "rustc", "demo.rs", RUST_SOURCE, &["-g", "-C", "opt-level=2", "--edition", "2021"]);
+    let binary = compile(
+        dir.path(),
+        "rustc",
+        "demo.rs",
+        RUST_SOURCE,
+        &["-g", "-C", "opt-level=2", "--edition", "2021"],
+    );
     let scoped = Scoped::start();
     let mut target = Target::spawn("demo", &mut Command::new(&binary));
     target.expect_line("ready", TIMEOUT);
@@ -204,11 +249,26 @@ fn rust_program_demangled_names_and_inlined_calls() {
 
     let attached = scoped.attach(pid, &["demo::fib", "demo::mix", "demo::scramble"]);
     let probes = attached["probes"].as_array().unwrap();
-    let fib = probes.iter().find(|p| p["function"] == "demo::fib").unwrap_or_else(|| panic!("{attached}"));
-    assert!(fib["symbol"].as_str().unwrap().starts_with("_ZN") || fib["symbol"].as_str().unwrap().starts_with("_R"));
-    let inlined: Vec<&Value> = probes.iter().filter(|p| p["function"] == "demo::scramble").collect();
-    assert!(!inlined.is_empty(), "the inlined scramble has call sites: {attached}");
-    assert!(inlined.iter().all(|p| p["inlined_into"] == "demo::mix"), "{inlined:?}");
+    let fib = probes
+        .iter()
+        .find(|p| p["function"] == "demo::fib")
+        .unwrap_or_else(|| panic!("{attached}"));
+    assert!(
+        fib["symbol"].as_str().unwrap().starts_with("_ZN")
+            || fib["symbol"].as_str().unwrap().starts_with("_R")
+    );
+    let inlined: Vec<&Value> = probes
+        .iter()
+        .filter(|p| p["function"] == "demo::scramble")
+        .collect();
+    assert!(
+        !inlined.is_empty(),
+        "the inlined scramble has call sites: {attached}"
+    );
+    assert!(
+        inlined.iter().all(|p| p["inlined_into"] == "demo::mix"),
+        "{inlined:?}"
+    );
 
     target.send("fib");
     assert_eq!(target.expect_line("done", TIMEOUT), "done 55");
@@ -222,17 +282,37 @@ fn rust_program_demangled_names_and_inlined_calls() {
     assert_eq!(max_depth, 9, "fib(10) recurses to depth 9");
     let root = fibs.iter().find(|s| u64_of(&s["depth"]) == 0).unwrap();
     assert_eq!((u64_of(&root["args"][0]), u64_of(&root["ret"])), (10, 55));
-    assert_eq!(u64_of(&root["line"]), u64::from(line_of(RUST_SOURCE, "pub fn fib")));
+    assert_eq!(
+        u64_of(&root["line"]),
+        u64::from(line_of(RUST_SOURCE, "pub fn fib"))
+    );
 
     let mixes = scoped.settled_calls(&["--pid", &pid_arg, "--func", "demo::mix"], 100, TIMEOUT);
     assert_eq!(mixes.len(), 100);
-    let scrambles = scoped.settled_calls(&["--pid", &pid_arg, "--func", "demo::scramble"], 100, TIMEOUT);
-    assert_eq!(scrambles.len(), 100, "each call of the inlined scramble is one span");
+    let scrambles = scoped.settled_calls(
+        &["--pid", &pid_arg, "--func", "demo::scramble"],
+        100,
+        TIMEOUT,
+    );
+    assert_eq!(
+        scrambles.len(),
+        100,
+        "each call of the inlined scramble is one span"
+    );
     for span in &scrambles {
         assert_eq!(span["inlined_into"], "demo::mix");
-        assert_eq!(u64_of(&span["duration_ns"]), 0, "an inlined call has no exit to time");
+        assert_eq!(
+            u64_of(&span["duration_ns"]),
+            0,
+            "an inlined call has no exit to time"
+        );
         // Attributed to its caller, with the inline frame named.
-        let caller: Vec<&str> = span["caller"].as_array().unwrap().iter().map(|f| f["function"].as_str().unwrap()).collect();
+        let caller: Vec<&str> = span["caller"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["function"].as_str().unwrap())
+            .collect();
         assert_eq!(caller.first(), Some(&"demo::scramble"), "{span}");
         assert_eq!(span["caller"][0]["inlined"], true);
         assert!(caller.contains(&"demo::mix"), "{span}");

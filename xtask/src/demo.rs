@@ -21,7 +21,9 @@ pub struct Guard {
 
 impl Guard {
     pub fn spawn(name: &'static str, command: &mut Command) -> anyhow::Result<Guard> {
-        let child = command.spawn().with_context(|| format!("starting {name}: {command:?}"))?;
+        let child = command
+            .spawn()
+            .with_context(|| format!("starting {name}: {command:?}"))?;
         Ok(Guard { child, name })
     }
 
@@ -55,17 +57,28 @@ pub fn release_binary(name: &str) -> PathBuf {
 pub fn start_scoped(socket: &Path, extra: &[&str]) -> anyhow::Result<Guard> {
     let guard = Guard::spawn(
         "scoped",
-        Command::new(release_binary("scoped")).arg("--socket").arg(socket).args(extra).env("SCOPED_LOG", "warn"),
+        Command::new(release_binary("scoped"))
+            .arg("--socket")
+            .arg(socket)
+            .args(extra)
+            .env("SCOPED_LOG", "warn"),
     )?;
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
-        let status = Command::new(release_binary("scope")).arg("--socket").arg(socket).arg("status").output();
+        let status = Command::new(release_binary("scope"))
+            .arg("--socket")
+            .arg(socket)
+            .arg("status")
+            .output();
         if status.is_ok_and(|out| out.status.success()) {
             return Ok(guard);
         }
         thread::sleep(Duration::from_millis(100));
     }
-    bail!("scoped did not start serving on {} within 20 s", socket.display())
+    bail!(
+        "scoped did not start serving on {} within 20 s",
+        socket.display()
+    )
 }
 
 pub fn free_port() -> anyhow::Result<u16> {
@@ -77,12 +90,23 @@ pub fn start_redis(port: u16) -> anyhow::Result<Guard> {
     let guard = Guard::spawn(
         "redis-server",
         Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+            ])
             .stdout(Stdio::null()),
     )?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        let ping = Command::new("redis-cli").args(["-p", &port.to_string(), "ping"]).output();
+        let ping = Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "ping"])
+            .output();
         if ping.is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("PONG")) {
             return Ok(guard);
         }
@@ -109,18 +133,40 @@ pub fn demo() -> anyhow::Result<()> {
     let port = free_port()?;
     let redis = start_redis(port)?;
     let pid = redis.pid().to_string();
-    println!("== redis-server pid {pid} on port {port}; tracing processCommand and call for 3 s under redis-benchmark");
+    println!(
+        "== redis-server pid {pid} on port {port}; tracing processCommand and call for 3 s under redis-benchmark"
+    );
 
     let benchmark = thread::spawn(move || {
         thread::sleep(Duration::from_millis(800));
         Command::new("redis-benchmark")
-            .args(["-p", &port.to_string(), "-n", "300", "-c", "2", "-t", "set,get", "-q"])
+            .args([
+                "-p",
+                &port.to_string(),
+                "-n",
+                "300",
+                "-c",
+                "2",
+                "-t",
+                "set,get",
+                "-q",
+            ])
             .stdout(Stdio::null())
             .status()
     });
-    let trace = scope(&["trace", "--pid", &pid, "--func", "processCommand", "--func", "call", "--duration", "3s"])
-        .output()
-        .context("running scope trace")?;
+    let trace = scope(&[
+        "trace",
+        "--pid",
+        &pid,
+        "--func",
+        "processCommand",
+        "--func",
+        "call",
+        "--duration",
+        "3s",
+    ])
+    .output()
+    .context("running scope trace")?;
     let _ = benchmark.join();
     let trace_out = String::from_utf8_lossy(&trace.stdout);
     let lines: Vec<&str> = trace_out.lines().collect();
@@ -134,7 +180,10 @@ pub fn demo() -> anyhow::Result<()> {
         }
     }
     if !trace.status.success() {
-        bail!("scope trace failed: {}", String::from_utf8_lossy(&trace.stderr));
+        bail!(
+            "scope trace failed: {}",
+            String::from_utf8_lossy(&trace.stderr)
+        );
     }
 
     println!("\n== the last 5 stored calls (scope calls --limit 5)");

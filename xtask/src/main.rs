@@ -47,7 +47,10 @@ fn main() -> anyhow::Result<()> {
 
 /// The workspace root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 /// A `cargo` command for the workspace. `--ignore-rust-version` is needed until the
@@ -60,7 +63,9 @@ pub fn cargo(args: &[&str]) -> Command {
 
 /// Runs a command, failing with its command line if it fails.
 pub fn run(command: &mut Command) -> anyhow::Result<()> {
-    let status = command.status().with_context(|| format!("running {command:?}"))?;
+    let status = command
+        .status()
+        .with_context(|| format!("running {command:?}"))?;
     if !status.success() {
         bail!("{command:?} failed with {status}");
     }
@@ -93,11 +98,15 @@ pub fn build_ebpf() -> anyhow::Result<()> {
         .env("RUSTFLAGS", "-C link-arg=--btf -C target-cpu=v3")
         .env_remove("RUSTUP_TOOLCHAIN")
         .env_remove("CARGO");
-    run(&mut command).context("building the eBPF object (run `cargo xtask setup` first on a new machine)")?;
+    run(&mut command)
+        .context("building the eBPF object (run `cargo xtask setup` first on a new machine)")?;
     let object = root().join("target/bpfel-unknown-none/release/scope");
     let size = std::fs::metadata(&object).map(|m| m.len()).unwrap_or(0);
     if size == 0 {
-        bail!("the eBPF build succeeded but {} is missing or empty", object.display());
+        bail!(
+            "the eBPF build succeeded but {} is missing or empty",
+            object.display()
+        );
     }
     Ok(())
 }
@@ -106,11 +115,25 @@ pub fn build_ebpf() -> anyhow::Result<()> {
 pub fn build() -> anyhow::Result<()> {
     setup::setup()?;
     build_ebpf()?;
-    run(&mut cargo(&["build", "--ignore-rust-version", "--release", "--package", "scoped", "--package", "scope-cli"]))
+    run(&mut cargo(&[
+        "build",
+        "--ignore-rust-version",
+        "--release",
+        "--package",
+        "scoped",
+        "--package",
+        "scope-cli",
+    ]))
 }
 
 fn test(extra: &[String]) -> anyhow::Result<()> {
-    let mut args = vec!["test", "--ignore-rust-version", "--workspace", "--exclude", "scope-ebpf"];
+    let mut args = vec![
+        "test",
+        "--ignore-rust-version",
+        "--workspace",
+        "--exclude",
+        "scope-ebpf",
+    ];
     args.extend(extra.iter().map(String::as_str));
     let mut command = cargo(&args);
     if std::env::var_os("RUST_BACKTRACE").is_none() {

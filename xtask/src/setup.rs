@@ -8,7 +8,10 @@ use crate::run;
 
 /// Debian packages, and why each is needed.
 const PACKAGES: &[(&str, &str)] = &[
-    ("rustc-web", "Debian's rustc, whose prebuilt BPF core builds the eBPF crate"),
+    (
+        "rustc-web",
+        "Debian's rustc, whose prebuilt BPF core builds the eBPF crate",
+    ),
     ("libstd-rust-web-dev-bpf", "core for bpfel-unknown-none"),
     ("llvm-22-dev", "bpf-linker links with LLVM 22"),
     ("libpolly-22-dev", "bpf-linker links with LLVM 22"),
@@ -31,7 +34,11 @@ pub fn setup() -> anyhow::Result<()> {
     install_packages()?;
     link_bpf_toolchain()?;
     install_bpf_linker()?;
-    mount_if_missing("tracefs", "/sys/kernel/tracing", "/sys/kernel/tracing/events")?;
+    mount_if_missing(
+        "tracefs",
+        "/sys/kernel/tracing",
+        "/sys/kernel/tracing/events",
+    )?;
     mount_if_missing("bpf", "/sys/fs/bpf", "/sys/fs/bpf/.")?;
     Ok(())
 }
@@ -45,19 +52,31 @@ fn installed(package: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", package])
         .output()
-        .is_ok_and(|out| out.status.success() && String::from_utf8_lossy(&out.stdout).contains("install ok installed"))
+        .is_ok_and(|out| {
+            out.status.success()
+                && String::from_utf8_lossy(&out.stdout).contains("install ok installed")
+        })
 }
 
 fn install_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = PACKAGES.iter().map(|(p, _)| *p).filter(|p| !installed(p)).collect();
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .map(|(p, _)| *p)
+        .filter(|p| !installed(p))
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
     if !is_root() {
-        bail!("these Debian packages are missing and installing them needs root: {}", missing.join(" "));
+        bail!(
+            "these Debian packages are missing and installing them needs root: {}",
+            missing.join(" ")
+        );
     }
     eprintln!("xtask setup: installing {}", missing.join(" "));
-    run(Command::new("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run(Command::new("apt-get")
+        .arg("update")
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
     run(Command::new("apt-get")
         .args(["install", "-y", "--no-install-recommends"])
         .args(&missing)
@@ -65,8 +84,14 @@ fn install_packages() -> anyhow::Result<()> {
 }
 
 fn link_bpf_toolchain() -> anyhow::Result<()> {
-    let list = Command::new("rustup").args(["toolchain", "list"]).output().context("running rustup")?;
-    if String::from_utf8_lossy(&list.stdout).lines().any(|l| l.starts_with("bpf-debian")) {
+    let list = Command::new("rustup")
+        .args(["toolchain", "list"])
+        .output()
+        .context("running rustup")?;
+    if String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .any(|l| l.starts_with("bpf-debian"))
+    {
         return Ok(());
     }
     eprintln!("xtask setup: linking Debian's rustc as the bpf-debian toolchain");
@@ -83,7 +108,16 @@ fn install_bpf_linker() -> anyhow::Result<()> {
     // machine's stable toolchain.
     run(Command::new("cargo")
         .current_dir("/")
-        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--no-default-features", "--features", "llvm-22"])
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ])
         // Without LLVM_PREFIX bpf-linker's build looks for LLVM under /usr/lib64.
         .env("LLVM_PREFIX", "/usr/lib/llvm-22")
         .env_remove("RUSTC_BOOTSTRAP")
@@ -93,13 +127,18 @@ fn install_bpf_linker() -> anyhow::Result<()> {
 }
 
 fn mount_if_missing(fstype: &str, target: &str, probe: &str) -> anyhow::Result<()> {
-    let mounted = std::fs::read_to_string("/proc/self/mounts")
-        .is_ok_and(|mounts| mounts.lines().any(|l| l.split_whitespace().nth(1) == Some(target)));
+    let mounted = std::fs::read_to_string("/proc/self/mounts").is_ok_and(|mounts| {
+        mounts
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some(target))
+    });
     if mounted || (fstype == "tracefs" && Path::new(probe).exists()) {
         return Ok(());
     }
     if !is_root() {
-        eprintln!("xtask setup: {fstype} is not mounted at {target}; scoped (as root) will need it");
+        eprintln!(
+            "xtask setup: {fstype} is not mounted at {target}; scoped (as root) will need it"
+        );
         return Ok(());
     }
     eprintln!("xtask setup: mounting {fstype} at {target}");

@@ -1,0 +1,231 @@
+//! Privileged end-to-end tests (root, BPF): after `scope detach` and after `kill -9` of
+//! scoped, the target keeps running correctly and no uprobe of ours is left in the kernel —
+//! checked in the target's own memory (the int3 the kernel wrote at the probed function is
+//! gone), with bpftool (no link, no program of the daemon left) and in uprobe_events.
+#![expect(clippy::unwrap_used, reason = "tests")]
+
+use std::{
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use scope_tests::{Scoped, Target, compile, read_memory, runtime_address};
+use serde_json::Value;
+
+const TIMEOUT: Duration = Duration::from_secs(20);
+const INT3: u8 = 0xcc;
+
+const SOURCE: &str = r#"#include <stdio.h>
+#include <string.h>
+
+__attribute__((noinline)) long add(long a, long b) {
+    return a + b;
+}
+
+int main(void) {
+    char line[64];
+    printf("ready\n"); fflush(stdout);
+    while (fgets(line, sizeof line, stdin)) {
+        long total = 0;
+        for (long i = 0; i < 1000; i++) total += add(i, 2 * i);
+        printf("done %ld\n", total); fflush(stdout);
+    }
+    return 0;
+}
+"#;
+
+/// sum of 3i for i in 0..1000
+const EXPECTED: &str = "done 1498500";
+
+/// Ids of the BPF objects a process holds, from /proc/PID/fdinfo: `(kind, id)` with kind a
+/// link type (`uprobe_multi`, `uretprobe_multi`, `perf`...) or `prog`. (Debian's bpftool 7.1
+/// neither names uprobe_multi links nor shows owning pids, so we read the kernel directly.)
+fn bpf_objects_of(pid: u32) -> Vec<(String, u64)> {
+    let mut objects = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(info) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_owned())
+        };
+        if let (Some(kind), Some(id)) = (field("link_type:"), field("link_id:")) {
+            objects.push((kind, id.parse().unwrap()));
+        } else if let (Some(_), Some(id)) = (field("prog_type:"), field("prog_id:")) {
+            objects.push(("prog".to_owned(), id.parse().unwrap()));
+        }
+    }
+    objects
+}
+
+fn uprobe_links_of(pid: u32) -> Vec<(String, u64)> {
+    bpf_objects_of(pid)
+        .into_iter()
+        .filter(|(kind, _)| kind.ends_with("probe_multi"))
+        .collect()
+}
+
+/// Ids of every BPF link or program in the kernel.
+fn kernel_ids(what: &str) -> Vec<u64> {
+    let out = Command::new("bpftool")
+        .args(["-j", what, "show"])
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "bpftool is needed to list BPF objects ({e}); install it with `cargo xtask setup`"
+            )
+        });
+    assert!(
+        out.status.success(),
+        "bpftool {what} show: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let all: Value = serde_json::from_slice(&out.stdout).unwrap();
+    all.as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|o| o["id"].as_u64())
+        .collect()
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + TIMEOUT;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn detach_and_kill_9_leave_no_uprobe_and_the_target_unharmed() {
+    let dir = tempfile::tempdir().unwrap();
+    let binary = compile(dir.path(), "gcc", "lifecycle.c", SOURCE, &["-g", "-O0"]);
+    let mut target = Target::spawn("lifecycle", &mut Command::new(&binary));
+    target.expect_line("ready", TIMEOUT);
+    let pid = target.pid();
+    let address = runtime_address(pid, &binary, "add");
+    let original = read_memory(pid, address, 1)[0];
+    assert_ne!(original, INT3, "nothing is attached yet");
+
+    // Attach, check the breakpoint is in the target, trace, detach.
+    let scoped = Scoped::start();
+    let session = scoped.attach(pid, &["add"]);
+    assert_eq!(
+        read_memory(pid, address, 1)[0],
+        INT3,
+        "the kernel placed its breakpoint on add"
+    );
+    assert_eq!(
+        uprobe_links_of(scoped.proc.pid()).len(),
+        2,
+        "one entry and one exit link"
+    );
+    target.send("go");
+    assert_eq!(target.expect_line("done", TIMEOUT), EXPECTED);
+    let pid_arg = pid.to_string();
+    assert_eq!(
+        scoped
+            .settled_calls(&["--pid", &pid_arg], 1000, TIMEOUT)
+            .len(),
+        1000
+    );
+
+    let id = session["session_id"].as_u64().unwrap().to_string();
+    scoped.scope_ok(&["detach", &id]);
+    assert_eq!(
+        read_memory(pid, address, 1)[0],
+        original,
+        "detach restored the original instruction"
+    );
+    assert!(
+        uprobe_links_of(scoped.proc.pid()).is_empty(),
+        "detach removed the links"
+    );
+    target.send("go");
+    assert_eq!(
+        target.expect_line("done", TIMEOUT),
+        EXPECTED,
+        "the target still computes correctly"
+    );
+    let before = scoped.calls(&["--pid", &pid_arg]).len();
+    assert_eq!(before, 1000, "no spans after detach");
+
+    // Attach again, then kill -9 the daemon mid-trace.
+    scoped.attach(pid, &["add"]);
+    assert_eq!(read_memory(pid, address, 1)[0], INT3);
+    let held = bpf_objects_of(scoped.proc.pid());
+    let programs: Vec<u64> = held
+        .iter()
+        .filter(|(k, _)| k == "prog")
+        .map(|(_, id)| *id)
+        .collect();
+    let links: Vec<u64> = held
+        .iter()
+        .filter(|(k, _)| k.ends_with("probe_multi"))
+        .map(|(_, id)| *id)
+        .collect();
+    assert!(!programs.is_empty() && links.len() == 2, "{held:?}");
+    assert!(
+        links.iter().all(|id| kernel_ids("link").contains(id)),
+        "bpftool sees the links"
+    );
+    scoped.proc.signal(libc::SIGKILL);
+    let mut scoped = scoped;
+    assert!(scoped.proc.wait_exit(TIMEOUT).is_some(), "scoped died");
+
+    wait_until("the kernel removed the breakpoint", || {
+        read_memory(pid, address, 1)[0] == original
+    });
+    wait_until("the daemon's uprobe links are gone", || {
+        !kernel_ids("link").iter().any(|id| links.contains(id))
+    });
+    wait_until("the daemon's programs are unloaded", || {
+        !kernel_ids("prog").iter().any(|id| programs.contains(id))
+    });
+    target.send("go");
+    assert_eq!(
+        target.expect_line("done", TIMEOUT),
+        EXPECTED,
+        "the target survives the daemon's death"
+    );
+    assert!(target.proc.is_running());
+
+    // We never create tracefs uprobe events, and none name our target.
+    let events = std::fs::read_to_string("/sys/kernel/tracing/uprobe_events").unwrap_or_default();
+    assert!(!events.contains(binary.to_str().unwrap()), "{events}");
+}
+
+#[test]
+fn sigterm_detaches_everything_before_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let binary = compile(dir.path(), "gcc", "sigterm.c", SOURCE, &["-g", "-O0"]);
+    let mut target = Target::spawn("sigterm", &mut Command::new(&binary));
+    target.expect_line("ready", TIMEOUT);
+    let pid = target.pid();
+    let address = runtime_address(pid, &binary, "add");
+    let original = read_memory(pid, address, 1)[0];
+
+    let mut scoped = Scoped::start();
+    scoped.attach(pid, &["add"]);
+    assert_eq!(read_memory(pid, address, 1)[0], INT3);
+    scoped.proc.signal(libc::SIGTERM);
+    let status = scoped
+        .proc
+        .wait_exit(TIMEOUT)
+        .expect("scoped exits on SIGTERM");
+    assert!(status.success(), "clean exit: {status}\n{}", scoped.log());
+    assert!(
+        scoped.log().contains("detached every session on shutdown"),
+        "{}",
+        scoped.log()
+    );
+    assert_eq!(read_memory(pid, address, 1)[0], original);
+    target.send("go");
+    assert_eq!(target.expect_line("done", TIMEOUT), EXPECTED);
+}
