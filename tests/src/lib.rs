@@ -9,6 +9,8 @@
     reason = "a test harness: a panic with its location is the report"
 )]
 
+pub mod bench;
+
 use std::{
     io::{BufRead, BufReader, Write},
     net::TcpListener,

@@ -6,9 +6,9 @@
 //! - `build`: setup + build-ebpf + the release binaries.
 //! - `demo`: build, start scoped, trace a real redis-server under load, print what it saw.
 //! - `test`: build, then the whole test suite (unit + privileged end-to-end).
-//! - `bench`: measure the per-call cost of tracing against bpftrace and perf; write BENCHMARKS.md.
+//! - `bench [--quick]`: measure the per-call cost of tracing against bpftrace and perf, and
+//!   write it into BENCHMARKS.md.
 
-mod demo;
 mod setup;
 
 use std::{
@@ -30,12 +30,21 @@ fn main() -> anyhow::Result<()> {
         "build" => build(),
         "demo" => {
             build()?;
-            demo::demo()
+            run(&mut cargo(&["run", "--quiet", "--ignore-rust-version", "--release", "--package", "scope-tests", "--bin", "scope-demo"]))
         }
         "test" | "ci" => {
             setup::setup()?;
             build_ebpf()?;
             test(&rest)
+        }
+        "bench" => {
+            build()?;
+            let mut args = vec!["run", "--quiet", "--ignore-rust-version", "--release", "--package", "scope-tests", "--bin", "scope-bench", "--"];
+            args.extend(rest.iter().map(String::as_str));
+            let out = root().join("BENCHMARKS.md");
+            let out = out.to_str().context("the workspace path is not UTF-8")?.to_owned();
+            args.extend(["--out", &out]);
+            run(&mut cargo(&args))
         }
         "" | "help" | "--help" | "-h" => {
             println!("{USAGE}");
