@@ -10,25 +10,30 @@
 // `AtomicU64` has no read-modify-write operations on the BPF target, so counters use the
 // `atomic_xadd` intrinsic and the span-id sequence a line of BPF assembly.
 #![feature(core_intrinsics, asm_experimental_arch)]
-#![expect(internal_features, reason = "atomic_xadd is the only atomic add on bpfel")]
+#![expect(
+    internal_features,
+    reason = "atomic_xadd is the only atomic add on bpfel"
+)]
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{
+        BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+    },
     btf_maps::{ArrayOfMaps, HashMap, PerCpuArray, RingBuf},
     helpers::{
-        bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
-        bpf_probe_read_user, generated::bpf_ringbuf_query,
+        bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_smp_processor_id,
+        bpf_ktime_get_ns, bpf_probe_read_user, generated::bpf_ringbuf_query,
     },
     macros::{btf_map, tracepoint, uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 use aya_log_ebpf::warn;
 use scope_common::{
-    CpuState, Counter, Frame, MAX_CPUS, MAX_DEPTH, MAX_PROBES, MAX_TARGETS, MAX_THREADS, MAX_UNWIND,
-    ProbeCounters, RecordKind, Span, Target, ThreadStack, cookie, span_flags,
+    Counter, CpuState, Frame, MAX_CPUS, MAX_DEPTH, MAX_PROBES, MAX_TARGETS, MAX_THREADS,
+    MAX_UNWIND, ProbeCounters, RecordKind, Span, Target, ThreadStack, cookie, span_flags,
 };
 
 /// Size of the template ring in the object. The daemon creates the real per-CPU rings (of the
@@ -130,6 +135,7 @@ fn on_entry(ctx: &ProbeContext) {
     // SAFETY: only this thread touches its own stack entry (the exit programs run on the same
     // thread), so there is no concurrent writer.
     let stack = unsafe { &mut *stack };
+    drop_dead_frames(stack, sp, caller, probe_id, pid, tid, now);
     let depth = stack.depth as usize;
     let parent_id = parent_of(stack, depth);
 
@@ -169,6 +175,46 @@ fn on_entry(ctx: &ProbeContext) {
     frame.caller = caller;
     frame.args = args;
     stack.depth = depth as u32 + 1;
+}
+
+/// Where the kernel maps its uprobe page (`[uprobes]`, holding the uretprobe trampoline): the
+/// hint it asks for is the last page below the 47-bit user address limit, and nothing else
+/// lives that high. A return address there means the caller's return was already hijacked by
+/// a uretprobe: the call was a tail call from a traced function.
+const UPROBE_PAGE: u64 = 0x7fff_ffff_e000;
+
+/// Reports open frames that a `longjmp` or an exception has already unwound: a live enclosing
+/// frame's return-address slot is above the new call's, so frames at or below it are dead.
+/// The exit program catches the same frames later; catching them here keeps the new call
+/// from nesting under them.
+#[inline(always)]
+fn drop_dead_frames(stack: &mut ThreadStack, sp: u64, return_address: u64, probe_id: u32, pid: u32, tid: u32, now: u64) {
+    for _ in 0..MAX_UNWIND {
+        let depth = stack.depth as usize;
+        if depth == 0 || depth > MAX_DEPTH {
+            return;
+        }
+        let top_index = depth - 1;
+        let top = *frame(stack, top_index);
+        if top.sp > sp {
+            return;
+        }
+        if top.sp == sp {
+            // The same slot: a tail call from `top` (its return already goes to the uretprobe
+            // trampoline), or another probe on this very call (same return address, another
+            // probe id). Otherwise the slot was reused after `top` was unwound.
+            let tail_call = return_address >= UPROBE_PAGE && return_address < UPROBE_PAGE + 0x1000;
+            let same_call = return_address == top.caller && probe_id != top.probe_id;
+            if tail_call || same_call {
+                return;
+            }
+        }
+        stack.overflow = 0;
+        let parent_id = parent_of(stack, top_index);
+        emit_frame(&top, pid, tid, now, 0, top_index, parent_id, span_flags::ABANDONED);
+        count(Counter::Abandoned);
+        stack.depth = top_index as u32;
+    }
 }
 
 #[inline(always)]
@@ -226,7 +272,16 @@ fn on_exit(ctx: &RetProbeContext) {
         // longjmp or an exception and will never return. Report it and keep looking.
         stack.overflow = 0;
         let parent_id = parent_of(stack, top_index);
-        emit_frame(&top, pid, tid, now, 0, top_index, parent_id, span_flags::ABANDONED);
+        emit_frame(
+            &top,
+            pid,
+            tid,
+            now,
+            0,
+            top_index,
+            parent_id,
+            span_flags::ABANDONED,
+        );
         count(Counter::Abandoned);
         stack.depth = top_index as u32;
     }
@@ -338,7 +393,10 @@ fn opaque(value: usize) -> usize {
 }
 
 #[inline(always)]
-#[expect(clippy::too_many_arguments, reason = "flat arguments keep the verifier's job simple")]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "flat arguments keep the verifier's job simple"
+)]
 fn emit_frame(
     frame: &Frame,
     pid: u32,
@@ -384,8 +442,17 @@ fn emit(span: &Span) {
     };
     entry.write(*span);
     // SAFETY: ring is a valid ring buffer map pointer obtained from the outer map.
-    let unread = unsafe { bpf_ringbuf_query(core::ptr::from_ref(ring).cast_mut().cast(), BPF_RB_AVAIL_DATA as u64) };
-    let flags = if unread >= WAKEUP_BYTES { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
+    let unread = unsafe {
+        bpf_ringbuf_query(
+            core::ptr::from_ref(ring).cast_mut().cast(),
+            BPF_RB_AVAIL_DATA as u64,
+        )
+    };
+    let flags = if unread >= WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
     entry.submit(flags as u64);
     count(Counter::SpansEmitted);
 }

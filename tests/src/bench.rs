@@ -56,8 +56,14 @@ pub struct BenchConfig {
 }
 
 impl BenchConfig {
-    pub const FULL: BenchConfig = BenchConfig { calls: 200_000, rounds: 5 };
-    pub const QUICK: BenchConfig = BenchConfig { calls: 20_000, rounds: 1 };
+    pub const FULL: BenchConfig = BenchConfig {
+        calls: 200_000,
+        rounds: 5,
+    };
+    pub const QUICK: BenchConfig = BenchConfig {
+        calls: 20_000,
+        rounds: 1,
+    };
 }
 
 /// One configuration's result.
@@ -94,7 +100,10 @@ impl BenchReport {
     /// BENCHMARKS.md's section for this benchmark.
     pub fn markdown(&self) -> String {
         let mut md = String::new();
-        let _ = writeln!(md, "## Per-call cost of tracing one function (entry + exit)\n");
+        let _ = writeln!(
+            md,
+            "## Per-call cost of tracing one function (entry + exit)\n"
+        );
         let _ = writeln!(
             md,
             "A C function `work(long)` called {} times in a loop; each configuration attaches to it, runs the \
@@ -106,7 +115,10 @@ impl BenchReport {
             self.cpu,
             self.kernel
         );
-        let _ = writeln!(md, "| configuration | what it does | ns/call | cost ns/call | cost vs empty pair | captured |");
+        let _ = writeln!(
+            md,
+            "| configuration | what it does | ns/call | cost ns/call | cost vs empty pair | captured |"
+        );
         let _ = writeln!(md, "| --- | --- | ---: | ---: | ---: | ---: |");
         for m in &self.results {
             let ratio = match (m.name, self.get("null pair")) {
@@ -115,7 +127,11 @@ impl BenchReport {
                 _ => "?".to_owned(),
             };
             let captured = m.captured.map_or("—".to_owned(), |c| c.to_string());
-            let _ = writeln!(md, "| {} | {} | {:.2} | {:.2} | {} | {} |", m.name, m.what, m.ns_per_call, m.cost_ns, ratio, captured);
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.2} | {:.2} | {} | {} |",
+                m.name, m.what, m.ns_per_call, m.cost_ns, ratio, captured
+            );
         }
         let _ = writeln!(md);
         let mut line = |label: &str, a: &str, b: &str| {
@@ -123,9 +139,21 @@ impl BenchReport {
                 let _ = writeln!(md, "- {label}: **{r:.3}×**");
             }
         };
-        line("scope ÷ empty uprobe+uretprobe pair (goal ≤ 1.10)", "scope", "null pair");
-        line("scope ÷ bpftrace (uprobe+uretprobe measuring duration)", "scope", "bpftrace");
-        line("scope ÷ perf probe + perf record (entry+return events)", "scope", "perf");
+        line(
+            "scope ÷ empty uprobe+uretprobe pair (goal ≤ 1.10)",
+            "scope",
+            "null pair",
+        );
+        line(
+            "scope ÷ bpftrace (uprobe+uretprobe measuring duration)",
+            "scope",
+            "bpftrace",
+        );
+        line(
+            "scope ÷ perf probe + perf record (entry+return events)",
+            "scope",
+            "perf",
+        );
         md
     }
 }
@@ -141,7 +169,11 @@ fn today() -> String {
 fn first_line(path: &str, prefix: &str) -> String {
     std::fs::read_to_string(path)
         .ok()
-        .and_then(|text| text.lines().find(|l| l.starts_with(prefix)).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with(prefix))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
         .unwrap_or_default()
 }
 
@@ -225,7 +257,10 @@ impl Tracer for Bpftrace {
         );
         let proc = Proc::spawn(
             "bpftrace",
-            Command::new("bpftrace").args(["-p", &pid.to_string(), "-e", &program]).stdout(Stdio::null()).stderr(Stdio::null()),
+            Command::new("bpftrace")
+                .args(["-p", &pid.to_string(), "-e", &program])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
         );
         self.running = Some(proc);
     }
@@ -249,19 +284,35 @@ impl Perf {
     fn new(binary: &str, data: std::path::PathBuf) -> Perf {
         let group = "scopebench".to_owned();
         let probe = |spec: String| {
-            let out = Command::new("perf").args(["probe", "-q", "-x", binary, &spec]).output().expect("perf is installed (`cargo xtask setup`)");
-            assert!(out.status.success(), "perf probe {spec}: {}", String::from_utf8_lossy(&out.stderr));
+            let out = Command::new("perf")
+                .args(["probe", "-q", "-x", binary, &spec])
+                .output()
+                .expect("perf is installed (`cargo xtask setup`)");
+            assert!(
+                out.status.success(),
+                "perf probe {spec}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         };
-        let _ = Command::new("perf").args(["probe", "-q", "-d", &format!("{group}:*")]).output();
+        let _ = Command::new("perf")
+            .args(["probe", "-q", "-d", &format!("{group}:*")])
+            .output();
         probe(format!("{group}:work=work"));
         probe(format!("{group}:work_ret=work%return"));
-        Perf { binary: binary.to_owned(), group, running: None, data }
+        Perf {
+            binary: binary.to_owned(),
+            group,
+            running: None,
+            data,
+        }
     }
 }
 
 impl Drop for Perf {
     fn drop(&mut self) {
-        let _ = Command::new("perf").args(["probe", "-q", "-d", &format!("{}:*", self.group)]).output();
+        let _ = Command::new("perf")
+            .args(["probe", "-q", "-d", &format!("{}:*", self.group)])
+            .output();
     }
 }
 
@@ -279,7 +330,14 @@ impl Tracer for Perf {
             Command::new("perf")
                 .args(["record", "-q", "-o"])
                 .arg(&self.data)
-                .args(["-e", &format!("{}:work", self.group), "-e", &format!("{}:work_ret__return", self.group), "-p", &pid.to_string()])
+                .args([
+                    "-e",
+                    &format!("{}:work", self.group),
+                    "-e",
+                    &format!("{}:work_ret__return", self.group),
+                    "-p",
+                    &pid.to_string(),
+                ])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null()),
         );
@@ -296,7 +354,11 @@ impl Tracer for Perf {
 fn wait_for_breakpoint(pid: u32, address: u64, want: bool, who: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while (read_memory(pid, address, 1)[0] == 0xcc) != want {
-        assert!(Instant::now() < deadline, "{who}: the uprobe on work was {} in time", if want { "not placed" } else { "not removed" });
+        assert!(
+            Instant::now() < deadline,
+            "{who}: the uprobe on work was {} in time",
+            if want { "not placed" } else { "not removed" }
+        );
         thread::sleep(Duration::from_millis(10));
     }
 }
@@ -304,18 +366,40 @@ fn wait_for_breakpoint(pid: u32, address: u64, want: bool, who: &str) {
 /// Runs every configuration and returns the medians.
 pub fn run(config: BenchConfig) -> BenchReport {
     let dir = tempfile::tempdir().expect("temp dir");
-    let binary = compile(dir.path(), "gcc", "bench_target.c", TARGET_SOURCE, &["-O2", "-g"]);
+    let binary = compile(
+        dir.path(),
+        "gcc",
+        "bench_target.c",
+        TARGET_SOURCE,
+        &["-O2", "-g"],
+    );
     let binary_str = binary.to_str().expect("utf-8 path").to_owned();
-    let mut target = Target::spawn("bench_target", Command::new(&binary).arg(config.calls.to_string()));
+    let mut target = Target::spawn(
+        "bench_target",
+        Command::new(&binary).arg(config.calls.to_string()),
+    );
     target.expect_line("ready", Duration::from_secs(10));
     let pid = target.pid();
     let address = runtime_address(pid, &binary, "work");
 
     let mut tracers: Vec<Box<dyn Tracer>> = vec![
         Box::new(Untraced),
-        Box::new(ScopeTracer { scoped: Scoped::start_with(&["--bench-null-programs"]), null: true, session: None, received_before: 0 }),
-        Box::new(ScopeTracer { scoped: Scoped::start(), null: false, session: None, received_before: 0 }),
-        Box::new(Bpftrace { binary: binary_str.clone(), running: None }),
+        Box::new(ScopeTracer {
+            scoped: Scoped::start_with(&["--bench-null-programs"]),
+            null: true,
+            session: None,
+            received_before: 0,
+        }),
+        Box::new(ScopeTracer {
+            scoped: Scoped::start(),
+            null: false,
+            session: None,
+            received_before: 0,
+        }),
+        Box::new(Bpftrace {
+            binary: binary_str.clone(),
+            running: None,
+        }),
         Box::new(Perf::new(&binary_str, dir.path().join("perf.data"))),
     ];
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); tracers.len()];
@@ -332,7 +416,11 @@ pub fn run(config: BenchConfig) -> BenchReport {
             }
             target.send("go");
             let line = target.expect_line("ns_per_call", Duration::from_secs(120));
-            let ns: f64 = line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("ns_per_call value");
+            let ns: f64 = line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse().ok())
+                .expect("ns_per_call value");
             samples[index].push(ns);
             captured[index] = tracer.detach();
             if traced {
@@ -356,8 +444,17 @@ pub fn run(config: BenchConfig) -> BenchReport {
             captured,
         })
         .collect();
-    let kernel = Command::new("uname").arg("-r").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default();
-    BenchReport { config, results, kernel: format!("Linux {kernel}"), cpu: first_line("/proc/cpuinfo", "model name") }
+    let kernel = Command::new("uname")
+        .arg("-r")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    BenchReport {
+        config,
+        results,
+        kernel: format!("Linux {kernel}"),
+        cpu: first_line("/proc/cpuinfo", "model name"),
+    }
 }
 
 fn median(values: &mut [f64]) -> f64 {

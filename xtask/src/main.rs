@@ -30,7 +30,16 @@ fn main() -> anyhow::Result<()> {
         "build" => build(),
         "demo" => {
             build()?;
-            run(&mut cargo(&["run", "--quiet", "--ignore-rust-version", "--release", "--package", "scope-tests", "--bin", "scope-demo"]))
+            run(&mut cargo(&[
+                "run",
+                "--quiet",
+                "--ignore-rust-version",
+                "--release",
+                "--package",
+                "scope-tests",
+                "--bin",
+                "scope-demo",
+            ]))
         }
         "test" | "ci" => {
             setup::setup()?;
@@ -39,10 +48,23 @@ fn main() -> anyhow::Result<()> {
         }
         "bench" => {
             build()?;
-            let mut args = vec!["run", "--quiet", "--ignore-rust-version", "--release", "--package", "scope-tests", "--bin", "scope-bench", "--"];
+            let mut args = vec![
+                "run",
+                "--quiet",
+                "--ignore-rust-version",
+                "--release",
+                "--package",
+                "scope-tests",
+                "--bin",
+                "scope-bench",
+                "--",
+            ];
             args.extend(rest.iter().map(String::as_str));
             let out = root().join("BENCHMARKS.md");
-            let out = out.to_str().context("the workspace path is not UTF-8")?.to_owned();
+            let out = out
+                .to_str()
+                .context("the workspace path is not UTF-8")?
+                .to_owned();
             args.extend(["--out", &out]);
             run(&mut cargo(&args))
         }
@@ -136,6 +158,16 @@ pub fn build() -> anyhow::Result<()> {
 }
 
 fn test(extra: &[String]) -> anyhow::Result<()> {
+    // The end-to-end tests run the `scoped` and `scope` binaries; `cargo test` alone builds a
+    // package's binaries only for that package's own integration tests.
+    run(&mut cargo(&[
+        "build",
+        "--ignore-rust-version",
+        "--workspace",
+        "--exclude",
+        "scope-ebpf",
+        "--bins",
+    ]))?;
     let mut args = vec![
         "test",
         "--ignore-rust-version",

@@ -22,8 +22,15 @@ fn main() -> anyhow::Result<()> {
             other => bail!("unknown argument {other:?}; usage: scope-bench [--quick] [--out PATH]"),
         }
     }
-    let config = if quick { BenchConfig::QUICK } else { BenchConfig::FULL };
-    eprintln!("scope-bench: {} calls × {} rounds per configuration", config.calls, config.rounds);
+    let config = if quick {
+        BenchConfig::QUICK
+    } else {
+        BenchConfig::FULL
+    };
+    eprintln!(
+        "scope-bench: {} calls × {} rounds per configuration",
+        config.calls, config.rounds
+    );
     let report = bench::run(config);
     let section = report.markdown();
     print!("{section}");
@@ -31,7 +38,12 @@ fn main() -> anyhow::Result<()> {
         let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".to_owned());
         let block = format!("{BEGIN}\n{section}{END}\n");
         let new = match (old.find(BEGIN), old.find(END)) {
-            (Some(start), Some(end)) if start < end => format!("{}{}{}", &old[..start], block, &old[end + END.len()..].trim_start_matches('\n')),
+            (Some(start), Some(end)) if start < end => format!(
+                "{}{}{}",
+                &old[..start],
+                block,
+                &old[end + END.len()..].trim_start_matches('\n')
+            ),
             _ => format!("{}\n{}", old.trim_end(), format_args!("\n{block}")),
         };
         std::fs::write(&path, new).with_context(|| format!("writing {}", path.display()))?;

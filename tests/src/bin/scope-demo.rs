@@ -34,12 +34,25 @@ fn main() -> anyhow::Result<()> {
     let trace = Command::new(bin("scope"))
         .arg("--socket")
         .arg(&scoped.socket)
-        .args(["trace", "--pid", &pid, "--func", "processCommand", "--func", "call", "--duration", "3s"])
+        .args([
+            "trace",
+            "--pid",
+            &pid,
+            "--func",
+            "processCommand",
+            "--func",
+            "call",
+            "--duration",
+            "3s",
+        ])
         .output()
         .context("running scope trace")?;
     let _ = benchmark.join();
     if !trace.status.success() {
-        bail!("scope trace failed: {}", String::from_utf8_lossy(&trace.stderr));
+        bail!(
+            "scope trace failed: {}",
+            String::from_utf8_lossy(&trace.stderr)
+        );
     }
     let out = String::from_utf8_lossy(&trace.stdout);
     let lines: Vec<&str> = out.lines().collect();
@@ -54,7 +67,10 @@ fn main() -> anyhow::Result<()> {
     }
 
     println!("\n== the 6 most recent stored calls: scope calls --pid {pid} --limit 6");
-    print!("{}", scoped.scope_ok(&["calls", "--pid", &pid, "--limit", "6"]));
+    print!(
+        "{}",
+        scoped.scope_ok(&["calls", "--pid", &pid, "--limit", "6"])
+    );
     println!("\n== scope status");
     print!("{}", scoped.scope_ok(&["status"]));
     Ok(())
