@@ -188,7 +188,15 @@ const UPROBE_PAGE: u64 = 0x7fff_ffff_e000;
 /// The exit program catches the same frames later; catching them here keeps the new call
 /// from nesting under them.
 #[inline(always)]
-fn drop_dead_frames(stack: &mut ThreadStack, sp: u64, return_address: u64, probe_id: u32, pid: u32, tid: u32, now: u64) {
+fn drop_dead_frames(
+    stack: &mut ThreadStack,
+    sp: u64,
+    return_address: u64,
+    probe_id: u32,
+    pid: u32,
+    tid: u32,
+    now: u64,
+) {
     for _ in 0..MAX_UNWIND {
         let depth = stack.depth as usize;
         if depth == 0 || depth > MAX_DEPTH {
@@ -211,7 +219,16 @@ fn drop_dead_frames(stack: &mut ThreadStack, sp: u64, return_address: u64, probe
         }
         stack.overflow = 0;
         let parent_id = parent_of(stack, top_index);
-        emit_frame(&top, pid, tid, now, 0, top_index, parent_id, span_flags::ABANDONED);
+        emit_frame(
+            &top,
+            pid,
+            tid,
+            now,
+            0,
+            top_index,
+            parent_id,
+            span_flags::ABANDONED,
+        );
         count(Counter::Abandoned);
         stack.depth = top_index as u32;
     }
