@@ -263,8 +263,13 @@ impl Scoped {
     pub async fn client(
         &self,
     ) -> scope_proto::v1::scope_client::ScopeClient<tonic::transport::Channel> {
+        scope_proto::v1::scope_client::ScopeClient::new(self.channel().await)
+    }
+
+    /// A gRPC channel to the daemon's socket.
+    pub async fn channel(&self) -> tonic::transport::Channel {
         let socket = self.socket.clone();
-        let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")
+        tonic::transport::Endpoint::try_from("http://[::]:50051")
             .unwrap()
             .connect_with_connector(tower::service_fn(move |_| {
                 let socket = socket.clone();
@@ -275,8 +280,7 @@ impl Scoped {
                 }
             }))
             .await
-            .unwrap();
-        scope_proto::v1::scope_client::ScopeClient::new(channel)
+            .unwrap()
     }
 }
 
