@@ -37,25 +37,23 @@ pub(crate) fn under_root(root: &Path, abs: &Path) -> PathBuf {
 /// under `root` when `opened` is inside it, the link target of a `/proc/PID/map_files` entry
 /// (without " (deleted)"), else `opened` itself.
 pub(crate) fn logical_path(opened: &Path, root: &Path) -> PathBuf {
-    let inside_root = (root != Path::new("/"))
-        .then(|| opened.strip_prefix(root).ok())
-        .flatten();
-    if let Some(inside) = inside_root {
+    if root != Path::new("/")
+        && let Ok(inside) = opened.strip_prefix(root)
+    {
         return Path::new("/").join(inside);
     }
     let is_map_files = opened
         .parent()
         .and_then(Path::file_name)
         .is_some_and(|name| name == "map_files");
-    let link_target = is_map_files
-        .then(|| std::fs::read_link(opened).ok())
-        .flatten()
-        .map(|target| {
-            let target = target.to_string_lossy();
-            PathBuf::from(target.strip_suffix(DELETED_SUFFIX).unwrap_or(&target))
-        })
-        .filter(|target| target.is_absolute());
-    link_target.unwrap_or_else(|| opened.to_path_buf())
+    if is_map_files && let Ok(target) = std::fs::read_link(opened) {
+        let target = target.to_string_lossy();
+        let target = Path::new(target.strip_suffix(DELETED_SUFFIX).unwrap_or(&target));
+        if target.is_absolute() {
+            return target.to_path_buf();
+        }
+    }
+    opened.to_path_buf()
 }
 
 /// A separate debug file that was found and verified to belong to the binary.
@@ -79,11 +77,11 @@ pub(crate) fn find_debug_file(
 ) -> Option<DebugFile> {
     let build_id = main.build_id().ok().flatten().filter(|id| !id.is_empty());
 
-    let by_build_id = build_id.and_then(|id| {
-        let found = open_candidate(&build_id_path(root, id)?, main_file)?;
-        (found_build_id(&found).as_deref() == Some(id)).then_some(found)
-    });
-    if let Some(found) = by_build_id {
+    if let Some(id) = build_id
+        && let Some(path) = build_id_path(root, id)
+        && let Some(found) = open_candidate(&path, main_file)
+        && found_build_id(&found).as_deref() == Some(id)
+    {
         return Some(DebugFile { file: found });
     }
 

@@ -13,6 +13,7 @@ use memmap2::Mmap;
 use object::{CompressionFormat, Object, ObjectSection};
 
 use crate::demangle::demangle;
+use crate::elf::Function;
 
 /// Largest section this crate will decompress. A compressed section records its own
 /// uncompressed size, which a hostile file can set to anything; real debug sections stay far
@@ -252,11 +253,13 @@ impl Resolver<'_> {
 
 /// Walks every unit of `dwarf` and returns all inlined call sites, sorted by address.
 ///
-/// `functions` (the symbol table) names the containing function when its DWARF has no name.
-/// A unit that fails to parse part-way contributes the sites read before the failure.
-pub(crate) fn inline_sites(
+/// `function_at` looks an address up in the symbol table: the containing function is named as
+/// `functions()` names it when DWARF names one of its symbols, and from the symbol table when
+/// DWARF has no name. A unit that fails to parse part-way contributes the sites read before
+/// the failure.
+pub(crate) fn inline_sites<'f>(
     dwarf: &gimli::Dwarf<Reader>,
-    functions_at: impl Fn(u64) -> Option<String>,
+    function_at: impl Fn(u64) -> Option<&'f Function>,
 ) -> Vec<InlineSite> {
     let units = Units::parse(dwarf);
     let sup_units = dwarf.sup().map(Units::parse);
@@ -268,16 +271,16 @@ pub(crate) fn inline_sites(
 
     let mut sites = Vec::new();
     for (_, unit) in &units.units {
-        walk_unit(&resolver, unit, &functions_at, &mut sites);
+        walk_unit(&resolver, unit, &function_at, &mut sites);
     }
     sites.sort_by(|a, b| a.address.cmp(&b.address).then_with(|| a.name.cmp(&b.name)));
     sites
 }
 
-fn walk_unit(
+fn walk_unit<'f>(
     resolver: &Resolver<'_>,
     unit: &gimli::Unit<Reader>,
-    functions_at: &impl Fn(u64) -> Option<String>,
+    function_at: &impl Fn(u64) -> Option<&'f Function>,
     sites: &mut Vec<InlineSite>,
 ) {
     let dwarf = resolver.dwarf;
@@ -293,14 +296,18 @@ fn walk_unit(
         match entry.tag() {
             gimli::DW_TAG_subprogram => {
                 // Only concrete (out-of-line) instances have code; declarations and abstract
-                // instances do not enclose call sites.
-                let Some(entry_address) = entry_address(dwarf, unit, entry) else {
-                    continue;
-                };
-                let name = resolver
-                    .name_of(dwarf, unit, entry, MAX_NAME_INDIRECTIONS)
-                    .map(|raw| demangle(&raw).base_name)
-                    .or_else(|| functions_at(entry_address));
+                // instances get no name so nothing below them is attributed to an outer
+                // function.
+                let name = entry_address(dwarf, unit, entry).and_then(|address| {
+                    let symbol = function_at(address);
+                    match resolver.name_of(dwarf, unit, entry, MAX_NAME_INDIRECTIONS) {
+                        Some(raw) => Some(match symbol {
+                            Some(symbol) if symbol.has_raw_name(&raw) => symbol.base_name.clone(),
+                            _ => demangle(&raw).base_name,
+                        }),
+                        None => symbol.map(|symbol| symbol.base_name.clone()),
+                    }
+                });
                 enclosing.push((depth, name));
             }
             gimli::DW_TAG_inlined_subroutine => {
@@ -316,7 +323,7 @@ fn walk_unit(
                 let inlined_into = enclosing
                     .last()
                     .and_then(|(_, name)| name.clone())
-                    .or_else(|| functions_at(address))
+                    .or_else(|| function_at(address).map(|f| f.base_name.clone()))
                     .unwrap_or_default();
                 let call_line = entry
                     .attr_value(gimli::DW_AT_call_line)
@@ -410,11 +417,9 @@ fn file_name(
         .and_then(|dir| dir.to_string_lossy().ok().map(|d| d.into_owned()))
         .unwrap_or_default();
     // Directory 0 is the compilation directory, already in `path`.
-    let directory = (file.directory_index() != 0)
-        .then(|| file.directory(header))
-        .flatten()
-        .and_then(string);
-    if let Some(directory) = directory {
+    if file.directory_index() != 0
+        && let Some(directory) = file.directory(header).and_then(string)
+    {
         path_push(&mut path, &directory);
     }
     path_push(&mut path, &string(file.path_name())?);

@@ -176,6 +176,11 @@ pub struct Function {
 }
 
 impl Function {
+    /// Whether `raw` is this function's symbol or one of its aliases.
+    pub fn has_raw_name(&self, raw: &str) -> bool {
+        self.symbol == raw || self.aliases.iter().any(|alias| alias == raw)
+    }
+
     /// Whether `name` names this function: the raw symbol, its demangled or base name, or any
     /// alias (raw or demangled).
     pub fn is_named(&self, name: &str) -> bool {
@@ -264,7 +269,9 @@ pub(crate) fn function_table(
 ) -> Vec<Function> {
     let mut candidates = Vec::new();
     collect_candidates(main.symbols(), true, &mut candidates);
-    if let Some(debug) = debug.filter(|_| main.symbol_table().is_none()) {
+    if main.symbol_table().is_none()
+        && let Some(debug) = debug
+    {
         collect_candidates(debug.symbols(), true, &mut candidates);
     }
     collect_candidates(main.dynamic_symbols(), false, &mut candidates);

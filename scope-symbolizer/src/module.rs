@@ -231,12 +231,8 @@ impl Module {
             let Some(dwarf) = self.dwarf() else {
                 return Vec::new();
             };
-            contain_panics(|| {
-                dwarf::inline_sites(dwarf, |address| {
-                    self.function_at(address).map(|f| f.base_name.clone())
-                })
-            })
-            .unwrap_or_default()
+            contain_panics(|| dwarf::inline_sites(dwarf, |address| self.function_at(address)))
+                .unwrap_or_default()
         })
     }
 
@@ -277,32 +273,44 @@ impl Module {
     }
 
     fn compute_frames(&self, vaddr: u64) -> Vec<Frame> {
-        let mut frames = self
+        let found = self
             .with_context(vaddr, |context| dwarf_frames(context, vaddr))
             .unwrap_or_default();
-        let symbol_name = || self.function_at(vaddr).map(|f| f.name.clone());
-        match frames.last_mut() {
-            Some(outermost) => {
-                outermost.inlined = false;
-                if outermost.function.is_empty() {
-                    outermost.function = symbol_name().unwrap_or_else(|| UNKNOWN_FUNCTION.into());
-                }
-                for frame in &mut frames {
-                    if frame.function.is_empty() {
-                        frame.function = UNKNOWN_FUNCTION.into();
+        let symbol = self.function_at(vaddr);
+        let outermost = found.len().checked_sub(1);
+        let mut frames: Vec<Frame> = found
+            .into_iter()
+            .enumerate()
+            .map(|(index, frame)| {
+                let is_outermost = Some(index) == outermost;
+                let function = match (frame.raw_name, symbol) {
+                    // The code's own function: when DWARF names one of its symbols (C code
+                    // often has `__GI___libc_malloc` in DWARF for `malloc`), show the name
+                    // `functions()` shows.
+                    (Some(raw), Some(symbol)) if is_outermost && symbol.has_raw_name(&raw) => {
+                        symbol.name.clone()
                     }
+                    (Some(raw), _) => demangle(&raw).name,
+                    (None, Some(symbol)) if is_outermost => symbol.name.clone(),
+                    (None, _) => UNKNOWN_FUNCTION.to_owned(),
+                };
+                Frame {
+                    function,
+                    file: frame.file,
+                    line: frame.line,
+                    inlined: !is_outermost,
                 }
-            }
-            None => {
-                if let Some(function) = symbol_name() {
-                    frames.push(Frame {
-                        function,
-                        file: None,
-                        line: None,
-                        inlined: false,
-                    });
-                }
-            }
+            })
+            .collect();
+        if frames.is_empty()
+            && let Some(symbol) = symbol
+        {
+            frames.push(Frame {
+                function: symbol.name.clone(),
+                file: None,
+                line: None,
+                inlined: false,
+            });
         }
         frames
     }
@@ -360,9 +368,16 @@ impl Module {
     }
 }
 
-/// Frames from DWARF, innermost first, all marked inlined (the caller fixes the last one).
-/// Stops at the first error: the frames before it are still right.
-fn dwarf_frames(context: &addr2line::Context<Reader>, vaddr: u64) -> Vec<Frame> {
+/// One frame as DWARF gives it, before naming.
+struct DwarfFrame {
+    raw_name: Option<String>,
+    file: Option<String>,
+    line: Option<u32>,
+}
+
+/// Frames from DWARF, innermost first. Stops at the first error: the frames before it are
+/// still right.
+fn dwarf_frames(context: &addr2line::Context<Reader>, vaddr: u64) -> Vec<DwarfFrame> {
     let mut frames = Vec::new();
     // Split DWARF is not supported (see `dwarf`): skip loads of `.dwo` units.
     let Ok(mut iter) = context.find_frames(vaddr).skip_all_loads() else {
@@ -372,21 +387,19 @@ fn dwarf_frames(context: &addr2line::Context<Reader>, vaddr: u64) -> Vec<Frame> 
         if frames.len() >= MAX_FRAMES_PER_ADDRESS {
             break;
         }
-        let function = frame
+        let raw_name = frame
             .function
             .as_ref()
             .and_then(|name| name.raw_name().ok())
-            .map(|raw| demangle(&raw).name)
-            .unwrap_or_default();
+            .map(|raw| raw.into_owned());
         let (file, line) = match frame.location {
             Some(location) => (location.file.map(str::to_owned), location.line),
             None => (None, None),
         };
-        frames.push(Frame {
-            function,
+        frames.push(DwarfFrame {
+            raw_name,
             file,
             line,
-            inlined: true,
         });
     }
     frames
