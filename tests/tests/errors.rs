@@ -80,7 +80,7 @@ fn cli_reports_bad_input_clearly() {
 async fn grpc_errors_carry_the_right_codes() {
     let scoped = Scoped::start();
     let mut client = scoped.client().await;
-    let target = Target::spawn("sleep", &mut Command::new("sleep").arg("30"));
+    let target = Target::spawn("sleep", Command::new("sleep").arg("30"));
 
     let attach = |pid: u32, functions: &[&str], binary: &str| pb::AttachRequest {
         pid,
