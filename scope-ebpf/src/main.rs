@@ -218,19 +218,8 @@ fn drop_dead_frames(
             }
         }
         stack.overflow = 0;
-        let parent_id = parent_of(stack, top_index);
-        emit_frame(
-            &top,
-            pid,
-            tid,
-            now,
-            0,
-            top_index,
-            parent_id,
-            span_flags::ABANDONED,
-        );
+        pop_reported(stack, top_index, pid, tid, now, 0, span_flags::ABANDONED);
         count(Counter::Abandoned);
-        stack.depth = top_index as u32;
     }
 }
 
@@ -269,9 +258,7 @@ fn on_exit(ctx: &RetProbeContext) {
                 pop_same_call(stack, top_index, probe_id, pid, tid, now, ret);
                 return;
             }
-            let parent_id = parent_of(stack, top_index);
-            emit_frame(&top, pid, tid, now, ret, top_index, parent_id, 0);
-            stack.depth = top_index as u32;
+            pop_reported(stack, top_index, pid, tid, now, ret, 0);
             // Anything deeper has ended, whether we saw its exit or not.
             stack.overflow = 0;
             return;
@@ -288,19 +275,8 @@ fn on_exit(ctx: &RetProbeContext) {
         // An enclosing call returned while `top` is still open: `top` was unwound by a
         // longjmp or an exception and will never return. Report it and keep looking.
         stack.overflow = 0;
-        let parent_id = parent_of(stack, top_index);
-        emit_frame(
-            &top,
-            pid,
-            tid,
-            now,
-            0,
-            top_index,
-            parent_id,
-            span_flags::ABANDONED,
-        );
+        pop_reported(stack, top_index, pid, tid, now, 0, span_flags::ABANDONED);
         count(Counter::Abandoned);
-        stack.depth = top_index as u32;
     }
 }
 
@@ -325,9 +301,7 @@ fn pop_same_call(
             break;
         }
         if candidate.probe_id == probe_id {
-            let found = *candidate;
-            let parent_id = parent_of(stack, index);
-            emit_frame(&found, pid, tid, now, ret, index, parent_id, 0);
+            report(stack, index, pid, tid, now, ret, 0);
             // Frames of one call are interchangeable in order: move the top into the hole.
             *frame_mut(stack, index) = top;
             stack.depth = top_index as u32;
@@ -355,11 +329,8 @@ fn flush_thread(flag: u32) {
             break;
         }
         let index = depth - 1;
-        let open = *frame(stack, index);
-        let parent_id = parent_of(stack, index);
-        emit_frame(&open, pid, tid, now, 0, index, parent_id, flag);
+        pop_reported(stack, index, pid, tid, now, 0, flag);
         count(Counter::Unfinished);
-        stack.depth = index as u32;
     }
     let _ = STACKS.remove(&tid);
 }
@@ -409,21 +380,18 @@ fn opaque(value: usize) -> usize {
     unsafe { core::ptr::read_volatile(&raw const value) }
 }
 
+/// Reports the call in frame `index` as ended at `end_ns`.
 #[inline(always)]
-#[expect(
-    clippy::too_many_arguments,
-    reason = "flat arguments keep the verifier's job simple"
-)]
-fn emit_frame(
-    frame: &Frame,
+fn report(
+    stack: &ThreadStack,
+    index: usize,
     pid: u32,
     tid: u32,
     end_ns: u64,
     ret: u64,
-    depth: usize,
-    parent_id: u64,
     flags: u32,
 ) {
+    let frame = frame(stack, index);
     emit(&Span {
         kind: RecordKind::Span as u32,
         probe_id: frame.probe_id,
@@ -432,13 +400,28 @@ fn emit_frame(
         start_ns: frame.start_ns,
         end_ns,
         span_id: frame.span_id,
-        parent_id,
+        parent_id: parent_of(stack, index),
         args: frame.args,
         ret,
         caller: frame.caller,
-        depth: depth as u32,
+        depth: index as u32,
         flags,
     });
+}
+
+/// Reports the top frame (`index` is `depth - 1`) and pops it.
+#[inline(always)]
+fn pop_reported(
+    stack: &mut ThreadStack,
+    index: usize,
+    pid: u32,
+    tid: u32,
+    end_ns: u64,
+    ret: u64,
+    flags: u32,
+) {
+    report(stack, index, pid, tid, end_ns, ret, flags);
+    stack.depth = index as u32;
 }
 
 /// Writes a span into this CPU's ring, or counts it lost.

@@ -180,7 +180,7 @@ impl Kernel {
             programs::NULL_ENTRY,
             programs::NULL_EXIT,
         ] {
-            uprobe_mut(&mut ebpf, name)?
+            program_mut::<UProbe>(&mut ebpf, name)?
                 .load()
                 .map_err(|source| LoadError::Program {
                     name,
@@ -191,17 +191,7 @@ impl Kernel {
             (programs::THREAD_EXIT, "sched", "sched_process_exit"),
             (programs::EXEC, "sched", "sched_process_exec"),
         ] {
-            let program: &mut TracePoint = ebpf
-                .program_mut(name)
-                .ok_or(LoadError::Missing {
-                    kind: "program",
-                    name,
-                })?
-                .try_into()
-                .map_err(|source| LoadError::Program {
-                    name,
-                    source: Box::new(source),
-                })?;
+            let program = program_mut::<TracePoint>(&mut ebpf, name)?;
             program.load().map_err(|source| LoadError::Program {
                 name,
                 source: Box::new(source),
@@ -331,7 +321,11 @@ impl Kernel {
     }
 }
 
-fn uprobe_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, LoadError> {
+/// A program of the object, as its concrete type.
+fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoadError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
     ebpf.program_mut(name)
         .ok_or(LoadError::Missing {
             kind: "program",
