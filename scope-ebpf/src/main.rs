@@ -30,7 +30,7 @@ use aya_ebpf::{
     macros::{btf_map, tracepoint, uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
-use aya_log_ebpf::warn;
+use aya_log_ebpf::{debug, info, warn};
 use scope_common::{
     Counter, CpuState, Frame, MAX_CPUS, MAX_DEPTH, MAX_PROBES, MAX_TARGETS, MAX_THREADS,
     MAX_UNWIND, ProbeCounters, RecordKind, Span, Target, ThreadStack, cookie, span_flags,
@@ -323,6 +323,22 @@ fn flush_thread(flag: u32) {
     let stack = unsafe { &mut *stack };
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
+    let open = stack.depth;
+    if open > 0 {
+        if flag == span_flags::EXECED {
+            info!(
+                &(),
+                "scope: thread {} called exec inside {} traced calls; they are reported as execed",
+                tid,
+                open
+            );
+        } else {
+            debug!(
+                &(),
+                "scope: thread {} exited inside {} traced calls", tid, open
+            );
+        }
+    }
     for _ in 0..MAX_DEPTH {
         let depth = stack.depth as usize;
         if depth == 0 || depth > MAX_DEPTH {
