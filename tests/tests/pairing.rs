@@ -163,7 +163,10 @@ fn thread_exit_longjmp_and_exec_mid_call() {
     assert_eq!(flags(&spans[0]), ["execed"]);
     // The kernel side said so in the daemon's log, through aya-log.
     let log = scoped.log();
-    assert!(log.contains("called exec inside 1 traced calls"), "eBPF log line missing from:\n{log}");
+    assert!(
+        log.contains("called exec inside 1 traced calls"),
+        "eBPF log line missing from:\n{log}"
+    );
     assert_eq!(scoped.status()["spans_dropped"], 0);
 }
 
