@@ -4,8 +4,8 @@ use std::io::Write;
 
 use anyhow::{Context, Result};
 use scope_proto::v1::{
-    AttachRequest, DetachRequest, ListSessionsRequest, QuerySpansRequest, Session, StatusRequest,
-    detach_request::Target,
+    AttachRequest, DetachRequest, ListSessionsRequest, QuerySpansRequest, Session, SpanFilter,
+    StatusRequest, detach_request::Target,
 };
 
 use crate::client::Client;
@@ -153,9 +153,12 @@ pub async fn calls(client: &Client, out: &mut impl Write, query: CallsQuery) -> 
         .rpc
         .clone()
         .query_spans(QuerySpansRequest {
-            session_id: query.session.unwrap_or(0),
-            pid: query.pid.unwrap_or(0),
-            function: query.function.unwrap_or_default(),
+            filter: Some(SpanFilter {
+                session_id: query.session.unwrap_or(0),
+                pid: query.pid.unwrap_or(0),
+                function: query.function.unwrap_or_default(),
+                ..SpanFilter::default()
+            }),
             limit: query.limit,
         })
         .await

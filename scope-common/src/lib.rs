@@ -110,6 +110,9 @@ pub struct Span {
     pub span_id: u64,
     /// `span_id` of the enclosing traced call on the same thread, 0 for a root.
     pub parent_id: u64,
+    /// `span_id` of the outermost traced call enclosing this one on the thread (its own id
+    /// for a root): the thread-local trace this call belongs to.
+    pub root_id: u64,
     /// The first six integer arguments (System V x86-64: rdi, rsi, rdx, rcx, r8, r9).
     pub args: [u64; 6],
     /// The return value (rax); 0 when [`span_flags`] say there was no return.
@@ -133,6 +136,7 @@ pub struct Frame {
     pub sp: u64,
     pub start_ns: u64,
     pub span_id: u64,
+    pub root_id: u64,
     pub caller: u64,
     pub args: [u64; 6],
 }
@@ -236,9 +240,9 @@ impl Counter {
     }
 }
 
-const _: () = assert!(size_of::<Span>() == 120);
-const _: () = assert!(size_of::<Frame>() == 88);
-const _: () = assert!(size_of::<ThreadStack>() == 8 + 88 * MAX_DEPTH);
+const _: () = assert!(size_of::<Span>() == 128);
+const _: () = assert!(size_of::<Frame>() == 96);
+const _: () = assert!(size_of::<ThreadStack>() == 8 + 96 * MAX_DEPTH);
 const _: () = assert!(size_of::<Target>() == 8);
 const _: () = assert!(size_of::<CpuState>() == 8);
 const _: () = assert!(size_of::<ProbeCounters>() == 16);
@@ -283,6 +287,7 @@ mod tests {
             end_ns: 250,
             span_id: 1 << 48 | 3,
             parent_id: 0,
+            root_id: 1 << 48 | 3,
             args: [1, 2, 3, 4, 5, 6],
             ret: 42,
             caller: 0x4000,

@@ -137,12 +137,12 @@ fn on_entry(ctx: &ProbeContext) {
     let stack = unsafe { &mut *stack };
     drop_dead_frames(stack, sp, caller, probe_id, pid, tid, now);
     let depth = stack.depth as usize;
-    let parent_id = parent_of(stack, depth);
+    let span_id = next_span_id();
+    let (parent_id, root_id) = enclosing(stack, depth, span_id);
 
     if cookie & cookie::INSTANT != 0 {
         // An inlined call site is inside its caller: the probed address itself says where.
         let caller = regs.rip;
-        let span_id = next_span_id();
         emit(&Span {
             kind: RecordKind::Span as u32,
             probe_id,
@@ -152,6 +152,7 @@ fn on_entry(ctx: &ProbeContext) {
             end_ns: now,
             span_id,
             parent_id,
+            root_id,
             args,
             ret: 0,
             caller,
@@ -171,7 +172,8 @@ fn on_entry(ctx: &ProbeContext) {
     frame.probe_id = probe_id;
     frame.sp = sp;
     frame.start_ns = now;
-    frame.span_id = next_span_id();
+    frame.span_id = span_id;
+    frame.root_id = root_id;
     frame.caller = caller;
     frame.args = args;
     stack.depth = depth as u32 + 1;
@@ -364,12 +366,14 @@ fn thread_stack(tid: u32) -> Option<*mut ThreadStack> {
     STACKS.get_ptr_mut(&tid)
 }
 
+/// The parent and root span ids of a call at `depth` whose own id is `own_id`.
 #[inline(always)]
-fn parent_of(stack: &ThreadStack, depth: usize) -> u64 {
+fn enclosing(stack: &ThreadStack, depth: usize, own_id: u64) -> (u64, u64) {
     if depth == 0 || depth > MAX_DEPTH {
-        return 0;
+        return (0, own_id);
     }
-    frame(stack, depth - 1).span_id
+    let parent = frame(stack, depth - 1);
+    (parent.span_id, parent.root_id)
 }
 
 const _: () = assert!(MAX_DEPTH.is_power_of_two());
@@ -416,7 +420,8 @@ fn report(
         start_ns: frame.start_ns,
         end_ns,
         span_id: frame.span_id,
-        parent_id: parent_of(stack, index),
+        parent_id: enclosing(stack, index, frame.span_id).0,
+        root_id: frame.root_id,
         args: frame.args,
         ret,
         caller: frame.caller,

@@ -115,7 +115,8 @@ impl pb::scope_server::Scope for ScopeService {
         request: Request<pb::QuerySpansRequest>,
     ) -> Result<Response<Self::QuerySpansStream>, Status> {
         let request = request.into_inner();
-        let filter = filter(request.session_id, request.pid, &request.function)?;
+        let wire = request.filter.unwrap_or_default();
+        let filter = filter(wire.session_id, wire.pid, &wire.function)?;
         let daemon = Arc::clone(&self.daemon);
         let (tx, rx) = mpsc::channel(STREAM_QUEUE_MESSAGES);
         tokio::task::spawn_blocking(move || {
@@ -131,6 +132,29 @@ impl pb::scope_server::Scope for ScopeService {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn stats(
+        &self,
+        _request: Request<pb::StatsRequest>,
+    ) -> Result<Response<pb::StatsResponse>, Status> {
+        Err(Status::unimplemented("stats: being built"))
+    }
+
+    async fn flame(
+        &self,
+        _request: Request<pb::FlameRequest>,
+    ) -> Result<Response<pb::FlameResponse>, Status> {
+        Err(Status::unimplemented("flame: being built"))
+    }
+
+    type ExportStream = Pin<Box<dyn Stream<Item = Result<pb::ExportChunk, Status>> + Send>>;
+
+    async fn export(
+        &self,
+        _request: Request<pb::ExportRequest>,
+    ) -> Result<Response<Self::ExportStream>, Status> {
+        Err(Status::unimplemented("export: being built"))
     }
 
     async fn status(
@@ -278,6 +302,7 @@ fn span_to_wire(daemon: &Daemon, stored: &StoredSpan) -> pb::Span {
             .collect(),
         flags: flag_names(span.flags),
         inlined_into: probe.inlined_into.clone().unwrap_or_default(),
+        trace_id: String::new(),
     }
 }
 

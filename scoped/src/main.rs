@@ -1,22 +1,4 @@
-//! scoped: the scope tracing daemon.
-//!
-//! Data flow, one module per stage:
-//! `ebpf` (kernel programs and rings) → `reader` (epoll, decode) → `pipeline` (attribute to
-//! probes, fan out) → `store`; `probes` + `resolve` attach sessions; `daemon` is the domain
-//! API and `api` its gRPC face.
-
-mod api;
-mod daemon;
-mod ebpf;
-mod error;
-mod glob;
-mod pipeline;
-mod probes;
-mod procfs;
-mod reader;
-mod resolve;
-mod stats;
-mod store;
+//! scoped: the scope tracing daemon. See the library (`lib.rs`) for the data flow.
 
 use std::{
     fs,
@@ -33,7 +15,8 @@ use scope_symbolizer::Symbolizer;
 use tokio::{net::UnixListener, signal::unix::SignalKind, sync::mpsc};
 use tokio_stream::wrappers::UnixListenerStream;
 
-use crate::{
+use scoped::{
+    api,
     daemon::{Daemon, Limits},
     ebpf::{DEFAULT_MAX_PROBES, DEFAULT_RING_BYTES, Kernel, KernelConfig, ProgramPair},
     pipeline::{INGEST_QUEUE_BATCHES, Pipeline},

@@ -1,0 +1,20 @@
+//! scoped: the scope tracing daemon, as a library (the binary is `main.rs`).
+//!
+//! Data flow, one module per stage:
+//! `ebpf` (kernel programs and rings) → `reader` (epoll, decode) → `pipeline` (attribute to
+//! probes, fan out) → `store`; `probes` + `resolve` attach sessions; `daemon` is the domain
+//! API and `api` its gRPC face; `model` holds the records everything passes around.
+
+pub mod api;
+pub mod daemon;
+pub mod ebpf;
+pub mod error;
+pub mod glob;
+pub mod model;
+pub mod pipeline;
+pub mod probes;
+pub mod procfs;
+pub mod reader;
+pub mod resolve;
+pub mod stats;
+pub mod store;

@@ -1,0 +1,212 @@
+//! The daemon's domain records: a probed function and a traced call, as stored, queried and
+//! exported. Self-contained (names resolved, times in Unix nanoseconds), so they outlive the
+//! session and the daemon run that produced them.
+
+use std::{fmt, sync::Arc};
+
+use scope_common::span_flags;
+
+/// A traced function (or inlined call site) in one session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Probe {
+    /// Unique in the store, across daemon runs.
+    pub id: u64,
+    pub session_id: u64,
+    pub pid: u32,
+    /// Demangled name without parameters or hash (`processCommand`, `demo::fib`).
+    pub function: String,
+    /// Raw symbol name (empty for an inlined call site).
+    pub symbol: String,
+    /// Path of the ELF file as the process sees it.
+    pub module: String,
+    /// ELF virtual address and file offset of the probed instruction.
+    pub address: u64,
+    pub file_offset: u64,
+    /// Where the function is defined (for an inlined call site: where it is called).
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    /// For an inlined call site: the function it was inlined into.
+    pub inlined_into: Option<String>,
+    /// The traced process's command name and executable.
+    pub comm: String,
+    pub exe: String,
+}
+
+/// A 128-bit trace id: the host/run half and the root span's id.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TraceId {
+    pub high: u64,
+    pub low: u64,
+}
+
+impl TraceId {
+    pub fn to_bytes(self) -> [u8; 16] {
+        let mut bytes = [0; 16];
+        bytes[..8].copy_from_slice(&self.high.to_be_bytes());
+        bytes[8..].copy_from_slice(&self.low.to_be_bytes());
+        bytes
+    }
+
+    /// Parses the 32-hex-digit form.
+    pub fn parse(text: &str) -> Option<TraceId> {
+        if text.len() != 32 || !text.is_ascii() {
+            return None;
+        }
+        let high = u64::from_str_radix(&text[..16], 16).ok()?;
+        let low = u64::from_str_radix(&text[16..], 16).ok()?;
+        Some(TraceId { high, low })
+    }
+}
+
+impl fmt::Display for TraceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}{:016x}", self.high, self.low)
+    }
+}
+
+/// One traced call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Span {
+    /// Unique in the store (random-looking, like OpenTelemetry span ids).
+    pub id: u64,
+    /// The enclosing traced call, 0 for a root.
+    pub parent_id: u64,
+    pub trace_id: TraceId,
+    pub pid: u32,
+    pub tid: u32,
+    /// Unix time of the entry, in nanoseconds.
+    pub start_ns: u64,
+    pub duration_ns: u64,
+    pub depth: u32,
+    pub args: [u64; 6],
+    pub ret: u64,
+    /// Return address in the caller (for an inlined call site, the site itself).
+    pub caller: u64,
+    /// `scope_common::span_flags` bits.
+    pub flags: u32,
+    pub probe: Arc<Probe>,
+}
+
+impl Span {
+    pub fn end_ns(&self) -> u64 {
+        self.start_ns.saturating_add(self.duration_ns)
+    }
+
+    /// Names of the flags, as the API reports them.
+    pub fn flag_names(&self) -> Vec<&'static str> {
+        flag_names(self.flags)
+    }
+}
+
+/// Names of span flags, as the API reports them.
+pub fn flag_names(flags: u32) -> Vec<&'static str> {
+    [
+        (span_flags::INSTANT, "inlined"),
+        (span_flags::THREAD_EXITED, "thread_exited"),
+        (span_flags::EXECED, "execed"),
+        (span_flags::ABANDONED, "abandoned"),
+    ]
+    .iter()
+    .filter(|(bit, _)| flags & bit != 0)
+    .map(|(_, name)| *name)
+    .collect()
+}
+
+/// Turns kernel span ids (unique within one daemon run) into ids unique across runs and
+/// hosts: XOR with a random per-run salt keeps them unique within the run (a bijection) and
+/// makes collisions with other runs as unlikely as for random 64-bit ids. The trace id's
+/// high half names the host.
+#[derive(Clone, Copy, Debug)]
+pub struct IdScheme {
+    pub salt: u64,
+    pub host: u64,
+}
+
+impl IdScheme {
+    /// A fresh salt for this run; the host half from /etc/machine-id (or the hostname).
+    pub fn for_this_run() -> IdScheme {
+        let machine = std::fs::read_to_string("/etc/machine-id")
+            .ok()
+            .filter(|id| !id.trim().is_empty())
+            .unwrap_or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default()
+            });
+        IdScheme {
+            salt: random_u64(),
+            host: fnv1a(machine.trim().as_bytes()),
+        }
+    }
+
+    pub fn span(&self, kernel_id: u64) -> u64 {
+        if kernel_id == 0 {
+            0
+        } else {
+            kernel_id ^ self.salt
+        }
+    }
+
+    pub fn trace(&self, kernel_root_id: u64) -> TraceId {
+        TraceId {
+            high: self.host,
+            low: self.span(kernel_root_id),
+        }
+    }
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+fn random_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    // SAFETY: the buffer is valid for 8 bytes.
+    let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if got == 8 {
+        return u64::from_ne_bytes(bytes);
+    }
+    // getrandom cannot fail for 8 bytes on a booted system; still, never return a constant.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    fnv1a(&(now ^ u128::from(std::process::id())).to_le_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_stay_unique_and_zero_stays_zero() {
+        let ids = IdScheme {
+            salt: 0xdead_beef_1234_5678,
+            host: 7,
+        };
+        assert_eq!(ids.span(0), 0);
+        let a = ids.span(1 << 48 | 1);
+        let b = ids.span(1 << 48 | 2);
+        assert_ne!(a, b);
+        assert_ne!(a, 0);
+        assert_eq!(ids.trace(1 << 48 | 1).low, a);
+        assert_eq!(ids.trace(5).high, 7);
+    }
+
+    #[test]
+    fn trace_id_text_round_trips() {
+        let id = TraceId {
+            high: 0x0123_4567_89ab_cdef,
+            low: 0xfedc_ba98_7654_3210,
+        };
+        assert_eq!(id.to_string(), "0123456789abcdeffedcba9876543210");
+        assert_eq!(TraceId::parse(&id.to_string()), Some(id));
+        assert_eq!(TraceId::parse("xyz"), None);
+        assert_eq!(id.to_bytes()[0], 0x01);
+    }
+
+    #[test]
+    fn two_runs_get_different_salts() {
+        assert_ne!(IdScheme::for_this_run().salt, IdScheme::for_this_run().salt);
+    }
+}
