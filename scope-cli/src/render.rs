@@ -370,6 +370,38 @@ pub fn detach_line(response: &DetachResponse) -> String {
     }
 }
 
+/// `1.5 MiB`.
+fn format_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// ` (kept under 2.0 GiB and 7d)`, or nothing without bounds.
+fn retention(status: &StatusResponse) -> String {
+    let mut bounds = Vec::new();
+    if status.store_retain_bytes > 0 {
+        bounds.push(format_bytes(status.store_retain_bytes));
+    }
+    if status.store_retain_age_ns > 0 {
+        bounds.push(format_duration_ns(status.store_retain_age_ns));
+    }
+    if bounds.is_empty() {
+        String::new()
+    } else {
+        format!(" (kept under {})", bounds.join(" and "))
+    }
+}
+
 /// `scope status`.
 pub fn status_lines(status: &StatusResponse) -> Vec<String> {
     let mut rows: Vec<Vec<String>> = vec![
@@ -382,10 +414,11 @@ pub fn status_lines(status: &StatusResponse) -> Vec<String> {
         vec![
             "store".into(),
             format!(
-                "{} of {} spans{}, {} evicted",
+                "{} spans, {} in {}{}, {} evicted",
                 status.stored_spans,
-                status.store_capacity,
-                percent(status.stored_spans, status.store_capacity),
+                format_bytes(status.store_bytes),
+                status.store_path,
+                retention(status),
                 status.store_evicted
             ),
         ],
@@ -410,14 +443,6 @@ pub fn status_lines(status: &StatusResponse) -> Vec<String> {
     let mut table = Table::new(&[("", false), ("", false)]);
     table.fit(&rows);
     rows.iter().map(|r| table.line(r)).collect()
-}
-
-fn percent(part: u64, whole: u64) -> String {
-    if whole == 0 {
-        String::new()
-    } else {
-        format!(" ({:.1}%)", part as f64 * 100.0 / whole as f64)
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -584,7 +609,10 @@ pub struct StatusJson<'a> {
     pub sessions: u32,
     pub probes: u32,
     pub stored_spans: u64,
-    pub store_capacity: u64,
+    pub store_path: &'a str,
+    pub store_bytes: u64,
+    pub store_retain_bytes: u64,
+    pub store_retain_age_ns: u64,
     pub store_evicted: u64,
     pub ring_bytes_per_cpu: u32,
     pub cpus: u32,
@@ -601,7 +629,10 @@ impl<'a> From<&'a StatusResponse> for StatusJson<'a> {
             sessions: s.sessions,
             probes: s.probes,
             stored_spans: s.stored_spans,
-            store_capacity: s.store_capacity,
+            store_path: &s.store_path,
+            store_bytes: s.store_bytes,
+            store_retain_bytes: s.store_retain_bytes,
+            store_retain_age_ns: s.store_retain_age_ns,
             store_evicted: s.store_evicted,
             ring_bytes_per_cpu: s.ring_bytes_per_cpu,
             cpus: s.cpus,

@@ -3,7 +3,6 @@
 
 use std::{path::PathBuf, pin::Pin, sync::Arc, time::UNIX_EPOCH};
 
-use scope_common::span_flags;
 use scope_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, wrappers::ReceiverStream};
@@ -11,10 +10,13 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     daemon::{Daemon, SessionSnapshot, StatusSnapshot},
+    error::ScopeError,
     glob::Glob,
+    model::{Span, TraceId},
+    pipeline::WatchFilter,
     probes::ProbeInfo,
     resolve::AttachSpec,
-    store::{SpanFilter, StoredSpan},
+    store::{self, FunctionStats, SpanQuery},
 };
 
 /// Spans per message of a QuerySpans stream.
@@ -87,7 +89,11 @@ impl pb::scope_server::Scope for ScopeService {
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let request = request.into_inner();
-        let filter = filter(request.session_id, request.pid, &request.function)?;
+        let filter = WatchFilter {
+            session_id: nonzero(request.session_id),
+            pid: nonzero(request.pid),
+            function: glob(&request.function)?,
+        };
         let mut subscription = self.daemon.subscribe(filter);
         let (tx, rx) = mpsc::channel(STREAM_QUEUE_MESSAGES);
         let daemon = Arc::clone(&self.daemon);
@@ -115,12 +121,17 @@ impl pb::scope_server::Scope for ScopeService {
         request: Request<pb::QuerySpansRequest>,
     ) -> Result<Response<Self::QuerySpansStream>, Status> {
         let request = request.into_inner();
-        let wire = request.filter.unwrap_or_default();
-        let filter = filter(wire.session_id, wire.pid, &wire.function)?;
+        let query = SpanQuery::try_from(request.filter.unwrap_or_default())?;
         let daemon = Arc::clone(&self.daemon);
         let (tx, rx) = mpsc::channel(STREAM_QUEUE_MESSAGES);
         tokio::task::spawn_blocking(move || {
-            let spans = daemon.query(&filter, request.limit as usize);
+            let spans = match daemon.query(&query, request.limit as usize) {
+                Ok(spans) => spans,
+                Err(error) => {
+                    let _ = tx.blocking_send(Err(ScopeError::from(error).into()));
+                    return;
+                }
+            };
             for chunk in spans.chunks(QUERY_BATCH_SPANS) {
                 let message = pb::SpanBatch {
                     spans: chunk.iter().map(|s| span_to_wire(&daemon, s)).collect(),
@@ -136,9 +147,23 @@ impl pb::scope_server::Scope for ScopeService {
 
     async fn stats(
         &self,
-        _request: Request<pb::StatsRequest>,
+        request: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::StatsResponse>, Status> {
-        Err(Status::unimplemented("stats: being built"))
+        let filter = request.into_inner().filter.unwrap_or_default();
+        if filter.min_duration_ns != 0 || !filter.trace_id.is_empty() {
+            return Err(Status::invalid_argument(
+                "stats are kept per function and minute: filter by session, pid, function and time, not by duration or trace",
+            ));
+        }
+        let query = SpanQuery::try_from(filter)?;
+        let daemon = Arc::clone(&self.daemon);
+        let stats = blocking(move || daemon.stats(&query))
+            .await?
+            .map_err(ScopeError::from)?;
+        Ok(Response::new(pb::StatsResponse {
+            functions: stats.into_iter().map(Into::into).collect(),
+            percentile_relative_error: store::RELATIVE_ERROR,
+        }))
     }
 
     async fn flame(
@@ -174,18 +199,61 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         .map_err(|error| Status::internal(format!("request handler failed: {error}")))
 }
 
-fn filter(session_id: u64, pid: u32, function: &str) -> Result<SpanFilter, Status> {
-    let function = match function {
-        "" => None,
-        glob => Some(Glob::new(glob).map_err(|error| {
-            Status::invalid_argument(format!("invalid function pattern {glob:?}: {error}"))
-        })?),
-    };
-    Ok(SpanFilter {
-        session_id: (session_id != 0).then_some(session_id),
-        pid: (pid != 0).then_some(pid),
-        function,
-    })
+fn nonzero<T: Default + PartialEq>(value: T) -> Option<T> {
+    (value != T::default()).then_some(value)
+}
+
+fn glob(pattern: &str) -> Result<Option<Glob>, Status> {
+    match pattern {
+        "" => Ok(None),
+        pattern => Glob::new(pattern).map(Some).map_err(|error| {
+            Status::invalid_argument(format!("invalid function pattern {pattern:?}: {error}"))
+        }),
+    }
+}
+
+impl TryFrom<pb::SpanFilter> for SpanQuery {
+    type Error = Status;
+
+    fn try_from(filter: pb::SpanFilter) -> Result<Self, Status> {
+        let trace_id = match filter.trace_id.as_str() {
+            "" => None,
+            text => Some(TraceId::parse(text).ok_or_else(|| {
+                Status::invalid_argument(format!("trace id {text:?} is not 32 hexadecimal digits"))
+            })?),
+        };
+        if filter.until_unix_ns != 0 && filter.until_unix_ns <= filter.since_unix_ns {
+            return Err(Status::invalid_argument(
+                "the time range is empty: until must be after since",
+            ));
+        }
+        Ok(SpanQuery {
+            session_id: nonzero(filter.session_id),
+            pid: nonzero(filter.pid),
+            function: glob(&filter.function)?,
+            since_ns: nonzero(filter.since_unix_ns),
+            until_ns: nonzero(filter.until_unix_ns),
+            min_duration_ns: nonzero(filter.min_duration_ns),
+            trace_id,
+        })
+    }
+}
+
+impl From<FunctionStats> for pb::FunctionStats {
+    fn from(stats: FunctionStats) -> Self {
+        pb::FunctionStats {
+            function: stats.function,
+            module: stats.module,
+            count: stats.count,
+            total_ns: stats.total_ns,
+            mean_ns: stats.mean_ns,
+            p50_ns: stats.p50_ns,
+            p95_ns: stats.p95_ns,
+            p99_ns: stats.p99_ns,
+            max_ns: stats.max_ns,
+            min_ns: stats.min_ns,
+        }
+    }
 }
 
 impl From<pb::AttachRequest> for AttachSpec {
@@ -198,12 +266,13 @@ impl From<pb::AttachRequest> for AttachSpec {
     }
 }
 
-fn probe_to_wire(probe: &ProbeInfo, calls: u64, dropped: u64) -> pb::Probe {
+fn probe_to_wire(live: &ProbeInfo, calls: u64, dropped: u64) -> pb::Probe {
+    let probe = &live.probe;
     pb::Probe {
-        probe_id: probe.slot,
+        probe_id: live.slot,
         function: probe.function.clone(),
         symbol: probe.symbol.clone(),
-        module: probe.module.display().to_string(),
+        module: probe.module.clone(),
         address: probe.address,
         file_offset: probe.file_offset,
         file: probe.file.clone().unwrap_or_default(),
@@ -249,49 +318,40 @@ impl From<StatusSnapshot> for pb::StatusResponse {
             counters: status.counters.into_iter().collect(),
             sessions: status.sessions as u32,
             probes: status.probes as u32,
-            stored_spans: status.stored_spans as u64,
-            store_capacity: status.store_capacity as u64,
+            stored_spans: status.stored_spans,
+            store_bytes: status.store_bytes,
             store_evicted: status.store_evicted,
             ring_bytes_per_cpu: status.ring_bytes_per_cpu,
             cpus: status.cpus,
+            store_path: status.store_path,
+            store_retain_bytes: status.store_retain_bytes.unwrap_or(0),
+            store_retain_age_ns: status
+                .store_retain_age
+                .map_or(0, |age| u64::try_from(age.as_nanos()).unwrap_or(u64::MAX)),
         }
     }
 }
 
-/// Names of the span flags, as the API reports them.
-fn flag_names(flags: u32) -> Vec<String> {
-    [
-        (span_flags::INSTANT, "inlined"),
-        (span_flags::THREAD_EXITED, "thread_exited"),
-        (span_flags::EXECED, "execed"),
-        (span_flags::ABANDONED, "abandoned"),
-    ]
-    .iter()
-    .filter(|(bit, _)| flags & bit != 0)
-    .map(|(_, name)| (*name).to_owned())
-    .collect()
-}
-
-fn span_to_wire(daemon: &Daemon, stored: &StoredSpan) -> pb::Span {
-    let span = &stored.span;
-    let probe = &stored.probe;
+fn span_to_wire(daemon: &Daemon, span: &Span) -> pb::Span {
+    let probe = &span.probe;
     pb::Span {
-        span_id: span.span_id,
+        span_id: span.id,
         parent_id: span.parent_id,
         session_id: probe.session_id,
-        probe_id: span.probe_id,
+        probe_id: u32::try_from(probe.id).unwrap_or(u32::MAX),
         pid: span.pid,
         tid: span.tid,
         function: probe.function.clone(),
-        module: probe.module.display().to_string(),
+        module: probe.module.clone(),
         file: probe.file.clone().unwrap_or_default(),
         line: probe.line.unwrap_or(0),
-        start_unix_ns: daemon.clock().to_unix_ns(span.start_ns),
-        duration_ns: span.end_ns.saturating_sub(span.start_ns),
+        start_unix_ns: span.start_ns,
+        duration_ns: span.duration_ns,
         depth: span.depth,
         args: span.args.to_vec(),
         ret: span.ret,
-        caller: caller_frames(daemon, stored)
+        caller: daemon
+            .caller_frames(span)
             .into_iter()
             .map(|frame| pb::Frame {
                 function: frame.function,
@@ -300,25 +360,8 @@ fn span_to_wire(daemon: &Daemon, stored: &StoredSpan) -> pb::Span {
                 inlined: frame.inlined,
             })
             .collect(),
-        flags: flag_names(span.flags),
+        flags: span.flag_names().into_iter().map(str::to_owned).collect(),
         inlined_into: probe.inlined_into.clone().unwrap_or_default(),
-        trace_id: String::new(),
+        trace_id: span.trace_id.to_string(),
     }
-}
-
-/// Where a span's call came from. For an inlined call site the probed address is inside the
-/// inlined function itself: frames of functions inlined *into it* are dropped, so the first
-/// frame is the inlined function, then the function(s) it sits in.
-fn caller_frames(daemon: &Daemon, stored: &StoredSpan) -> Vec<scope_symbolizer::Frame> {
-    let span = &stored.span;
-    let instant = span.flags & span_flags::INSTANT != 0;
-    let mut frames = daemon.caller_frames(span.pid, span.caller, !instant);
-    if instant
-        && let Some(own) = frames
-            .iter()
-            .position(|f| f.function == stored.probe.function)
-    {
-        frames.drain(..own);
-    }
-    frames
 }

@@ -13,44 +13,14 @@ use scope_symbolizer::{Frame, Module, ProcessMaps, Symbolizer};
 use crate::{
     ebpf::ProgramPair,
     error::ScopeError,
-    pipeline::{Pipeline, Subscription},
+    model::{Probe, Span, now_unix_ns},
+    pipeline::{Pipeline, Subscription, WatchFilter},
     probes::{ProbeInfo, ProbeManager, Session, release},
     procfs::ProcessInfo,
-    resolve::{self, AttachSpec},
+    resolve::{self, AttachSpec, Plan},
     stats::DaemonStats,
-    store::{SpanFilter, StoredSpan},
+    store::{FunctionStats, NewProbe, SpanQuery, Store, StoreError},
 };
-
-/// Converts the kernel's `CLOCK_MONOTONIC` timestamps to Unix time.
-#[derive(Clone, Copy, Debug)]
-pub struct Clock {
-    /// Unix time minus monotonic time, in nanoseconds.
-    offset_ns: i128,
-}
-
-impl Clock {
-    pub fn now() -> Clock {
-        let realtime = clock_ns(libc::CLOCK_REALTIME);
-        let monotonic = clock_ns(libc::CLOCK_MONOTONIC);
-        Clock {
-            offset_ns: realtime - monotonic,
-        }
-    }
-
-    pub fn to_unix_ns(self, monotonic_ns: u64) -> u64 {
-        u64::try_from(i128::from(monotonic_ns) + self.offset_ns).unwrap_or(0)
-    }
-}
-
-fn clock_ns(clock: libc::clockid_t) -> i128 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec for the duration of the call.
-    unsafe { libc::clock_gettime(clock, &mut ts) };
-    i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
-}
 
 /// A session as reported to clients.
 pub struct SessionSnapshot {
@@ -92,9 +62,12 @@ pub struct StatusSnapshot {
     pub counters: Vec<(String, u64)>,
     pub sessions: usize,
     pub probes: usize,
-    pub stored_spans: usize,
-    pub store_capacity: usize,
+    pub stored_spans: u64,
+    pub store_path: String,
+    pub store_bytes: u64,
     pub store_evicted: u64,
+    pub store_retain_bytes: Option<u64>,
+    pub store_retain_age: Option<Duration>,
     pub ring_bytes_per_cpu: u32,
     pub cpus: u32,
 }
@@ -109,9 +82,9 @@ pub struct Daemon {
     manager: Mutex<ProbeManager>,
     symbolizer: Arc<Symbolizer>,
     pipeline: Arc<Pipeline>,
+    store: Arc<Store>,
     stats: Arc<DaemonStats>,
     callers: CallerSymbolizer,
-    clock: Clock,
     started: Instant,
     limits: Limits,
     programs: ProgramPair,
@@ -122,6 +95,7 @@ impl Daemon {
         manager: ProbeManager,
         symbolizer: Arc<Symbolizer>,
         pipeline: Arc<Pipeline>,
+        store: Arc<Store>,
         stats: Arc<DaemonStats>,
         limits: Limits,
         programs: ProgramPair,
@@ -131,8 +105,8 @@ impl Daemon {
             callers: CallerSymbolizer::new(Arc::clone(&symbolizer)),
             symbolizer,
             pipeline,
+            store,
             stats,
-            clock: Clock::now(),
             started: Instant::now(),
             limits,
             programs,
@@ -145,15 +119,22 @@ impl Daemon {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    pub fn clock(&self) -> Clock {
-        self.clock
-    }
-
-    /// Resolves and attaches. Blocking: call from a blocking thread.
+    /// Resolves, records the session and its probes in the store, attaches. Blocking: call
+    /// from a blocking thread.
     pub fn attach(&self, spec: &AttachSpec) -> Result<SessionSnapshot, ScopeError> {
         let plan = resolve::plan(&self.symbolizer, spec, self.limits.max_session_probes)?;
-        let mut manager = self.manager();
-        let id = manager.attach(plan, self.programs)?;
+        let id = self
+            .store
+            .create_session(&plan.process, &plan.patterns, now_unix_ns())?;
+        let attached = self.stored_probes(id, &plan).and_then(|probes| {
+            let mut manager = self.manager();
+            manager.attach(id, plan, probes, self.programs)
+        });
+        if let Err(error) = attached {
+            self.store.end_session(id, now_unix_ns());
+            return Err(error);
+        }
+        let manager = self.manager();
         let Some(session) = manager.session(id) else {
             return Err(ScopeError::NoSuchSession { id });
         };
@@ -167,10 +148,62 @@ impl Daemon {
         Ok(SessionSnapshot::of(session, &manager))
     }
 
+    /// The plan's probes, recorded in the store, in plan order.
+    fn stored_probes(&self, session_id: u64, plan: &Plan) -> Result<Vec<Arc<Probe>>, ScopeError> {
+        let planned: Vec<(String, &resolve::PlannedProbe)> = plan
+            .modules
+            .iter()
+            .flat_map(|m| {
+                m.probes
+                    .iter()
+                    .map(move |p| (m.path.display().to_string(), p))
+            })
+            .collect();
+        let new: Vec<NewProbe> = planned
+            .iter()
+            .map(|(module, p)| NewProbe {
+                function: p.function.clone(),
+                symbol: p.symbol.clone(),
+                module: module.clone(),
+                address: p.address,
+                file_offset: p.file_offset,
+                file: p.file.clone(),
+                line: p.line,
+                inlined_into: p.inlined_into.clone(),
+            })
+            .collect();
+        let ids = self.store.create_probes(session_id, new.clone())?;
+        Ok(ids
+            .into_iter()
+            .zip(new)
+            .map(|(id, p)| {
+                Arc::new(Probe {
+                    id,
+                    session_id,
+                    pid: plan.process.pid,
+                    function: p.function,
+                    symbol: p.symbol,
+                    module: p.module,
+                    address: p.address,
+                    file_offset: p.file_offset,
+                    file: p.file,
+                    line: p.line,
+                    inlined_into: p.inlined_into,
+                    comm: plan.process.comm.clone(),
+                    exe: plan.process.exe.display().to_string(),
+                })
+            })
+            .collect())
+    }
+
     /// Detaches one session, or all of them. Blocking.
     pub fn detach(&self, id: Option<u64>) -> Result<(Vec<u64>, Duration), ScopeError> {
         let detached = self.manager().detach(id)?;
         let (ids, took) = release(detached);
+        let now = now_unix_ns();
+        for id in &ids {
+            self.store.end_session(*id, now);
+        }
         tracing::info!(sessions = ?ids, ms = took.as_secs_f64() * 1e3, "detached");
         Ok((ids, took))
     }
@@ -183,12 +216,23 @@ impl Daemon {
             .collect()
     }
 
-    pub fn query(&self, filter: &SpanFilter, limit: usize) -> Vec<StoredSpan> {
-        self.pipeline.store().query(filter, limit)
+    /// Stored spans. Blocking.
+    pub fn query(&self, query: &SpanQuery, limit: usize) -> Result<Vec<Span>, StoreError> {
+        self.store.spans(query, limit)
     }
 
-    pub fn subscribe(&self, filter: SpanFilter) -> Subscription {
+    /// Per-function statistics. Blocking.
+    pub fn stats(&self, query: &SpanQuery) -> Result<Vec<FunctionStats>, StoreError> {
+        self.store.stats(query)
+    }
+
+    pub fn subscribe(&self, filter: WatchFilter) -> Subscription {
         self.pipeline.subscribe(filter)
+    }
+
+    /// Commits everything queued for the store and stops its writer (shutdown).
+    pub fn close_store(&self) {
+        self.store.close();
     }
 
     pub fn status(&self) -> StatusSnapshot {
@@ -210,28 +254,48 @@ impl Daemon {
                 .iter()
                 .map(|(name, n)| ((*name).to_owned(), *n)),
         );
-        let store = self.pipeline.store();
-        counters.push(("store.evicted".to_owned(), store.evicted()));
+        let store = self.store.counters();
+        let store_lost = store.queue_full.get() + store.write_failed.get();
+        counters.extend([
+            ("store.written".to_owned(), store.written.get()),
+            ("store.queue_full".to_owned(), store.queue_full.get()),
+            ("store.write_failed".to_owned(), store.write_failed.get()),
+            ("store.evicted".to_owned(), store.evicted.get()),
+        ]);
         let config = kernel.config();
         StatusSnapshot {
             uptime: self.started.elapsed(),
             spans_received: self.stats.spans_received.get(),
-            spans_dropped: kernel_lost + self.stats.lost(),
+            spans_dropped: kernel_lost + self.stats.lost() + store_lost,
             counters,
             sessions: manager.sessions().count(),
             probes: manager.sessions().map(|s| s.probes.len()).sum(),
-            stored_spans: store.len(),
-            store_capacity: store.capacity(),
-            store_evicted: store.evicted(),
+            stored_spans: self.store.stored_spans(),
+            store_path: self.store.path().display().to_string(),
+            store_bytes: self.store.file_bytes(),
+            store_evicted: store.evicted.get(),
+            store_retain_bytes: self.store.retention().0,
+            store_retain_age: self.store.retention().1,
             ring_bytes_per_cpu: config.ring_bytes,
             cpus: kernel.cpus(),
         }
     }
 
-    /// Where a call came from, innermost frame first. `is_return_address` says `address`
-    /// points just after a call instruction (the call itself is one byte earlier).
-    pub fn caller_frames(&self, pid: u32, address: u64, is_return_address: bool) -> Vec<Frame> {
-        self.callers.frames(pid, address, is_return_address)
+    /// Where a span's call came from, innermost frame first. For an inlined call site the
+    /// probed address is inside the inlined function itself: frames of functions inlined
+    /// *into it* are dropped, so the first frame is the inlined function, then the
+    /// function(s) it sits in. Empty once the process is gone.
+    pub fn caller_frames(&self, span: &Span) -> Vec<Frame> {
+        let instant = span.flags & scope_common::span_flags::INSTANT != 0;
+        let mut frames = self.callers.frames(span.pid, span.caller, !instant);
+        if instant
+            && let Some(own) = frames
+                .iter()
+                .position(|f| f.function == span.probe.function)
+        {
+            frames.drain(..own);
+        }
+        frames
     }
 }
 

@@ -88,6 +88,9 @@ pub enum ScopeError {
         source: aya::programs::ProgramError,
     },
 
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+
     #[error("kernel map {map} could not be updated")]
     Map {
         map: &'static str,
@@ -127,7 +130,7 @@ impl From<ScopeError> for tonic::Status {
             | BinaryNotMapped { .. } => tonic::Status::invalid_argument(message),
             ProbeSlotsExhausted { .. } => tonic::Status::resource_exhausted(message),
             ProcessMaps { .. } => tonic::Status::failed_precondition(message),
-            Attach { .. } | Map { .. } => tonic::Status::internal(message),
+            Attach { .. } | Map { .. } | Store(_) => tonic::Status::internal(message),
         }
     }
 }

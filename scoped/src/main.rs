@@ -6,6 +6,7 @@ use std::{
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     sync::Arc,
+    time::Duration,
 };
 
 use anyhow::{Context, bail};
@@ -19,12 +20,13 @@ use scoped::{
     api,
     daemon::{Daemon, Limits},
     ebpf::{DEFAULT_MAX_PROBES, DEFAULT_RING_BYTES, Kernel, KernelConfig, ProgramPair},
+    model::IdScheme,
     pipeline::{INGEST_QUEUE_BATCHES, Pipeline},
     probes::{ProbeManager, Registry},
     reader::Reader,
     resolve::DEFAULT_MAX_SESSION_PROBES,
     stats::DaemonStats,
-    store::{DEFAULT_MAX_SPANS, Store},
+    store::{DEFAULT_DB, Store, StoreConfig},
 };
 
 /// Where the daemon listens unless told otherwise.
@@ -49,9 +51,16 @@ struct Args {
     /// Functions one session may probe.
     #[arg(long, default_value_t = DEFAULT_MAX_SESSION_PROBES)]
     max_session_probes: usize,
-    /// Spans kept in memory; the oldest are evicted (and counted) beyond this.
-    #[arg(long, default_value_t = DEFAULT_MAX_SPANS)]
-    max_spans: usize,
+    /// The span store (SQLite, WAL mode); created with its directory if missing.
+    #[arg(long, env = "SCOPE_DB", default_value = DEFAULT_DB)]
+    db: PathBuf,
+    /// Keep the store under this size (e.g. `2G`, `500M`, bytes without a suffix), evicting
+    /// the oldest spans.
+    #[arg(long, value_parser = parse_bytes)]
+    retain_bytes: Option<u64>,
+    /// Evict spans older than this (e.g. `7d`, `12h`, `30m`, `90s`).
+    #[arg(long, value_parser = parse_age)]
+    retain_age: Option<Duration>,
     /// Benchmarks only: attach programs that return at once instead of scope's, to measure
     /// the floor cost of an uprobe + uretprobe pair. Spans are not produced.
     #[arg(long, hide = true)]
@@ -86,11 +95,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
         max_probes: args.max_probes,
     })?;
     let cpus = kernel.cpus();
+    let store = Arc::new(
+        Store::open(StoreConfig {
+            path: args.db.clone(),
+            retain_bytes: args.retain_bytes,
+            retain_age: args.retain_age,
+        })
+        .context("opening the span store (--db)")?,
+    );
     let registry = Arc::new(Registry::new(args.max_probes));
     let pipeline = Arc::new(Pipeline::new(
-        Store::new(args.max_spans),
+        Arc::clone(&store),
         Arc::clone(&registry),
         Arc::clone(&stats),
+        IdScheme::for_this_run(),
     ));
     let (tx, rx) = mpsc::channel(INGEST_QUEUE_BATCHES);
     let reader =
@@ -101,6 +119,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ProbeManager::new(kernel, registry),
         Arc::new(Symbolizer::new()),
         pipeline,
+        store,
         stats,
         Limits {
             max_session_probes: args.max_session_probes,
@@ -150,6 +169,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     drop(reader);
     pipeline_task.abort();
+    daemon.close_store();
     if let Err(error) = fs::remove_file(&args.socket) {
         tracing::debug!(%error, "removing the socket");
     }
@@ -224,4 +244,78 @@ fn ensure_tracefs() -> anyhow::Result<()> {
     }
     tracing::info!("mounted tracefs at /sys/kernel/tracing");
     Ok(())
+}
+
+/// `2G`, `500M`, `64K` or plain bytes.
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(text.len()),
+    );
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size like 500M or 2G"))?;
+    let scale: f64 = match unit
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" => 1.0,
+        "K" => 1024.0,
+        "M" => 1024.0 * 1024.0,
+        "G" => 1024.0 * 1024.0 * 1024.0,
+        "T" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?} (use K, M, G or T)"
+            ));
+        }
+    };
+    Ok((number * scale) as u64)
+}
+
+/// `7d`, `12h`, `30m`, `90s`.
+fn parse_age(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not an age like 7d or 12h"))?;
+    let seconds = match unit {
+        "s" | "" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?} (use s, m, h, d or w)"
+            ));
+        }
+    };
+    Ok(Duration::from_secs(number.saturating_mul(seconds)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_ages_parse() {
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert_eq!(parse_bytes("500M"), Ok(500 << 20));
+        assert_eq!(parse_bytes("2G"), Ok(2 << 30));
+        assert_eq!(parse_bytes("1.5K"), Ok(1536));
+        assert_eq!(parse_bytes("2GiB"), Ok(2 << 30));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("5X").is_err());
+        assert_eq!(parse_age("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert_eq!(parse_age("90s"), Ok(Duration::from_secs(90)));
+        assert!(parse_age("soon").is_err());
+    }
 }

@@ -112,6 +112,71 @@ pub fn flag_names(flags: u32) -> Vec<&'static str> {
     .collect()
 }
 
+/// Converts the kernel's `CLOCK_MONOTONIC` timestamps to Unix time.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    /// Unix time minus monotonic time, in nanoseconds.
+    offset_ns: i128,
+}
+
+impl Clock {
+    pub fn now() -> Clock {
+        let realtime = clock_ns(libc::CLOCK_REALTIME);
+        let monotonic = clock_ns(libc::CLOCK_MONOTONIC);
+        Clock {
+            offset_ns: realtime - monotonic,
+        }
+    }
+
+    pub fn to_unix_ns(self, monotonic_ns: u64) -> u64 {
+        u64::try_from(i128::from(monotonic_ns) + self.offset_ns).unwrap_or(0)
+    }
+}
+
+fn clock_ns(clock: libc::clockid_t) -> i128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for the duration of the call.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+}
+
+impl Span {
+    /// A kernel span record, attributed to its probe, in Unix time and store-wide ids.
+    pub fn from_kernel(
+        span: &scope_common::Span,
+        probe: Arc<Probe>,
+        clock: Clock,
+        ids: IdScheme,
+    ) -> Span {
+        Span {
+            id: ids.span(span.span_id),
+            parent_id: ids.span(span.parent_id),
+            trace_id: ids.trace(span.root_id),
+            pid: span.pid,
+            tid: span.tid,
+            start_ns: clock.to_unix_ns(span.start_ns),
+            duration_ns: span.end_ns.saturating_sub(span.start_ns),
+            depth: span.depth,
+            args: span.args,
+            ret: span.ret,
+            caller: span.caller,
+            flags: span.flags,
+            probe,
+        }
+    }
+}
+
+/// Unix time now, in nanoseconds.
+pub fn now_unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
 /// Turns kernel span ids (unique within one daemon run) into ids unique across runs and
 /// hosts: XOR with a random per-run salt keeps them unique within the run (a bijection) and
 /// makes collisions with other runs as unlikely as for random 64-bit ids. The trace id's

@@ -1,16 +1,18 @@
-//! The pipeline: takes decoded span batches from the reader, attributes them to their probe,
-//! stores them and fans them out to live watchers. One task owns this path; every queue on
-//! it is bounded and every span that does not fit is counted.
+//! The pipeline: takes decoded kernel span batches from the reader, attributes them to their
+//! probe (names, Unix time, store-wide ids), fans them out to live watchers and hands them to
+//! the store. One task owns this path; every queue on it is bounded and every span that does
+//! not fit is counted.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use scope_common::Span;
 use tokio::sync::mpsc::{self, error::TrySendError};
 
 use crate::{
+    glob::Glob,
+    model::{Clock, IdScheme, Span},
     probes::Registry,
     stats::{Count, DaemonStats},
-    store::{SpanFilter, Store, StoredSpan},
+    store::Store,
 };
 
 /// Span batches queued between the reader and the pipeline.
@@ -18,45 +20,66 @@ pub const INGEST_QUEUE_BATCHES: usize = 1024;
 /// Span batches queued for one live watcher before it starts losing them.
 pub const WATCH_QUEUE_BATCHES: usize = 256;
 
-/// A live subscriber (one Watch call).
+/// Which live spans a watcher wants. `None` matches everything.
+#[derive(Clone, Debug, Default)]
+pub struct WatchFilter {
+    pub session_id: Option<u64>,
+    pub pid: Option<u32>,
+    pub function: Option<Glob>,
+}
+
+impl WatchFilter {
+    pub fn matches(&self, span: &Span) -> bool {
+        self.session_id.is_none_or(|id| span.probe.session_id == id)
+            && self.pid.is_none_or(|pid| span.pid == pid)
+            && self.function.as_ref().is_none_or(|glob| {
+                glob.matches(&span.probe.function) || glob.matches(&span.probe.symbol)
+            })
+    }
+}
+
+/// A live subscriber (one Watch call, or an exporter).
 struct Watcher {
-    filter: SpanFilter,
-    tx: mpsc::Sender<Vec<StoredSpan>>,
+    filter: WatchFilter,
+    tx: mpsc::Sender<Vec<Span>>,
     dropped: Arc<Count>,
 }
 
-/// What a Watch call reads from.
+/// What a subscriber reads from.
 pub struct Subscription {
-    pub rx: mpsc::Receiver<Vec<StoredSpan>>,
-    /// Spans this watcher lost because its queue was full.
+    pub rx: mpsc::Receiver<Vec<Span>>,
+    /// Spans this subscriber lost because its queue was full.
     pub dropped: Arc<Count>,
 }
 
 /// State shared by the pipeline task and the API.
 pub struct Pipeline {
-    store: Mutex<Store>,
+    store: Arc<Store>,
     watchers: Mutex<Vec<Watcher>>,
     registry: Arc<Registry>,
     stats: Arc<DaemonStats>,
+    clock: Clock,
+    ids: IdScheme,
 }
 
 impl Pipeline {
-    pub fn new(store: Store, registry: Arc<Registry>, stats: Arc<DaemonStats>) -> Pipeline {
+    pub fn new(
+        store: Arc<Store>,
+        registry: Arc<Registry>,
+        stats: Arc<DaemonStats>,
+        ids: IdScheme,
+    ) -> Pipeline {
         Pipeline {
-            store: Mutex::new(store),
+            store,
             watchers: Mutex::new(Vec::new()),
             registry,
             stats,
+            clock: Clock::now(),
+            ids,
         }
     }
 
-    pub fn store(&self) -> MutexGuard<'_, Store> {
-        self.store
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    pub fn subscribe(&self, filter: SpanFilter) -> Subscription {
+    pub fn subscribe(&self, filter: WatchFilter) -> Subscription {
         let (tx, rx) = mpsc::channel(WATCH_QUEUE_BATCHES);
         let dropped = Arc::new(Count::default());
         self.watchers().push(Watcher {
@@ -74,24 +97,26 @@ impl Pipeline {
     }
 
     /// Runs until the reader's side of `rx` is gone.
-    pub async fn run(self: Arc<Self>, mut rx: mpsc::Receiver<Vec<Span>>) {
+    pub async fn run(self: Arc<Self>, mut rx: mpsc::Receiver<Vec<scope_common::Span>>) {
         while let Some(batch) = rx.recv().await {
             self.ingest(batch);
         }
     }
 
-    fn ingest(&self, batch: Vec<Span>) {
-        let stored: Vec<StoredSpan> = self.registry.with(|lookup| {
+    fn ingest(&self, batch: Vec<scope_common::Span>) {
+        let spans: Vec<Span> = self.registry.with(|lookup| {
             batch
-                .into_iter()
+                .iter()
                 .filter_map(|span| match lookup(span.probe_id) {
                     // A slot reused by another process's probe cannot be this span's probe.
-                    Some(probe) if probe.pid == span.pid => {
-                        probe.received.add(1);
-                        Some(StoredSpan {
+                    Some(live) if live.probe.pid == span.pid => {
+                        live.received.add(1);
+                        Some(Span::from_kernel(
                             span,
-                            probe: Arc::clone(probe),
-                        })
+                            Arc::clone(&live.probe),
+                            self.clock,
+                            self.ids,
+                        ))
                     }
                     _ => {
                         self.stats.orphaned.add(1);
@@ -100,16 +125,16 @@ impl Pipeline {
                 })
                 .collect()
         });
-        if stored.is_empty() {
+        if spans.is_empty() {
             return;
         }
-        self.fan_out(&stored);
-        self.store().insert(stored);
+        self.fan_out(&spans);
+        self.store.append(spans);
     }
 
-    fn fan_out(&self, stored: &[StoredSpan]) {
+    fn fan_out(&self, spans: &[Span]) {
         self.watchers().retain(|watcher| {
-            let matching: Vec<StoredSpan> = stored
+            let matching: Vec<Span> = spans
                 .iter()
                 .filter(|s| watcher.filter.matches(s))
                 .cloned()

@@ -7,7 +7,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
-    path::PathBuf,
     sync::{Arc, RwLock},
     time::{Duration, Instant, SystemTime},
 };
@@ -18,25 +17,17 @@ use scope_common::{ProbeCounters, cookie};
 use crate::{
     ebpf::{Kernel, ProgramPair},
     error::ScopeError,
+    model::Probe,
     procfs::ProcessInfo,
     resolve::Plan,
     stats::Count,
 };
 
-/// A traced function (or inlined call site) in one session.
+/// A probe while it is attached: its kernel slot, what it is, and what it has delivered.
 #[derive(Debug)]
 pub struct ProbeInfo {
     pub slot: u32,
-    pub session_id: u64,
-    pub pid: u32,
-    pub function: String,
-    pub symbol: String,
-    pub module: PathBuf,
-    pub address: u64,
-    pub file_offset: u64,
-    pub file: Option<String>,
-    pub line: Option<u32>,
-    pub inlined_into: Option<String>,
+    pub probe: Arc<Probe>,
     /// Spans of this probe that reached the pipeline.
     pub received: Count,
 }
@@ -123,7 +114,6 @@ pub struct ProbeManager {
     free_slots: VecDeque<u32>,
     /// Sessions per traced pid.
     targets: HashMap<u32, u32>,
-    next_session: u64,
 }
 
 impl ProbeManager {
@@ -135,7 +125,6 @@ impl ProbeManager {
             sessions: BTreeMap::new(),
             free_slots: (0..slots).collect(),
             targets: HashMap::new(),
-            next_session: 1,
         }
     }
 
@@ -155,9 +144,15 @@ impl ProbeManager {
         self.sessions.get(&id)
     }
 
-    /// Attaches a resolved plan as a new session and returns its id. On any failure nothing
-    /// stays attached.
-    pub fn attach(&mut self, plan: Plan, pair: ProgramPair) -> Result<u64, ScopeError> {
+    /// Attaches a resolved plan as session `id`. `probes` are the stored probes of the plan,
+    /// in plan order. On any failure nothing stays attached.
+    pub fn attach(
+        &mut self,
+        id: u64,
+        plan: Plan,
+        probes: Vec<Arc<Probe>>,
+        pair: ProgramPair,
+    ) -> Result<(), ScopeError> {
         let needed = plan.probe_count();
         if needed > self.free_slots.len() {
             return Err(ScopeError::ProbeSlotsExhausted {
@@ -165,10 +160,7 @@ impl ProbeManager {
                 free: self.free_slots.len(),
             });
         }
-        let id = self.next_session;
-        self.next_session += 1;
         let pid = plan.process.pid;
-
         let mut session = Session {
             id,
             process: plan.process,
@@ -177,10 +169,8 @@ impl ProbeManager {
             created: SystemTime::now(),
             links: Vec::new(),
         };
-        let result = self.place(&mut session, plan.modules, pair);
-        if let Err(error) = result {
+        if let Err(error) = self.place(&mut session, plan.modules, probes, pair) {
             self.unregister(&session.probes);
-            drop(session.links);
             return Err(error);
         }
         *self.targets.entry(pid).or_insert(0) += 1;
@@ -190,50 +180,53 @@ impl ProbeManager {
             return Err(error);
         }
         self.sessions.insert(id, session);
-        Ok(id)
+        Ok(())
     }
 
     fn place(
         &mut self,
         session: &mut Session,
         modules: Vec<crate::resolve::PlannedModule>,
+        probes: Vec<Arc<Probe>>,
         pair: ProgramPair,
     ) -> Result<(), ScopeError> {
         let pid = session.process.pid;
-        for mut module in modules {
+        let mut probes = probes.into_iter();
+        for module in modules {
+            let mut entry_points = Vec::with_capacity(module.probes.len());
+            let mut exit_points = Vec::with_capacity(module.probes.len());
+            let mut planned: Vec<(bool, Arc<Probe>, u64)> = Vec::with_capacity(module.probes.len());
+            for planned_probe in &module.probes {
+                let Some(probe) = probes.next() else {
+                    return Err(ScopeError::ProbeSlotsExhausted { needed: 1, free: 0 });
+                };
+                planned.push((
+                    planned_probe.inlined_into.is_some(),
+                    probe,
+                    planned_probe.file_offset,
+                ));
+            }
             // The kernel runs the handlers of probes on one address newest-registered first.
             // Registering inlined call sites (entry-only) before function entries makes a site
             // at the very start of a traced function run after that function's entry, so the
             // site is nested inside the call it belongs to.
-            module.probes.sort_by_key(|p| p.inlined_into.is_none());
-            let mut entry_points = Vec::with_capacity(module.probes.len());
-            let mut exit_points = Vec::with_capacity(module.probes.len());
-            for probe in module.probes {
+            planned.sort_by_key(|(instant, _, _)| !instant);
+            for (instant, probe, file_offset) in planned {
                 let Some(slot) = self.free_slots.pop_front() else {
                     return Err(ScopeError::ProbeSlotsExhausted { needed: 1, free: 0 });
                 };
-                let instant = probe.inlined_into.is_some();
+                self.kernel.reset_probe_counters(slot)?;
                 let info = Arc::new(ProbeInfo {
                     slot,
-                    session_id: session.id,
-                    pid,
-                    function: probe.function,
-                    symbol: probe.symbol,
-                    module: module.path.clone(),
-                    address: probe.address,
-                    file_offset: probe.file_offset,
-                    file: probe.file,
-                    line: probe.line,
-                    inlined_into: probe.inlined_into,
+                    probe,
                     received: Count::default(),
                 });
-                self.kernel.reset_probe_counters(slot)?;
                 self.registry.set(slot, Some(Arc::clone(&info)));
                 session.probes.push(info);
                 let flags = if instant { cookie::INSTANT } else { 0 };
-                entry_points.push((probe.file_offset, cookie::new(slot, flags)));
+                entry_points.push((file_offset, cookie::new(slot, flags)));
                 if !instant {
-                    exit_points.push((probe.file_offset, cookie::new(slot, 0)));
+                    exit_points.push((file_offset, cookie::new(slot, 0)));
                 }
             }
             let count = entry_points.len();

@@ -138,6 +138,8 @@ impl Scoped {
             Command::new(bin("scoped"))
                 .arg("--socket")
                 .arg(&socket)
+                .arg("--db")
+                .arg(dir.path().join("scope.db"))
                 .args(args)
                 .env("SCOPED_LOG", "info")
                 .stdout(Stdio::null())

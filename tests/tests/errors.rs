@@ -134,11 +134,36 @@ async fn grpc_errors_carry_the_right_codes() {
     assert_eq!(status.code(), Code::NotFound, "{status:?}");
     let status = client
         .query_spans(pb::QuerySpansRequest {
-            function: "[".into(),
-            ..Default::default()
+            filter: Some(pb::SpanFilter {
+                function: "[".into(),
+                ..Default::default()
+            }),
+            limit: 0,
         })
         .await
         .map(|_| ())
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let status = client
+        .query_spans(pb::QuerySpansRequest {
+            filter: Some(pb::SpanFilter {
+                trace_id: "not-a-trace".into(),
+                ..Default::default()
+            }),
+            limit: 0,
+        })
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let status = client
+        .stats(pb::StatsRequest {
+            filter: Some(pb::SpanFilter {
+                min_duration_ns: 5,
+                ..Default::default()
+            }),
+        })
+        .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     // Still serving.

@@ -1,0 +1,325 @@
+//! Reading the store: spans by filter, per-function statistics, sessions.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use rusqlite::{Connection, OptionalExtension, Row, params_from_iter, types::Value};
+
+use super::{Store, StoreError, StoredSession, from_sql, histogram::Histogram, lock, to_sql};
+use crate::{
+    glob::Glob,
+    model::{Probe, Span, TraceId},
+};
+
+/// Which spans. `None` matches everything.
+#[derive(Clone, Debug, Default)]
+pub struct SpanQuery {
+    pub session_id: Option<u64>,
+    pub pid: Option<u32>,
+    pub function: Option<Glob>,
+    pub since_ns: Option<u64>,
+    pub until_ns: Option<u64>,
+    pub min_duration_ns: Option<u64>,
+    pub trace_id: Option<TraceId>,
+}
+
+/// Calls and durations of one function.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FunctionStats {
+    pub function: String,
+    pub module: String,
+    pub count: u64,
+    pub total_ns: u64,
+    pub mean_ns: u64,
+    pub p50_ns: u64,
+    pub p95_ns: u64,
+    pub p99_ns: u64,
+    pub min_ns: u64,
+    pub max_ns: u64,
+}
+
+const NS_PER_MINUTE: u64 = 60_000_000_000;
+const PROBE_COLUMNS: &str =
+    "p.id, p.session_id, s.pid, p.function, p.symbol, p.module, p.address, p.file_offset,
+     p.file, p.line, p.inlined_into, s.comm, s.exe";
+
+fn probe_from_row(row: &Row<'_>) -> rusqlite::Result<Probe> {
+    Ok(Probe {
+        id: from_sql(row.get(0)?),
+        session_id: from_sql(row.get(1)?),
+        pid: row.get(2)?,
+        function: row.get(3)?,
+        symbol: row.get(4)?,
+        module: row.get(5)?,
+        address: from_sql(row.get(6)?),
+        file_offset: from_sql(row.get(7)?),
+        file: row.get(8)?,
+        line: row.get(9)?,
+        inlined_into: row.get(10)?,
+        comm: row.get(11)?,
+        exe: row.get(12)?,
+    })
+}
+
+impl Store {
+    /// Every probe the store knows, filtered by the probe-level parts of `query`.
+    fn probes_matching(
+        &self,
+        conn: &Connection,
+        query: &SpanQuery,
+    ) -> Result<Vec<Arc<Probe>>, StoreError> {
+        let sql = |source| StoreError::Sql {
+            what: "read probes",
+            source,
+        };
+        let mut statement = conn
+            .prepare_cached(&format!(
+                "SELECT {PROBE_COLUMNS} FROM probes p JOIN sessions s ON s.id = p.session_id"
+            ))
+            .map_err(sql)?;
+        let rows = statement.query_map([], probe_from_row).map_err(sql)?;
+        let mut cache = lock(&self.probes);
+        let mut matching = Vec::new();
+        for probe in rows {
+            let probe = probe.map_err(sql)?;
+            let wanted = query.session_id.is_none_or(|id| probe.session_id == id)
+                && query.pid.is_none_or(|pid| probe.pid == pid)
+                && query.function.as_ref().is_none_or(|glob| {
+                    glob.matches(&probe.function) || glob.matches(&probe.symbol)
+                });
+            let probe = Arc::clone(cache.entry(probe.id).or_insert_with(|| Arc::new(probe)));
+            if wanted {
+                matching.push(probe);
+            }
+        }
+        Ok(matching)
+    }
+
+    fn probe(&self, conn: &Connection, id: u64) -> Result<Option<Arc<Probe>>, StoreError> {
+        if let Some(probe) = lock(&self.probes).get(&id) {
+            return Ok(Some(Arc::clone(probe)));
+        }
+        let probe = conn
+            .query_row(
+                &format!("SELECT {PROBE_COLUMNS} FROM probes p JOIN sessions s ON s.id = p.session_id WHERE p.id = ?1"),
+                [to_sql(id)],
+                probe_from_row,
+            )
+            .optional()
+            .map_err(|source| StoreError::Sql { what: "read a probe", source })?;
+        Ok(probe.map(|probe| {
+            Arc::clone(
+                lock(&self.probes)
+                    .entry(id)
+                    .or_insert_with(|| Arc::new(probe)),
+            )
+        }))
+    }
+
+    /// The most recent `limit` spans matching `query` (all with `limit == 0`), in start order.
+    pub fn spans(&self, query: &SpanQuery, limit: usize) -> Result<Vec<Span>, StoreError> {
+        let conn = self.reader();
+        let mut conditions: Vec<String> = Vec::new();
+        let mut values: Vec<Value> = Vec::new();
+        if query.session_id.is_some() || query.function.is_some() {
+            let probes = self.probes_matching(&conn, query)?;
+            if probes.is_empty() {
+                return Ok(Vec::new());
+            }
+            let ids: Vec<String> = probes.iter().map(|p| to_sql(p.id).to_string()).collect();
+            conditions.push(format!("probe_id IN ({})", ids.join(",")));
+        }
+        let mut push = |condition: &str, value: i64| {
+            conditions.push(condition.replace('?', &format!("?{}", values.len() + 1)));
+            values.push(Value::Integer(value));
+        };
+        if let Some(pid) = query.pid {
+            push("pid = ?", i64::from(pid));
+        }
+        if let Some(since) = query.since_ns {
+            push("start_ns >= ?", to_sql(since));
+        }
+        if let Some(until) = query.until_ns {
+            push("start_ns < ?", to_sql(until));
+        }
+        if let Some(min) = query.min_duration_ns {
+            push("duration_ns >= ?", to_sql(min));
+        }
+        if let Some(trace) = query.trace_id {
+            push("trace_lo = ?", to_sql(trace.low));
+            push("trace_hi = ?", to_sql(trace.high));
+        }
+        let filter = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", conditions.join(" AND "))
+        };
+        let limit = if limit == 0 { -1 } else { limit as i64 };
+        let sql = format!(
+            "SELECT span_id, parent_id, trace_hi, trace_lo, probe_id, pid, tid, start_ns, duration_ns, depth,
+                    arg0, arg1, arg2, arg3, arg4, arg5, ret, caller, flags
+               FROM spans {filter} ORDER BY rowid DESC LIMIT {limit}"
+        );
+        let read = |source| StoreError::Sql {
+            what: "read spans",
+            source,
+        };
+        let mut statement = conn.prepare(&sql).map_err(read)?;
+        let mut rows = statement.query(params_from_iter(values)).map_err(read)?;
+        let mut spans = Vec::new();
+        while let Some(row) = rows.next().map_err(read)? {
+            let probe_id = from_sql(row.get(4).map_err(read)?);
+            let Some(probe) = self.probe(&conn, probe_id)? else {
+                continue;
+            };
+            let get = |i: usize| row.get::<_, i64>(i).map(from_sql).map_err(read);
+            spans.push(Span {
+                id: get(0)?,
+                parent_id: get(1)?,
+                trace_id: TraceId {
+                    high: get(2)?,
+                    low: get(3)?,
+                },
+                pid: get(5)? as u32,
+                tid: get(6)? as u32,
+                start_ns: get(7)?,
+                duration_ns: get(8)?,
+                depth: get(9)? as u32,
+                args: [get(10)?, get(11)?, get(12)?, get(13)?, get(14)?, get(15)?],
+                ret: get(16)?,
+                caller: get(17)?,
+                flags: get(18)? as u32,
+                probe,
+            });
+        }
+        spans.sort_by_key(|s| s.start_ns);
+        Ok(spans)
+    }
+
+    /// Per-function statistics over the matching probes, from the per-minute aggregates
+    /// (time bounds apply at minute resolution). Sorted by total time, largest first.
+    pub fn stats(&self, query: &SpanQuery) -> Result<Vec<FunctionStats>, StoreError> {
+        let conn = self.reader();
+        let probes = self.probes_matching(&conn, query)?;
+        if probes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let first_minute = to_sql(query.since_ns.map_or(0, |ns| ns / NS_PER_MINUTE));
+        let last_minute = to_sql(
+            query
+                .until_ns
+                .map_or(u64::MAX >> 1, |ns| ns.saturating_sub(1) / NS_PER_MINUTE),
+        );
+        let ids: Vec<String> = probes.iter().map(|p| to_sql(p.id).to_string()).collect();
+        let ids = ids.join(",");
+        let read = |source| StoreError::Sql {
+            what: "read statistics",
+            source,
+        };
+
+        #[derive(Default)]
+        struct Accumulated {
+            count: u64,
+            total_ns: u64,
+            min_ns: u64,
+            max_ns: u64,
+            histogram: Histogram,
+        }
+        let key_of: BTreeMap<u64, (String, String)> = probes
+            .iter()
+            .map(|p| (p.id, (p.function.clone(), p.module.clone())))
+            .collect();
+        let mut by_function: BTreeMap<(String, String), Accumulated> = BTreeMap::new();
+
+        let mut totals = conn
+            .prepare(&format!(
+                "SELECT probe_id, sum(count), sum(total_ns), min(min_ns), max(max_ns) FROM probe_minutes
+                  WHERE probe_id IN ({ids}) AND minute BETWEEN ?1 AND ?2 GROUP BY probe_id"
+            ))
+            .map_err(read)?;
+        let mut rows = totals.query([first_minute, last_minute]).map_err(read)?;
+        while let Some(row) = rows.next().map_err(read)? {
+            let Some(key) = key_of.get(&from_sql(row.get(0).map_err(read)?)) else {
+                continue;
+            };
+            let entry = by_function
+                .entry(key.clone())
+                .or_insert_with(|| Accumulated {
+                    min_ns: u64::MAX,
+                    ..Default::default()
+                });
+            entry.count += from_sql(row.get(1).map_err(read)?);
+            entry.total_ns = entry
+                .total_ns
+                .saturating_add(from_sql(row.get(2).map_err(read)?));
+            entry.min_ns = entry.min_ns.min(from_sql(row.get(3).map_err(read)?));
+            entry.max_ns = entry.max_ns.max(from_sql(row.get(4).map_err(read)?));
+        }
+        let mut buckets = conn
+            .prepare(&format!(
+                "SELECT probe_id, bucket, sum(count) FROM histogram
+                  WHERE probe_id IN ({ids}) AND minute BETWEEN ?1 AND ?2 GROUP BY probe_id, bucket"
+            ))
+            .map_err(read)?;
+        let mut rows = buckets.query([first_minute, last_minute]).map_err(read)?;
+        while let Some(row) = rows.next().map_err(read)? {
+            let Some(key) = key_of.get(&from_sql(row.get(0).map_err(read)?)) else {
+                continue;
+            };
+            if let Some(entry) = by_function.get_mut(key) {
+                entry.histogram.add(
+                    row.get::<_, u32>(1).map_err(read)?,
+                    from_sql(row.get(2).map_err(read)?),
+                );
+            }
+        }
+        let mut stats: Vec<FunctionStats> = by_function
+            .into_iter()
+            .filter(|(_, a)| a.count > 0)
+            .map(|((function, module), a)| FunctionStats {
+                function,
+                module,
+                count: a.count,
+                total_ns: a.total_ns,
+                mean_ns: a.total_ns / a.count,
+                p50_ns: a.histogram.percentile(0.50, a.min_ns, a.max_ns),
+                p95_ns: a.histogram.percentile(0.95, a.min_ns, a.max_ns),
+                p99_ns: a.histogram.percentile(0.99, a.min_ns, a.max_ns),
+                min_ns: a.min_ns,
+                max_ns: a.max_ns,
+            })
+            .collect();
+        stats.sort_by(|a, b| {
+            b.total_ns
+                .cmp(&a.total_ns)
+                .then_with(|| a.function.cmp(&b.function))
+        });
+        Ok(stats)
+    }
+
+    /// Every session the store has seen, newest first.
+    pub fn sessions(&self) -> Result<Vec<StoredSession>, StoreError> {
+        let conn = self.reader();
+        let read = |source| StoreError::Sql {
+            what: "read sessions",
+            source,
+        };
+        let mut statement = conn
+            .prepare("SELECT id, pid, comm, exe, patterns, started_ns, ended_ns FROM sessions ORDER BY id DESC")
+            .map_err(read)?;
+        let rows = statement
+            .query_map([], |row| {
+                let patterns: String = row.get(4)?;
+                Ok(StoredSession {
+                    id: from_sql(row.get(0)?),
+                    pid: row.get(1)?,
+                    comm: row.get(2)?,
+                    exe: row.get(3)?,
+                    patterns: serde_json::from_str(&patterns).unwrap_or_default(),
+                    started_ns: from_sql(row.get(5)?),
+                    ended_ns: row.get::<_, Option<i64>>(6)?.map(from_sql),
+                })
+            })
+            .map_err(read)?;
+        rows.collect::<Result<_, _>>().map_err(read)
+    }
+}

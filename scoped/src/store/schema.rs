@@ -1,0 +1,188 @@
+//! The store's schema and its migrations. `docs/store.md` describes the tables for people
+//! who open the file with `sqlite3`.
+
+use rusqlite::{Connection, OptionalExtension};
+
+/// The schema version this daemon writes. Each entry of [`MIGRATIONS`] moves the file one
+/// version up; a file newer than this is refused rather than misread.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// `MIGRATIONS[n]` takes a file from version `n` to `n + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 0 → 1: the first schema.
+    r#"
+    CREATE TABLE sessions (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        pid         INTEGER NOT NULL,
+        comm        TEXT    NOT NULL,
+        exe         TEXT    NOT NULL,
+        patterns    TEXT    NOT NULL,   -- JSON array of the attach globs
+        started_ns  INTEGER NOT NULL,   -- Unix time, ns
+        ended_ns    INTEGER             -- NULL while attached
+    );
+
+    CREATE TABLE probes (
+        id           INTEGER PRIMARY KEY AUTOINCREMENT,
+        session_id   INTEGER NOT NULL REFERENCES sessions(id),
+        function     TEXT    NOT NULL,  -- demangled, without parameters or hash
+        symbol       TEXT    NOT NULL,  -- raw ELF symbol ('' for an inlined call site)
+        module       TEXT    NOT NULL,  -- ELF file as the process maps it
+        address      INTEGER NOT NULL,  -- ELF virtual address
+        file_offset  INTEGER NOT NULL,
+        file         TEXT,
+        line         INTEGER,
+        inlined_into TEXT               -- set for an inlined call site
+    );
+    CREATE INDEX probes_session ON probes(session_id);
+
+    -- One row per traced call. 64-bit ids and register values are stored as SQLite's signed
+    -- integers (two's complement): printf('%016x', span_id) prints them as the API does.
+    CREATE TABLE spans (
+        span_id     INTEGER NOT NULL,
+        parent_id   INTEGER NOT NULL,   -- 0 for a root
+        trace_hi    INTEGER NOT NULL,   -- trace id, high and low 64 bits
+        trace_lo    INTEGER NOT NULL,
+        probe_id    INTEGER NOT NULL REFERENCES probes(id),
+        pid         INTEGER NOT NULL,
+        tid         INTEGER NOT NULL,
+        start_ns    INTEGER NOT NULL,   -- Unix time, ns
+        duration_ns INTEGER NOT NULL,
+        depth       INTEGER NOT NULL,
+        arg0 INTEGER NOT NULL, arg1 INTEGER NOT NULL, arg2 INTEGER NOT NULL,
+        arg3 INTEGER NOT NULL, arg4 INTEGER NOT NULL, arg5 INTEGER NOT NULL,
+        ret         INTEGER NOT NULL,
+        caller      INTEGER NOT NULL,   -- return address in the caller
+        flags       INTEGER NOT NULL    -- 1 inlined, 2 thread exited, 4 exec'd, 8 abandoned
+    );
+    CREATE INDEX spans_start ON spans(start_ns);
+    CREATE INDEX spans_probe ON spans(probe_id, start_ns);
+    CREATE INDEX spans_pid   ON spans(pid, start_ns);
+    CREATE INDEX spans_trace ON spans(trace_lo);
+
+    -- Per probe and minute: exact count, total, min and max of the durations...
+    CREATE TABLE probe_minutes (
+        probe_id INTEGER NOT NULL,
+        minute   INTEGER NOT NULL,      -- Unix time / 60 s
+        count    INTEGER NOT NULL,
+        total_ns INTEGER NOT NULL,
+        min_ns   INTEGER NOT NULL,
+        max_ns   INTEGER NOT NULL,
+        PRIMARY KEY (probe_id, minute)
+    ) WITHOUT ROWID;
+
+    -- ...and their log-linear histogram (64 buckets per power of two), for percentiles.
+    CREATE TABLE histogram (
+        probe_id INTEGER NOT NULL,
+        minute   INTEGER NOT NULL,
+        bucket   INTEGER NOT NULL,
+        count    INTEGER NOT NULL,
+        PRIMARY KEY (probe_id, minute, bucket)
+    ) WITHOUT ROWID;
+
+    -- The calls, readable.
+    CREATE VIEW calls AS
+    SELECT strftime('%Y-%m-%d %H:%M:%f', s.start_ns / 1e9, 'unixepoch') AS start_utc,
+           s.duration_ns, s.pid, s.tid, s.depth, p.function, p.module, p.file, p.line,
+           s.arg0, s.arg1, s.arg2, s.ret, s.flags,
+           printf('%016x', s.span_id) AS span_id, printf('%016x', s.parent_id) AS parent_id,
+           printf('%016x%016x', s.trace_hi, s.trace_lo) AS trace_id
+      FROM spans s JOIN probes p ON p.id = s.probe_id;
+    "#,
+];
+
+/// Why the schema could not be brought up to date.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    #[error(
+        "the file has schema version {found}; this scoped understands up to {supported}: upgrade scoped or use another --db"
+    )]
+    TooNew { found: i64, supported: i64 },
+    #[error("migrating the schema from version {from}")]
+    Migrate {
+        from: i64,
+        #[source]
+        source: rusqlite::Error,
+    },
+}
+
+/// Sets the connection up and migrates the file to [`SCHEMA_VERSION`].
+pub fn prepare(conn: &mut Connection) -> Result<(), SchemaError> {
+    let migrate = |from: i64| move |source| SchemaError::Migrate { from, source };
+    // Must precede the first table: lets retention give freed pages back to the file system.
+    conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL;")
+        .map_err(migrate(0))?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         PRAGMA synchronous = NORMAL;
+         PRAGMA foreign_keys = OFF;
+         PRAGMA temp_store = MEMORY;",
+    )
+    .map_err(migrate(0))?;
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;",
+    )
+    .map_err(migrate(0))?;
+    let version: i64 = conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'schema_version'",
+            [],
+            |row| row.get(0),
+        )
+        .optional()
+        .map_err(migrate(0))?
+        .unwrap_or(0);
+    if version > SCHEMA_VERSION {
+        return Err(SchemaError::TooNew {
+            found: version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    for (from, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let from = from as i64;
+        let tx = conn.transaction().map_err(migrate(from))?;
+        tx.execute_batch(sql).map_err(migrate(from))?;
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ('schema_version', ?1)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [from + 1],
+        )
+        .map_err(migrate(from))?;
+        tx.commit().map_err(migrate(from))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrates_a_new_file_and_refuses_a_newer_one() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("s.db");
+        let mut conn = Connection::open(&path).expect("open");
+        prepare(&mut conn).expect("migrate");
+        prepare(&mut conn).expect("idempotent");
+        let version: i64 = conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'schema_version'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("version");
+        assert_eq!(version, SCHEMA_VERSION);
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .expect("mode");
+        assert_eq!(mode, "wal");
+        conn.execute(
+            "UPDATE meta SET value = 99 WHERE key = 'schema_version'",
+            [],
+        )
+        .expect("bump");
+        assert!(matches!(
+            prepare(&mut conn),
+            Err(SchemaError::TooNew { found: 99, .. })
+        ));
+    }
+}
