@@ -138,8 +138,12 @@ impl Scoped {
             Command::new(bin("scoped"))
                 .arg("--socket")
                 .arg(&socket)
-                .arg("--db")
-                .arg(dir.path().join("scope.db"))
+                .args(if args.contains(&"--db") {
+                    None
+                } else {
+                    Some("--db")
+                })
+                .args((!args.contains(&"--db")).then(|| dir.path().join("scope.db")))
                 .args(args)
                 .env("SCOPED_LOG", "info")
                 .stdout(Stdio::null())
