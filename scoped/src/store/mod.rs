@@ -280,6 +280,16 @@ impl Store {
         }
     }
 
+    /// Queues spans, waiting for room in the writer's queue: for bulk loads (imports,
+    /// benchmarks), never on the tracing path.
+    pub fn append_wait(&self, spans: Vec<Span>) -> Result<(), StoreError> {
+        let tx = lock(&self.writer)
+            .clone()
+            .ok_or(StoreError::WriterStopped)?;
+        tx.send(Command::Spans(spans))
+            .map_err(|_| StoreError::WriterStopped)
+    }
+
     fn call<T>(&self, command: impl FnOnce(SyncSender<T>) -> Command) -> Result<T, StoreError> {
         let (reply, answer) = mpsc::sync_channel(1);
         let tx = lock(&self.writer)

@@ -1,53 +1,96 @@
-//! `cargo xtask bench` runs this: measures the per-call cost of tracing against peers and
-//! writes it into BENCHMARKS.md (between markers, so other sections stay).
+//! `cargo xtask bench` runs this: the benchmarks of `scope_tests::bench`, each written into
+//! its own section of BENCHMARKS.md (between markers, so the rest of the file stays).
 //!
-//! Usage: scope-bench [--quick] [--out PATH]
+//! Usage: scope-bench [--quick] [--only per-call|store|rss] [--out PATH]
 
-use std::path::PathBuf;
+use std::{path::Path, time::Duration};
 
 use anyhow::{Context, bail};
 use scope_tests::bench::{self, BenchConfig};
 
-const BEGIN: &str = "<!-- bench:per-call:begin (written by `cargo xtask bench`) -->";
-const END: &str = "<!-- bench:per-call:end -->";
+const SECTIONS: [&str; 3] = ["per-call", "store", "rss"];
 
 fn main() -> anyhow::Result<()> {
     let mut quick = false;
-    let mut out: Option<PathBuf> = None;
+    let mut only: Option<String> = None;
+    let mut out: Option<std::path::PathBuf> = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--quick" => quick = true,
+            "--only" => only = Some(args.next().context("--only needs a section")?),
             "--out" => out = Some(args.next().context("--out needs a path")?.into()),
-            other => bail!("unknown argument {other:?}; usage: scope-bench [--quick] [--out PATH]"),
+            other => bail!(
+                "unknown argument {other:?}; usage: scope-bench [--quick] [--only per-call|store|rss] [--out PATH]"
+            ),
         }
     }
-    let config = if quick {
-        BenchConfig::QUICK
-    } else {
-        BenchConfig::FULL
+    if let Some(section) = &only
+        && !SECTIONS.contains(&section.as_str())
+    {
+        bail!("unknown section {section:?}; one of {SECTIONS:?}");
+    }
+    let wanted = |section: &str| only.as_deref().is_none_or(|o| o == section);
+    let write = |section: &str, markdown: String| -> anyhow::Result<()> {
+        print!("{markdown}\n");
+        if let Some(path) = &out {
+            replace_section(path, section, &markdown)?;
+            eprintln!(
+                "scope-bench: wrote the {section} section of {}",
+                path.display()
+            );
+        }
+        Ok(())
     };
-    eprintln!(
-        "scope-bench: {} calls × {} rounds per configuration",
-        config.calls, config.rounds
-    );
-    let report = bench::run(config);
-    let section = report.markdown();
-    print!("{section}");
-    if let Some(path) = out {
-        let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".to_owned());
-        let block = format!("{BEGIN}\n{section}{END}\n");
-        let new = match (old.find(BEGIN), old.find(END)) {
-            (Some(start), Some(end)) if start < end => format!(
+
+    if wanted("per-call") {
+        let config = if quick {
+            BenchConfig::QUICK
+        } else {
+            BenchConfig::FULL
+        };
+        eprintln!(
+            "scope-bench: per-call cost, {} calls × {} rounds per configuration",
+            config.calls, config.rounds
+        );
+        write("per-call", bench::run(config).markdown())?;
+    }
+    if wanted("store") {
+        let spans = if quick { 200_000 } else { 10_000_000 };
+        eprintln!("scope-bench: store, {spans} spans");
+        write("store", bench::store::run(spans).markdown())?;
+    }
+    if wanted("rss") {
+        let duration = if quick {
+            Duration::from_secs(20)
+        } else {
+            Duration::from_secs(600)
+        };
+        eprintln!(
+            "scope-bench: daemon RSS under steady load for {} s",
+            duration.as_secs()
+        );
+        write("rss", bench::rss::run(duration).markdown())?;
+    }
+    Ok(())
+}
+
+/// Replaces (or appends) the block between this section's markers.
+fn replace_section(path: &Path, section: &str, markdown: &str) -> anyhow::Result<()> {
+    let begin = format!("<!-- bench:{section}:begin (written by `cargo xtask bench`) -->");
+    let end = format!("<!-- bench:{section}:end -->");
+    let old = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n".to_owned());
+    let block = format!("{begin}\n{markdown}{end}\n");
+    let new = match (old.find(&begin), old.find(&end)) {
+        (Some(start), Some(stop)) if start < stop => {
+            format!(
                 "{}{}{}",
                 &old[..start],
                 block,
-                &old[end + END.len()..].trim_start_matches('\n')
-            ),
-            _ => format!("{}\n{}", old.trim_end(), format_args!("\n{block}")),
-        };
-        std::fs::write(&path, new).with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("scope-bench: wrote {}", path.display());
-    }
-    Ok(())
+                old[stop + end.len()..].trim_start_matches('\n')
+            )
+        }
+        _ => format!("{}\n\n{block}", old.trim_end()),
+    };
+    std::fs::write(path, new).with_context(|| format!("writing {}", path.display()))
 }

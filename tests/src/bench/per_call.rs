@@ -13,6 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use super::{machine, today};
 use crate::{Proc, Scoped, Target, compile, read_memory, runtime_address};
 
 const TARGET_SOURCE: &str = r#"#include <stdio.h>
@@ -83,8 +84,7 @@ pub struct Measurement {
 pub struct BenchReport {
     pub config: BenchConfig,
     pub results: Vec<Measurement>,
-    pub kernel: String,
-    pub cpu: String,
+    pub machine: String,
 }
 
 impl BenchReport {
@@ -108,12 +108,11 @@ impl BenchReport {
             md,
             "A C function `work(long)` called {} times in a loop; each configuration attaches to it, runs the \
              loop, detaches. Rounds are interleaved; the median of {} rounds is kept. *Cost* is ns/call minus \
-             the untraced ns/call. Measured {} on {} ({}).\n",
+             the untraced ns/call. Measured {} on {}.\n",
             self.config.calls,
             self.config.rounds,
             today(),
-            self.cpu,
-            self.kernel
+            self.machine
         );
         let _ = writeln!(
             md,
@@ -156,25 +155,6 @@ impl BenchReport {
         );
         md
     }
-}
-
-fn today() -> String {
-    Command::new("date")
-        .arg("+%Y-%m-%d")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default()
-}
-
-fn first_line(path: &str, prefix: &str) -> String {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find(|l| l.starts_with(prefix))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_default()
 }
 
 /// A tracer under test: attaches to `work` in the target and detaches.
@@ -444,16 +424,10 @@ pub fn run(config: BenchConfig) -> BenchReport {
             captured,
         })
         .collect();
-    let kernel = Command::new("uname")
-        .arg("-r")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
     BenchReport {
         config,
         results,
-        kernel: format!("Linux {kernel}"),
-        cpu: first_line("/proc/cpuinfo", "model name"),
+        machine: machine(),
     }
 }
 
