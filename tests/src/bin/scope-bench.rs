@@ -32,7 +32,7 @@ fn main() -> anyhow::Result<()> {
     }
     let wanted = |section: &str| only.as_deref().is_none_or(|o| o == section);
     let write = |section: &str, markdown: String| -> anyhow::Result<()> {
-        print!("{markdown}\n");
+        println!("{markdown}");
         if let Some(path) = &out {
             replace_section(path, section, &markdown)?;
             eprintln!(
