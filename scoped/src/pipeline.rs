@@ -15,10 +15,11 @@ use crate::{
     store::Store,
 };
 
-/// Span batches queued between the reader and the pipeline.
-pub const INGEST_QUEUE_BATCHES: usize = 1024;
-/// Span batches queued for one live watcher before it starts losing them.
-pub const WATCH_QUEUE_BATCHES: usize = 256;
+/// Span batches queued between the reader and the pipeline. A batch holds at most
+/// `reader::BATCH_SPANS` (4096) kernel spans of 128 bytes: at most 32 MiB waiting here.
+pub const INGEST_QUEUE_BATCHES: usize = 64;
+/// Span batches queued for one live watcher before it starts losing them (and counting).
+pub const WATCH_QUEUE_BATCHES: usize = 64;
 
 /// Which live spans a watcher wants. `None` matches everything.
 #[derive(Clone, Debug, Default)]

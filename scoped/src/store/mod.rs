@@ -34,8 +34,9 @@ use crate::{
 
 /// Where the store lives unless `--db` says otherwise.
 pub const DEFAULT_DB: &str = "/var/lib/scope/scope.db";
-/// Span batches queued for the writer before new ones are dropped (and counted).
-pub const WRITE_QUEUE_BATCHES: usize = 256;
+/// Span batches queued for the writer before new ones are dropped (and counted): with
+/// batches of at most 4096 spans, a bound on the memory waiting for the disk.
+pub const WRITE_QUEUE_BATCHES: usize = 32;
 /// The longest a written span waits before its transaction commits: what a crash can lose.
 pub const COMMIT_INTERVAL: Duration = Duration::from_millis(200);
 /// The smallest `--retain-bytes` accepted: below it the WAL alone would not fit.
