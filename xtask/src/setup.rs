@@ -35,6 +35,7 @@ pub fn setup() -> anyhow::Result<()> {
     install_packages()?;
     link_bpf_toolchain()?;
     install_bpf_linker()?;
+    python_venv()?;
     mount_if_missing(
         "tracefs",
         "/sys/kernel/tracing",
@@ -125,6 +126,29 @@ fn install_bpf_linker() -> anyhow::Result<()> {
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO")
         .env_remove("RUSTUP_TOOLCHAIN"))
+}
+
+/// Python packages the tests use as independent peers (an OTLP receiver written with the
+/// official OpenTelemetry protos and grpcio), in a venv of the project's own.
+const PYTHON_PACKAGES: &[&str] = &["opentelemetry-proto", "grpcio"];
+
+/// Where the test venv lives; the tests look for `bin/python3` under it.
+pub fn venv() -> std::path::PathBuf {
+    crate::root().join("target/pyenv")
+}
+
+fn python_venv() -> anyhow::Result<()> {
+    let python = venv().join("bin/python3");
+    let ready = Command::new(&python)
+        .args(["-c", "import grpc, opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc"])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if ready {
+        return Ok(());
+    }
+    eprintln!("xtask setup: creating the test venv {} ({})", venv().display(), PYTHON_PACKAGES.join(", "));
+    run(Command::new("python3").arg("-m").arg("venv").arg(venv()))?;
+    run(Command::new(&python).args(["-m", "pip", "install", "--quiet"]).args(PYTHON_PACKAGES))
 }
 
 fn mount_if_missing(fstype: &str, target: &str, probe: &str) -> anyhow::Result<()> {
