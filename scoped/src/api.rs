@@ -11,6 +11,11 @@ use tonic::{Request, Response, Status};
 use crate::{
     daemon::{Daemon, SessionSnapshot, StatusSnapshot},
     error::ScopeError,
+    export::{
+        self, StreamFormat,
+        flame::{self, FlameFormat, FlameOptions},
+        otlp,
+    },
     glob::Glob,
     model::{Span, TraceId},
     pipeline::WatchFilter,
@@ -168,18 +173,115 @@ impl pb::scope_server::Scope for ScopeService {
 
     async fn flame(
         &self,
-        _request: Request<pb::FlameRequest>,
+        request: Request<pb::FlameRequest>,
     ) -> Result<Response<pb::FlameResponse>, Status> {
-        Err(Status::unimplemented("flame: being built"))
+        let request = request.into_inner();
+        let query = SpanQuery::try_from(request.filter.unwrap_or_default())?;
+        let format = match pb::flame_request::Format::try_from(request.format) {
+            Ok(pb::flame_request::Format::Svg) => FlameFormat::Svg,
+            Ok(pb::flame_request::Format::Folded) => FlameFormat::Folded,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown flame graph format {}",
+                    request.format
+                )));
+            }
+        };
+        let options = FlameOptions {
+            title: if request.title.is_empty() {
+                flame::DEFAULT_TITLE.to_owned()
+            } else {
+                request.title
+            },
+            ..FlameOptions::default()
+        };
+        let daemon = Arc::clone(&self.daemon);
+        let (data, spans) = blocking(move || -> Result<(Vec<u8>, usize), Status> {
+            let spans = daemon.query(&query, 0).map_err(ScopeError::from)?;
+            let data = flame::render(&spans, format, &options)
+                .map_err(|error| Status::new(error.code(), error.to_string()))?;
+            Ok((data, spans.len()))
+        })
+        .await??;
+        Ok(Response::new(pb::FlameResponse {
+            data,
+            spans: spans as u64,
+        }))
     }
 
     type ExportStream = Pin<Box<dyn Stream<Item = Result<pb::ExportChunk, Status>> + Send>>;
 
     async fn export(
         &self,
-        _request: Request<pb::ExportRequest>,
+        request: Request<pb::ExportRequest>,
     ) -> Result<Response<Self::ExportStream>, Status> {
-        Err(Status::unimplemented("export: being built"))
+        let request = request.into_inner();
+        let query = SpanQuery::try_from(request.filter.unwrap_or_default())?;
+        let format = pb::export_request::Format::try_from(request.format).map_err(|_| {
+            Status::invalid_argument(format!("unknown export format {}", request.format))
+        })?;
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE_MESSAGES);
+        let daemon = Arc::clone(&self.daemon);
+        match format {
+            pb::export_request::Format::Otlp => {
+                if request.otlp_endpoint.is_empty() {
+                    return Err(Status::invalid_argument(
+                        "OTLP export needs otlp_endpoint, e.g. http://collector:4317",
+                    ));
+                }
+                let endpoint = request.otlp_endpoint;
+                tokio::spawn(async move {
+                    let spans = match blocking(move || daemon.query(&query, 0)).await {
+                        Ok(Ok(spans)) => spans,
+                        Ok(Err(error)) => {
+                            return tx.send(Err(ScopeError::from(error).into())).await;
+                        }
+                        Err(status) => return tx.send(Err(status)).await,
+                    };
+                    let answer = match otlp::send(&endpoint, &spans).await {
+                        Ok(accepted) => Ok(pb::ExportChunk {
+                            data: Vec::new(),
+                            spans: accepted as u64,
+                        }),
+                        Err(error) => Err(Status::new(error.code(), error.to_string())),
+                    };
+                    tx.send(answer).await
+                });
+            }
+            pb::export_request::Format::Chrome | pb::export_request::Format::Jsonl => {
+                let format = if format == pb::export_request::Format::Chrome {
+                    StreamFormat::Chrome
+                } else {
+                    StreamFormat::JsonLines
+                };
+                tokio::task::spawn_blocking(move || {
+                    let spans = match daemon.query(&query, 0) {
+                        Ok(spans) => spans,
+                        Err(error) => {
+                            let _ = tx.blocking_send(Err(ScopeError::from(error).into()));
+                            return;
+                        }
+                    };
+                    let caller = |span: &Span| daemon.caller_frames(span);
+                    let _ = export::stream(
+                        format,
+                        &spans,
+                        Some(&caller),
+                        export::DEFAULT_CHUNK_BYTES,
+                        |data, done| {
+                            tx.blocking_send(Ok(pb::ExportChunk { data, spans: done }))
+                                .map_err(|_| {
+                                    std::io::Error::new(
+                                        std::io::ErrorKind::BrokenPipe,
+                                        "the client went away",
+                                    )
+                                })
+                        },
+                    );
+                });
+            }
+        }
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn status(

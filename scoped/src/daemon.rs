@@ -13,6 +13,7 @@ use scope_symbolizer::{Frame, Module, ProcessMaps, Symbolizer};
 use crate::{
     ebpf::ProgramPair,
     error::ScopeError,
+    export::otlp::ExporterCounters,
     model::{Probe, Span, now_unix_ns},
     pipeline::{Pipeline, Subscription, WatchFilter},
     probes::{ProbeInfo, ProbeManager, Session, release},
@@ -84,6 +85,7 @@ pub struct Daemon {
     pipeline: Arc<Pipeline>,
     store: Arc<Store>,
     stats: Arc<DaemonStats>,
+    exporter: Option<Arc<ExporterCounters>>,
     callers: CallerSymbolizer,
     started: Instant,
     limits: Limits,
@@ -97,6 +99,7 @@ impl Daemon {
         pipeline: Arc<Pipeline>,
         store: Arc<Store>,
         stats: Arc<DaemonStats>,
+        exporter: Option<Arc<ExporterCounters>>,
         limits: Limits,
         programs: ProgramPair,
     ) -> Daemon {
@@ -107,6 +110,7 @@ impl Daemon {
             pipeline,
             store,
             stats,
+            exporter,
             started: Instant::now(),
             limits,
             programs,
@@ -262,6 +266,14 @@ impl Daemon {
             ("store.write_failed".to_owned(), store.write_failed.get()),
             ("store.evicted".to_owned(), store.evicted.get()),
         ]);
+        if let Some(exporter) = &self.exporter {
+            counters.extend(
+                exporter
+                    .snapshot()
+                    .iter()
+                    .map(|(name, n)| ((*name).to_owned(), *n)),
+            );
+        }
         let config = kernel.config();
         StatusSnapshot {
             uptime: self.started.elapsed(),

@@ -20,6 +20,7 @@ use scoped::{
     api,
     daemon::{Daemon, Limits},
     ebpf::{DEFAULT_MAX_PROBES, DEFAULT_RING_BYTES, Kernel, KernelConfig, ProgramPair},
+    export::otlp,
     model::IdScheme,
     pipeline::{INGEST_QUEUE_BATCHES, Pipeline},
     probes::{ProbeManager, Registry},
@@ -61,6 +62,11 @@ struct Args {
     /// Evict spans older than this (e.g. `7d`, `12h`, `30m`, `90s`).
     #[arg(long, value_parser = parse_age)]
     retain_age: Option<Duration>,
+    /// Also send every span to this OpenTelemetry Collector (OTLP/gRPC, e.g.
+    /// `http://localhost:4317`), batched once a second; spans it cannot take are counted
+    /// (`otlp.dropped`), never waited for.
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
     /// Benchmarks only: attach programs that return at once instead of scope's, to measure
     /// the floor cost of an uprobe + uretprobe pair. Spans are not produced.
     #[arg(long, hide = true)]
@@ -103,12 +109,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
         })
         .context("opening the span store (--db)")?,
     );
+    let exporter = match &args.otlp_endpoint {
+        Some(url) => {
+            let (handle, exporter) = otlp::continuous(url, otlp::ExporterConfig::default())
+                .context("--otlp-endpoint")?;
+            tokio::spawn(exporter.run());
+            tracing::info!(endpoint = url, "exporting every span over OTLP");
+            Some(handle)
+        }
+        None => None,
+    };
+    let exporter_counters = exporter
+        .as_ref()
+        .map(|handle| Arc::clone(handle.counters()));
     let registry = Arc::new(Registry::new(args.max_probes));
     let pipeline = Arc::new(Pipeline::new(
         Arc::clone(&store),
         Arc::clone(&registry),
         Arc::clone(&stats),
         IdScheme::for_this_run(),
+        exporter,
     ));
     let (tx, rx) = mpsc::channel(INGEST_QUEUE_BATCHES);
     let reader =
@@ -121,6 +141,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         pipeline,
         store,
         stats,
+        exporter_counters,
         Limits {
             max_session_probes: args.max_session_probes,
         },

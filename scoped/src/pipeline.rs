@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::mpsc::{self, error::TrySendError};
 
 use crate::{
+    export::otlp::ExporterHandle,
     glob::Glob,
     model::{Clock, IdScheme, Span},
     probes::Registry,
@@ -61,6 +62,8 @@ pub struct Pipeline {
     stats: Arc<DaemonStats>,
     clock: Clock,
     ids: IdScheme,
+    /// The continuous OTLP exporter (`--otlp-endpoint`), if any.
+    exporter: Option<ExporterHandle>,
 }
 
 impl Pipeline {
@@ -69,6 +72,7 @@ impl Pipeline {
         registry: Arc<Registry>,
         stats: Arc<DaemonStats>,
         ids: IdScheme,
+        exporter: Option<ExporterHandle>,
     ) -> Pipeline {
         Pipeline {
             store,
@@ -77,6 +81,7 @@ impl Pipeline {
             stats,
             clock: Clock::now(),
             ids,
+            exporter,
         }
     }
 
@@ -130,6 +135,10 @@ impl Pipeline {
             return;
         }
         self.fan_out(&spans);
+        if let Some(exporter) = &self.exporter {
+            // Never blocks: what does not fit is counted in otlp.dropped.
+            exporter.offer(spans.clone());
+        }
         self.store.append(spans);
     }
 

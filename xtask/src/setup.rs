@@ -140,15 +140,24 @@ pub fn venv() -> std::path::PathBuf {
 fn python_venv() -> anyhow::Result<()> {
     let python = venv().join("bin/python3");
     let ready = Command::new(&python)
-        .args(["-c", "import grpc, opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc"])
+        .args([
+            "-c",
+            "import grpc, opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc",
+        ])
         .output()
         .is_ok_and(|out| out.status.success());
     if ready {
         return Ok(());
     }
-    eprintln!("xtask setup: creating the test venv {} ({})", venv().display(), PYTHON_PACKAGES.join(", "));
+    eprintln!(
+        "xtask setup: creating the test venv {} ({})",
+        venv().display(),
+        PYTHON_PACKAGES.join(", ")
+    );
     run(Command::new("python3").arg("-m").arg("venv").arg(venv()))?;
-    run(Command::new(&python).args(["-m", "pip", "install", "--quiet"]).args(PYTHON_PACKAGES))
+    run(Command::new(&python)
+        .args(["-m", "pip", "install", "--quiet"])
+        .args(PYTHON_PACKAGES))
 }
 
 fn mount_if_missing(fstype: &str, target: &str, probe: &str) -> anyhow::Result<()> {
