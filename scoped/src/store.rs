@@ -94,6 +94,10 @@ impl Store {
         self.spans.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
     pub fn capacity(&self) -> usize {
         self.capacity
     }
