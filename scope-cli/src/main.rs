@@ -128,8 +128,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// The functions with the most time in them, refreshed live (calls/s and time/s since the
-    /// previous refresh) until Ctrl-C.
+    /// The functions with the most time in them, refreshed live until Ctrl-C.
+    ///
+    /// Each refresh shows, per function, calls/s and time/s since the previous refresh and
+    /// the cumulative count, total and p99.
     Top {
         #[command(flatten)]
         target: TargetArgs,
@@ -146,7 +148,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// A flame graph (SVG, or folded stacks) of recorded call trees; width is time in the call.
+    /// A flame graph (SVG or folded stacks) of recorded call trees.
+    ///
+    /// A frame's width is the time spent in the call, its traced children included.
     Flame {
         #[command(flatten)]
         target: TargetArgs,
@@ -164,8 +168,8 @@ enum Command {
         #[arg(long, value_name = "TITLE")]
         title: Option<String>,
     },
-    /// Recorded calls in another tool's format (Chrome/Perfetto JSON, JSON Lines), or sent
-    /// to an OpenTelemetry Collector.
+    /// Recorded calls as Chrome/Perfetto JSON or JSON Lines, or sent to an OpenTelemetry
+    /// Collector.
     Export {
         /// The format.
         #[arg(long, value_enum)]
@@ -423,6 +427,71 @@ mod tests {
         let cli = Cli::try_parse_from(["scope", "calls"]).expect("calls parses");
         assert!(matches!(cli.command, Command::Calls { limit: 100, .. }));
         assert!(Cli::try_parse_from(["scope", "detach", "--all"]).is_ok());
+        let cli = Cli::try_parse_from([
+            "scope",
+            "calls",
+            "--since",
+            "5m",
+            "--until",
+            "2024-05-01T13:00:00Z",
+            "--min-duration",
+            "1ms",
+            "--trace",
+            "0123456789abcdef0123456789abcdef",
+            "-p",
+            "3",
+        ])
+        .expect("calls with filters parses");
+        match cli.command {
+            Command::Calls {
+                target, time, call, ..
+            } => {
+                assert_eq!(target.pid, Some(3));
+                assert_eq!(
+                    time.since,
+                    Some(filter::TimeSpec::Ago(Duration::from_secs(300)))
+                );
+                assert_eq!(
+                    time.until,
+                    Some(filter::TimeSpec::At(1_714_568_400_000_000_000))
+                );
+                assert_eq!(call.min_duration, Some(Duration::from_millis(1)));
+                assert!(call.trace_id.is_some());
+            }
+            _ => panic!("not calls"),
+        }
+        let cli = Cli::try_parse_from(["scope", "top"]).expect("top parses");
+        match cli.command {
+            Command::Top {
+                interval,
+                count,
+                rows,
+                json,
+                ..
+            } => {
+                assert_eq!(interval, Duration::from_secs(1));
+                assert_eq!((count, rows, json), (None, DEFAULT_TOP_ROWS, false));
+            }
+            _ => panic!("not top"),
+        }
+        assert!(Cli::try_parse_from(["scope", "top", "-i", "250ms", "-n", "3", "--json"]).is_ok());
+        assert!(
+            Cli::try_parse_from(["scope", "stats", "--func", "f*", "--since", "1h", "--json"])
+                .is_ok()
+        );
+        assert!(
+            Cli::try_parse_from(["scope", "flame", "-o", "x.svg", "--title", "t", "--folded"])
+                .is_ok()
+        );
+        assert!(
+            Cli::try_parse_from(["scope", "export", "--format", "chrome", "-o", "t.json"]).is_ok()
+        );
+        assert!(
+            Cli::try_parse_from(["scope", "export", "-o", "t.json"]).is_err(),
+            "--format is required"
+        );
+        assert!(Cli::try_parse_from(["scope", "export", "--format", "perfetto"]).is_err());
+        assert!(Cli::try_parse_from(["scope", "calls", "--since", "soon"]).is_err());
         assert!(Cli::try_parse_from(["scope", "detach", "3"]).is_ok());
         assert!(Cli::try_parse_from(["scope", "detach"]).is_err());
         assert!(Cli::try_parse_from(["scope", "detach", "3", "--all"]).is_err());
