@@ -65,11 +65,18 @@ impl fmt::Display for ClientError {
                     status.message()
                 };
                 match status.code() {
-                    tonic::Code::Unavailable => write!(
-                        f,
-                        "lost the connection to scoped at {}: {message}",
-                        socket.display()
-                    ),
+                    // A status the transport made up (it carries the transport error) means
+                    // the connection broke; one scoped sent (say, an OpenTelemetry collector
+                    // it cannot reach) has a message of its own and no source.
+                    tonic::Code::Unavailable
+                        if status.source().is_some() || status.message().is_empty() =>
+                    {
+                        write!(
+                            f,
+                            "lost the connection to scoped at {}: {message}",
+                            socket.display()
+                        )
+                    }
                     tonic::Code::Unimplemented => write!(
                         f,
                         "scoped at {} does not support this request ({message}); is it older \
@@ -212,5 +219,25 @@ mod tests {
             status: tonic::Status::new(tonic::Code::Internal, ""),
         };
         assert_eq!(err.to_string(), "Internal error");
+        let err = ClientError::Rpc {
+            socket: "/s".into(),
+            status: tonic::Status::unavailable("cannot reach the collector at http://c:4317"),
+        };
+        assert_eq!(
+            err.to_string(),
+            "cannot reach the collector at http://c:4317"
+        );
+        let mut lost = tonic::Status::unavailable("connection reset");
+        lost.set_source(std::sync::Arc::new(io::Error::from(
+            io::ErrorKind::ConnectionReset,
+        )));
+        let err = ClientError::Rpc {
+            socket: "/s".into(),
+            status: lost,
+        };
+        assert_eq!(
+            err.to_string(),
+            "lost the connection to scoped at /s: connection reset"
+        );
     }
 }

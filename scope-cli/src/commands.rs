@@ -141,24 +141,18 @@ pub async fn status(client: &Client, out: &mut impl Write, json: bool) -> Result
 
 /// What `scope calls` asks for.
 pub struct CallsQuery {
-    pub pid: Option<u32>,
-    pub function: Option<String>,
-    pub session: Option<u64>,
+    pub filter: SpanFilter,
     pub limit: u32,
     pub json: bool,
 }
 
 pub async fn calls(client: &Client, out: &mut impl Write, query: CallsQuery) -> Result<()> {
+    let filtered = query.filter != SpanFilter::default();
     let mut stream = client
         .rpc
         .clone()
         .query_spans(QuerySpansRequest {
-            filter: Some(SpanFilter {
-                session_id: query.session.unwrap_or(0),
-                pid: query.pid.unwrap_or(0),
-                function: query.function.unwrap_or_default(),
-                ..SpanFilter::default()
-            }),
+            filter: Some(query.filter),
             limit: query.limit,
         })
         .await
@@ -199,11 +193,7 @@ pub async fn calls(client: &Client, out: &mut impl Write, query: CallsQuery) -> 
             writeln!(
                 out,
                 "no calls recorded{} (see `scope sessions`; trace with `scope attach` or `scope trace`)",
-                if query.pid.is_some() || query.session.is_some() {
-                    " for this pid/session"
-                } else {
-                    ""
-                }
+                if filtered { " matching the filter" } else { "" }
             )?;
         } else {
             flush_sizing(out, &mut table, &mut sizing)?;

@@ -4,7 +4,10 @@
 mod client;
 mod commands;
 mod duration;
+mod export;
+mod filter;
 mod render;
+mod stats;
 mod trace;
 mod tree;
 
@@ -18,9 +21,17 @@ use clap::{Parser, Subcommand};
 
 use crate::client::{Client, DEFAULT_SOCKET};
 use crate::duration::parse_duration;
+use crate::export::ExportFormat;
+use crate::filter::{CallArgs, TargetArgs, TimeArgs, check_range, now_unix_ns, span_filter};
 
 /// How long a finished call waits for children still in flight in other CPUs' rings.
 const DEFAULT_GRACE: &str = "100ms";
+
+/// How often `scope top` refreshes.
+const DEFAULT_TOP_INTERVAL: &str = "1s";
+
+/// Rows `scope top` shows.
+const DEFAULT_TOP_ROWS: usize = 20;
 
 #[derive(Parser)]
 #[command(
@@ -30,7 +41,12 @@ const DEFAULT_GRACE: &str = "100ms";
     after_help = "Examples:\n  \
         scope trace --pid 1234 --func 'processCommand' --func 'lookupKey*' --duration 10s\n  \
         scope attach --pid 1234 --func 'libc.so.6!malloc'\n  \
-        scope calls --pid 1234 --limit 20\n  \
+        scope calls --pid 1234 --limit 20 --since 5m --min-duration 1ms\n  \
+        scope stats --pid 1234\n  \
+        scope top --func 'lookupKey*'\n  \
+        scope flame --pid 1234 -o redis.svg\n  \
+        scope export --format chrome --since 1m -o trace.json\n  \
+        scope export --format otlp --endpoint http://localhost:4317\n  \
         scope detach --all"
 )]
 struct Cli {
@@ -89,21 +105,87 @@ enum Command {
     },
     /// Print recorded calls, oldest first.
     Calls {
-        /// Only calls in this process.
-        #[arg(long, short)]
-        pid: Option<u32>,
-        /// Only calls of this function.
-        #[arg(long = "func", short, value_name = "GLOB")]
-        function: Option<String>,
-        /// Only calls recorded by this session.
-        #[arg(long, value_name = "ID")]
-        session: Option<u64>,
+        #[command(flatten)]
+        target: TargetArgs,
+        #[command(flatten)]
+        time: TimeArgs,
+        #[command(flatten)]
+        call: CallArgs,
         /// The most recent N matching calls; 0 for all.
         #[arg(long, short = 'n', value_name = "N", default_value_t = 100)]
         limit: u32,
         /// Print one JSON object per line (JSON Lines).
         #[arg(long)]
         json: bool,
+    },
+    /// Per-function call counts, total time and duration percentiles of recorded calls.
+    Stats {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[command(flatten)]
+        time: TimeArgs,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The functions with the most time in them, refreshed live until Ctrl-C.
+    ///
+    /// Each refresh shows, per function, calls/s and time/s since the previous refresh and
+    /// the cumulative count, total and p99.
+    Top {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Time between refreshes.
+        #[arg(long, short, value_parser = parse_duration, default_value = DEFAULT_TOP_INTERVAL)]
+        interval: Duration,
+        /// Stop after N refreshes.
+        #[arg(long, short = 'n', value_name = "N")]
+        count: Option<u64>,
+        /// Functions shown per refresh; 0 for all (--json always has all).
+        #[arg(long, value_name = "N", default_value_t = DEFAULT_TOP_ROWS)]
+        rows: usize,
+        /// Print one JSON object per refresh (JSON Lines), without screen control codes.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A flame graph (SVG or folded stacks) of recorded call trees.
+    ///
+    /// A frame's width is the time spent in the call, its traced children included.
+    Flame {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[command(flatten)]
+        time: TimeArgs,
+        #[command(flatten)]
+        call: CallArgs,
+        /// Write to this file instead of stdout.
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Folded stacks (`outer;inner self_time_ns` per line) instead of SVG.
+        #[arg(long)]
+        folded: bool,
+        /// The SVG's title.
+        #[arg(long, value_name = "TITLE")]
+        title: Option<String>,
+    },
+    /// Recorded calls as Chrome/Perfetto JSON or JSON Lines, or sent to an OpenTelemetry
+    /// Collector.
+    Export {
+        /// The format.
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+        /// Write to this file instead of stdout (chrome and jsonl).
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// The collector's OTLP/gRPC address for --format otlp, e.g. http://localhost:4317.
+        #[arg(long, value_name = "URL")]
+        endpoint: Option<String>,
+        #[command(flatten)]
+        target: TargetArgs,
+        #[command(flatten)]
+        time: TimeArgs,
+        #[command(flatten)]
+        call: CallArgs,
     },
     /// List tracing sessions.
     Sessions {
@@ -167,6 +249,18 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    // Options that are wrong whatever the daemon says fail before connecting.
+    if let Command::Export {
+        format,
+        output,
+        endpoint,
+        ..
+    } = &cli.command
+    {
+        export::check_export(*format, endpoint.as_deref(), output.as_deref())
+            .map_err(anyhow::Error::msg)?;
+    }
+    let now = now_unix_ns();
     let client = Client::connect(&cli.socket).await?;
     let mut out = BufWriter::new(io::stdout());
     match cli.command {
@@ -202,20 +296,80 @@ async fn run(cli: Cli) -> Result<()> {
             trace::trace(&client, &mut out, options).await?;
         }
         Command::Calls {
-            pid,
-            function,
-            session,
+            target,
+            time,
+            call,
             limit,
             json,
         } => {
+            let filter = span_filter(&target, Some(&time), Some(&call), now);
+            check_range(&filter).map_err(anyhow::Error::msg)?;
             let query = commands::CallsQuery {
-                pid,
-                function,
-                session,
+                filter,
                 limit,
                 json,
             };
             commands::calls(&client, &mut out, query).await?;
+        }
+        Command::Stats { target, time, json } => {
+            let filter = span_filter(&target, Some(&time), None, now);
+            check_range(&filter).map_err(anyhow::Error::msg)?;
+            stats::stats(&client, &mut out, &filter, json).await?;
+        }
+        Command::Top {
+            target,
+            interval,
+            count,
+            rows,
+            json,
+        } => {
+            if interval.is_zero() {
+                anyhow::bail!("--interval must be longer than 0");
+            }
+            let options = stats::TopOptions {
+                filter: span_filter(&target, None, None, now),
+                interval,
+                count,
+                rows,
+                json,
+            };
+            stats::top(&client, &mut out, options).await?;
+        }
+        Command::Flame {
+            target,
+            time,
+            call,
+            output,
+            folded,
+            title,
+        } => {
+            let filter = span_filter(&target, Some(&time), Some(&call), now);
+            check_range(&filter).map_err(anyhow::Error::msg)?;
+            let options = export::FlameOptions {
+                filter,
+                folded,
+                title,
+                output,
+            };
+            export::flame(&client, &mut out, options).await?;
+        }
+        Command::Export {
+            format,
+            output,
+            endpoint,
+            target,
+            time,
+            call,
+        } => {
+            let filter = span_filter(&target, Some(&time), Some(&call), now);
+            check_range(&filter).map_err(anyhow::Error::msg)?;
+            let options = export::ExportOptions {
+                filter,
+                format,
+                endpoint,
+                output,
+            };
+            export::export(&client, &mut out, options).await?;
         }
         Command::Sessions { json } => commands::sessions(&client, &mut out, json).await?,
         Command::Detach { session, all, json } => {
@@ -273,6 +427,71 @@ mod tests {
         let cli = Cli::try_parse_from(["scope", "calls"]).expect("calls parses");
         assert!(matches!(cli.command, Command::Calls { limit: 100, .. }));
         assert!(Cli::try_parse_from(["scope", "detach", "--all"]).is_ok());
+        let cli = Cli::try_parse_from([
+            "scope",
+            "calls",
+            "--since",
+            "5m",
+            "--until",
+            "2024-05-01T13:00:00Z",
+            "--min-duration",
+            "1ms",
+            "--trace",
+            "0123456789abcdef0123456789abcdef",
+            "-p",
+            "3",
+        ])
+        .expect("calls with filters parses");
+        match cli.command {
+            Command::Calls {
+                target, time, call, ..
+            } => {
+                assert_eq!(target.pid, Some(3));
+                assert_eq!(
+                    time.since,
+                    Some(filter::TimeSpec::Ago(Duration::from_secs(300)))
+                );
+                assert_eq!(
+                    time.until,
+                    Some(filter::TimeSpec::At(1_714_568_400_000_000_000))
+                );
+                assert_eq!(call.min_duration, Some(Duration::from_millis(1)));
+                assert!(call.trace_id.is_some());
+            }
+            _ => panic!("not calls"),
+        }
+        let cli = Cli::try_parse_from(["scope", "top"]).expect("top parses");
+        match cli.command {
+            Command::Top {
+                interval,
+                count,
+                rows,
+                json,
+                ..
+            } => {
+                assert_eq!(interval, Duration::from_secs(1));
+                assert_eq!((count, rows, json), (None, DEFAULT_TOP_ROWS, false));
+            }
+            _ => panic!("not top"),
+        }
+        assert!(Cli::try_parse_from(["scope", "top", "-i", "250ms", "-n", "3", "--json"]).is_ok());
+        assert!(
+            Cli::try_parse_from(["scope", "stats", "--func", "f*", "--since", "1h", "--json"])
+                .is_ok()
+        );
+        assert!(
+            Cli::try_parse_from(["scope", "flame", "-o", "x.svg", "--title", "t", "--folded"])
+                .is_ok()
+        );
+        assert!(
+            Cli::try_parse_from(["scope", "export", "--format", "chrome", "-o", "t.json"]).is_ok()
+        );
+        assert!(
+            Cli::try_parse_from(["scope", "export", "-o", "t.json"]).is_err(),
+            "--format is required"
+        );
+        assert!(Cli::try_parse_from(["scope", "export", "--format", "perfetto"]).is_err());
+        assert!(Cli::try_parse_from(["scope", "calls", "--since", "soon"]).is_err());
         assert!(Cli::try_parse_from(["scope", "detach", "3"]).is_ok());
         assert!(Cli::try_parse_from(["scope", "detach"]).is_err());
         assert!(Cli::try_parse_from(["scope", "detach", "3", "--all"]).is_err());

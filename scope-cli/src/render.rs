@@ -59,6 +59,11 @@ pub fn location(file: &str, line: u32) -> Option<String> {
     })
 }
 
+/// A module's file name: `/usr/lib/x86_64-linux-gnu/libc.so.6` → `libc.so.6`.
+pub fn module_name(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
 /// Span flags as words: `thread_exited` → `thread exited`.
 pub fn format_flags(flags: &[String]) -> String {
     flags
@@ -489,6 +494,8 @@ pub struct SpanJson<'a> {
     pub flags: &'a [String],
     pub inlined_into: &'a str,
     pub caller: Vec<FrameJson<'a>>,
+    /// The trace the call belongs to (32 hex digits).
+    pub trace_id: &'a str,
 }
 
 impl<'a> From<&'a Span> for SpanJson<'a> {
@@ -517,6 +524,7 @@ impl<'a> From<&'a Span> for SpanJson<'a> {
             flags: &s.flags,
             inlined_into: &s.inlined_into,
             caller: s.caller.iter().map(FrameJson::from).collect(),
+            trace_id: &s.trace_id,
         }
     }
 }
@@ -672,6 +680,7 @@ mod tests {
             }],
             flags: vec![],
             inlined_into: String::new(),
+            trace_id: "0123456789abcdef0000000000000007".into(),
         }
     }
 
@@ -699,9 +708,10 @@ mod tests {
         ] {
             assert!(obj[key].is_u64(), "{key} is an integer: {}", obj[key]);
         }
-        for key in ["function", "module", "file", "inlined_into"] {
+        for key in ["function", "module", "file", "inlined_into", "trace_id"] {
             assert!(obj[key].is_string(), "{key} is a string");
         }
+        assert_eq!(obj["trace_id"], "0123456789abcdef0000000000000007");
         assert_eq!(obj["ret"].as_u64(), Some(u64::MAX), "u64 kept exact");
         assert_eq!(obj["start_ns"].as_u64(), Some(1_700_000_000_123_456_789));
         let args = obj["args"].as_array().expect("args array");

@@ -11,9 +11,11 @@ use std::time::Duration;
 
 use scope_proto::v1::scope_server::{Scope, ScopeServer};
 use scope_proto::v1::{
-    AttachRequest, AttachResponse, DetachRequest, DetachResponse, Frame, ListSessionsRequest,
-    ListSessionsResponse, Probe, QuerySpansRequest, Session, Span, SpanBatch, StatusRequest,
-    StatusResponse, WatchRequest, detach_request::Target,
+    AttachRequest, AttachResponse, DetachRequest, DetachResponse, ExportChunk, ExportRequest,
+    FlameRequest, FlameResponse, Frame, FunctionStats, ListSessionsRequest, ListSessionsResponse,
+    Probe, QuerySpansRequest, Session, Span, SpanBatch, SpanFilter, StatsRequest, StatsResponse,
+    StatusRequest, StatusResponse, WatchRequest, detach_request::Target, export_request,
+    flame_request,
 };
 use serde_json::Value;
 use tokio_stream::Stream;
@@ -31,7 +33,24 @@ struct Seen {
     detach: Vec<DetachRequest>,
     watch: Vec<WatchRequest>,
     query: Vec<QuerySpansRequest>,
+    stats: Vec<StatsRequest>,
+    flame: Vec<FlameRequest>,
+    export: Vec<ExportRequest>,
 }
+
+impl Seen {
+    /// The filter of the only QuerySpans call.
+    fn query_filter(&self) -> SpanFilter {
+        assert_eq!(self.query.len(), 1, "one QuerySpans call");
+        self.query[0]
+            .filter
+            .clone()
+            .expect("QuerySpans has a filter")
+    }
+}
+
+/// A pid the fake says has nothing recorded.
+const EMPTY_PID: u32 = 4242;
 
 /// What the fake answers.
 #[derive(Clone)]
@@ -123,6 +142,7 @@ fn span(id: u64, parent: u64, tid: u32, depth: u32, function: &str, start: u64, 
         }],
         flags: vec![],
         inlined_into: String::new(),
+        trace_id: format!("{:016x}{:016x}", 0xabcd_u64, 1000 + id),
     }
 }
 
@@ -282,6 +302,105 @@ impl Scope for Fake {
             ring_bytes_per_cpu: 262_144,
             cpus: 4,
         }))
+    }
+
+    async fn stats(
+        &self,
+        request: Request<StatsRequest>,
+    ) -> Result<Response<StatsResponse>, Status> {
+        let request = request.into_inner();
+        let calls = {
+            let mut seen = self.seen.lock().expect("lock");
+            seen.stats.push(request.clone());
+            seen.stats.len() as u64
+        };
+        if request.filter.unwrap_or_default().pid == EMPTY_PID {
+            return Ok(Response::new(StatsResponse::default()));
+        }
+        // Counts grow by 100 calls (1ms) and 10 calls per answer, like a live daemon's.
+        let function = |name: &str, count: u64, total_ns: u64| FunctionStats {
+            function: name.into(),
+            module: "/usr/bin/redis-server".into(),
+            count,
+            total_ns,
+            mean_ns: total_ns / count,
+            p50_ns: 8_000,
+            p95_ns: 15_000,
+            p99_ns: 21_000,
+            max_ns: 90_000,
+            min_ns: 700,
+        };
+        Ok(Response::new(StatsResponse {
+            functions: vec![
+                function("processCommand", 100 * calls, 1_000_000 * calls),
+                function("lookupKey", 10 * calls, 20_000 * calls),
+            ],
+            percentile_relative_error: 0.01,
+        }))
+    }
+
+    async fn flame(
+        &self,
+        request: Request<FlameRequest>,
+    ) -> Result<Response<FlameResponse>, Status> {
+        let request = request.into_inner();
+        self.seen.lock().expect("lock").flame.push(request.clone());
+        if request.filter.unwrap_or_default().pid == EMPTY_PID {
+            return Err(Status::not_found(
+                "no spans to draw: none match the filter (see `scope calls` for what is stored)",
+            ));
+        }
+        let data = if request.format == flame_request::Format::Folded as i32 {
+            "redis-server (1234);processCommand 9000\nredis-server (1234);processCommand;lookupKey 3000\n".to_owned()
+        } else {
+            format!(
+                "<svg><text>{}</text><title>processCommand (12,000 ns, 100%)</title></svg>",
+                request.title
+            )
+        };
+        Ok(Response::new(FlameResponse {
+            data: data.into_bytes(),
+            spans: 3,
+        }))
+    }
+
+    type ExportStream = Pin<Box<dyn Stream<Item = Result<ExportChunk, Status>> + Send>>;
+
+    async fn export(
+        &self,
+        request: Request<ExportRequest>,
+    ) -> Result<Response<Self::ExportStream>, Status> {
+        let request = request.into_inner();
+        self.seen.lock().expect("lock").export.push(request.clone());
+        let chunk = |data: &str, spans: u64| {
+            Ok(ExportChunk {
+                data: data.as_bytes().to_vec(),
+                spans,
+            })
+        };
+        let chunks = match export_request::Format::try_from(request.format) {
+            Ok(export_request::Format::Chrome) => vec![
+                chunk(
+                    "{\"traceEvents\":[{\"ph\":\"X\",\"name\":\"processCommand\"},",
+                    1,
+                ),
+                chunk("{\"ph\":\"X\",\"name\":\"lookupKey\"}", 2),
+                chunk("],\"displayTimeUnit\":\"ns\"}\n", 2),
+            ],
+            Ok(export_request::Format::Jsonl) => vec![
+                chunk("{\"function\":\"processCommand\"}\n{\"function\":", 1),
+                chunk("\"lookupKey\"}\n", 2),
+            ],
+            Ok(export_request::Format::Otlp) if request.otlp_endpoint.contains("dead") => {
+                vec![Err(Status::unavailable(format!(
+                    "cannot reach the OpenTelemetry collector at {}",
+                    request.otlp_endpoint
+                )))]
+            }
+            Ok(export_request::Format::Otlp) => vec![chunk("", 2000), chunk("", 4500)],
+            Err(_) => vec![Err(Status::invalid_argument("unknown format"))],
+        };
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
     }
 }
 
@@ -536,7 +655,7 @@ fn calls_json_lines_have_every_key() {
         ] {
             assert!(v[key].is_u64(), "{key} is an integer in {line}");
         }
-        for key in ["function", "module", "file", "inlined_into"] {
+        for key in ["function", "module", "file", "inlined_into", "trace_id"] {
             assert!(v[key].is_string(), "{key} is a string in {line}");
         }
         let args = v["args"].as_array().expect("args");
@@ -554,12 +673,22 @@ fn calls_json_lines_have_every_key() {
     assert_eq!(child["start_ns"], 1_700_000_000_000_002_000u64);
     let exited: Value = serde_json::from_str(lines[2]).expect("JSON");
     assert_eq!(exited["flags"][0], "thread_exited");
+    assert_eq!(child["trace_id"], "000000000000abcd00000000000003ea");
     daemon.seen(|seen| {
-        assert_eq!(seen.query.len(), 1);
-        assert_eq!(seen.query[0].pid, 1234);
+        let filter = seen.query_filter();
+        assert_eq!(filter.pid, 1234);
         assert_eq!(seen.query[0].limit, 100, "default limit");
-        assert_eq!(seen.query[0].session_id, 0);
-        assert_eq!(seen.query[0].function, "");
+        assert_eq!(filter.session_id, 0);
+        assert_eq!(filter.function, "");
+        assert_eq!(
+            (
+                filter.since_unix_ns,
+                filter.until_unix_ns,
+                filter.min_duration_ns
+            ),
+            (0, 0, 0)
+        );
+        assert_eq!(filter.trace_id, "");
     });
 }
 
@@ -599,8 +728,9 @@ fn calls_passes_filters_and_prints_a_table() {
     assert!(lines[3].ends_with("[thread exited]"), "{text}");
     daemon.seen(|seen| {
         assert_eq!(seen.query[0].limit, 0);
-        assert_eq!(seen.query[0].session_id, 7);
-        assert_eq!(seen.query[0].function, "lookup*");
+        let filter = seen.query_filter();
+        assert_eq!(filter.session_id, 7);
+        assert_eq!(filter.function, "lookup*");
     });
 }
 
@@ -1018,4 +1148,444 @@ fn trace_reports_a_failed_stream_and_still_detaches() {
         "{text}"
     );
     daemon.seen(|seen| assert_eq!(seen.detach.len(), 1));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Filters, stats, top, flame, export
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos() as u64
+}
+
+#[test]
+fn calls_filters_reach_the_daemon() {
+    let daemon = Daemon::start(Script::default());
+    let out = daemon.run(&[
+        "calls",
+        "--since",
+        "2024-05-01T13:00:00Z",
+        "--until",
+        "1714568460000000000",
+        "--min-duration",
+        "1ms",
+        "--trace",
+        "0123456789ABCDEF0123456789abcdef",
+        "--json",
+    ]);
+    assert_ok(&out);
+    daemon.seen(|seen| {
+        let filter = seen.query_filter();
+        assert_eq!(filter.since_unix_ns, 1_714_568_400_000_000_000);
+        assert_eq!(filter.until_unix_ns, 1_714_568_460_000_000_000);
+        assert_eq!(filter.min_duration_ns, 1_000_000);
+        assert_eq!(filter.trace_id, "0123456789abcdef0123456789abcdef");
+    });
+
+    let daemon = Daemon::start(Script::default());
+    let before = now_ns();
+    let out = daemon.run(&["calls", "--since", "5m"]);
+    let after = now_ns();
+    assert_ok(&out);
+    daemon.seen(|seen| {
+        let since = seen.query_filter().since_unix_ns;
+        let five_minutes = 300_000_000_000;
+        assert!(
+            (before - five_minutes..=after - five_minutes).contains(&since),
+            "--since 5m is five minutes before now: {since}"
+        );
+    });
+}
+
+#[test]
+fn bad_filters_are_usage_errors() {
+    let daemon = Daemon::start(Script::default());
+    let out = daemon.run(&["calls", "--since", "yesterday"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("invalid time 'yesterday'") && err.contains("RFC 3339"),
+        "{err}"
+    );
+    let out = daemon.run(&["calls", "--trace", "abc"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("expected 32 hex digits"),
+        "{}",
+        stderr(&out)
+    );
+    let out = daemon.run(&["calls", "--since", "1m", "--until", "5m"]);
+    assert_clean_error(&out, "--until is not after --since: nothing can match");
+    daemon.seen(|seen| assert!(seen.query.is_empty(), "nothing was asked"));
+}
+
+#[test]
+fn stats_table_json_and_filters() {
+    let daemon = Daemon::start(Script::default());
+    let out = daemon.run(&[
+        "stats",
+        "--pid",
+        "1234",
+        "--func",
+        "proc*",
+        "--session",
+        "7",
+        "--since",
+        "10m",
+    ]);
+    assert_ok(&out);
+    let text = stdout(&out);
+    let lines: Vec<Vec<&str>> = text
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        lines[0],
+        [
+            "FUNCTION", "MODULE", "COUNT", "TOTAL", "MEAN", "P50", "P95", "P99", "MAX"
+        ]
+    );
+    assert_eq!(
+        lines[1],
+        [
+            "processCommand",
+            "redis-server",
+            "100",
+            "1.00ms",
+            "10.0µs",
+            "8.00µs",
+            "15.0µs",
+            "21.0µs",
+            "90.0µs"
+        ]
+    );
+    assert_eq!(lines[2][0], "lookupKey");
+    assert!(
+        text.lines()
+            .last()
+            .is_some_and(|l| l.starts_with("percentiles are within ±1%")),
+        "{text}"
+    );
+    daemon.seen(|seen| {
+        let filter = seen.stats[0].filter.clone().expect("filter");
+        assert_eq!((filter.pid, filter.session_id), (1234, 7));
+        assert_eq!(filter.function, "proc*");
+        assert!(filter.since_unix_ns > 0);
+    });
+
+    let out = daemon.run(&["stats", "--json"]);
+    assert_ok(&out);
+    let text = stdout(&out);
+    assert_eq!(text.lines().count(), 1, "{text}");
+    let v: Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(v["percentile_relative_error"], 0.01);
+    let f = &v["functions"][0];
+    assert_eq!(f["function"], "processCommand");
+    assert_eq!(f["module"], "/usr/bin/redis-server");
+    for key in [
+        "count", "total_ns", "mean_ns", "p50_ns", "p95_ns", "p99_ns", "max_ns", "min_ns",
+    ] {
+        assert!(f[key].is_u64(), "{key} is an integer: {f}");
+    }
+    assert_eq!(f["min_ns"], 700);
+
+    let out = daemon.run(&["stats", "--pid", "4242"]);
+    assert_ok(&out);
+    assert!(stdout(&out).starts_with("no calls recorded matching the filter"));
+}
+
+#[test]
+fn top_json_prints_rates_per_refresh() {
+    let daemon = Daemon::start(Script::default());
+    let out = daemon.run(&[
+        "top",
+        "--json",
+        "--count",
+        "2",
+        "--interval",
+        "100ms",
+        "--pid",
+        "1234",
+    ]);
+    assert_ok(&out);
+    let text = stdout(&out);
+    assert!(!text.contains('\x1b'), "no screen control codes: {text:?}");
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each refresh is one JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    for v in &lines {
+        assert!(v["time_unix_ns"].is_u64() && v["interval_ns"].is_u64());
+        let interval = v["interval_ns"].as_u64().expect("interval");
+        assert!(interval >= 90_000_000, "about 100ms: {interval}");
+        let f = &v["functions"][0];
+        assert_eq!(f["function"], "processCommand");
+        // 100 more calls and 1ms more per answer, over about 100ms.
+        let rate = f["calls_per_sec"].as_f64().expect("calls_per_sec");
+        assert!((200.0..=1100.0).contains(&rate), "{rate}");
+        let time = f["time_ns_per_sec"].as_f64().expect("time_ns_per_sec");
+        assert!((rate * 9_000.0..=rate * 11_000.0).contains(&time), "{time}");
+        for key in ["count", "total_ns", "p99_ns", "mean_ns", "max_ns"] {
+            assert!(f[key].is_u64(), "{key}: {f}");
+        }
+    }
+    assert_eq!(lines[1]["functions"][0]["count"], 300, "cumulative count");
+    daemon.seen(|seen| {
+        assert_eq!(seen.stats.len(), 3, "a baseline and one answer per refresh");
+        assert!(
+            seen.stats
+                .iter()
+                .all(|r| r.filter.as_ref().is_some_and(|f| f.pid == 1234))
+        );
+    });
+}
+
+#[test]
+fn top_table_without_a_terminal() {
+    let daemon = Daemon::start(Script::default());
+    let out = daemon.run(&["top", "--count", "1", "--interval", "50ms"]);
+    assert_ok(&out);
+    let text = stdout(&out);
+    assert!(
+        !text.contains('\x1b'),
+        "no control codes into a pipe: {text:?}"
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("scope top "), "{text}");
+    let header: Vec<&str> = lines[2].split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "FUNCTION", "MODULE", "CALLS/S", "TIME/S", "COUNT", "TOTAL", "P99"
+        ]
+    );
+    assert!(lines[3].starts_with("processCommand"), "{text}");
+    assert!(lines[3].contains("ms/s"), "{text}");
+}
+
+#[test]
+fn top_stops_on_ctrl_c() {
+    let daemon = Daemon::start(Script::default());
+    let mut child = daemon
+        .command(&["top", "--json", "--interval", "50ms"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn scope");
+    let mut reader = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("a first refresh");
+    assert!(line.starts_with('{'), "{line}");
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "{:?} {}", out.status, stderr(&out));
+}
+
+#[test]
+fn flame_writes_svg_or_folded_stacks() {
+    let daemon = Daemon::start(Script::default());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let svg = dir.path().join("redis.svg");
+    let out = daemon.run(&[
+        "flame",
+        "--pid",
+        "1234",
+        "--since",
+        "1h",
+        "--title",
+        "redis latency",
+        "-o",
+        svg.to_str().expect("utf-8 path"),
+    ]);
+    assert_ok(&out);
+    assert!(out.stdout.is_empty(), "the graph goes to the file");
+    let written = std::fs::read_to_string(&svg).expect("the SVG");
+    assert!(
+        written.starts_with("<svg>") && written.contains("redis latency"),
+        "{written}"
+    );
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "scope: flame graph of 3 spans written to {}\n",
+            svg.display()
+        )
+    );
+    daemon.seen(|seen| {
+        let request = &seen.flame[0];
+        assert_eq!(request.format, flame_request::Format::Svg as i32);
+        assert_eq!(request.title, "redis latency");
+        let filter = request.filter.clone().expect("filter");
+        assert_eq!(filter.pid, 1234);
+        assert!(filter.since_unix_ns > 0);
+    });
+
+    let out = daemon.run(&["flame", "--folded"]);
+    assert_ok(&out);
+    assert_eq!(
+        stdout(&out),
+        "redis-server (1234);processCommand 9000\nredis-server (1234);processCommand;lookupKey 3000\n"
+    );
+    assert_eq!(
+        stderr(&out),
+        "scope: folded stacks of 3 spans written to stdout\n"
+    );
+    daemon.seen(|seen| {
+        assert_eq!(seen.flame[1].format, flame_request::Format::Folded as i32);
+        assert_eq!(seen.flame[1].title, "");
+    });
+}
+
+#[test]
+fn flame_errors_leave_no_file() {
+    let daemon = Daemon::start(Script::default());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let svg = dir.path().join("empty.svg");
+    let out = daemon.run(&["flame", "--pid", "4242", "-o", svg.to_str().expect("path")]);
+    assert_clean_error(
+        &out,
+        "no spans to draw: none match the filter (see `scope calls` for what is stored)",
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path()).expect("dir").count(),
+        0,
+        "no file, no temporary"
+    );
+}
+
+#[test]
+fn export_chrome_and_jsonl_stream_to_a_file_or_stdout() {
+    let daemon = Daemon::start(Script::default());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let trace = dir.path().join("trace.json");
+    let out = daemon.run(&[
+        "export",
+        "--format",
+        "chrome",
+        "-o",
+        trace.to_str().expect("path"),
+        "--session",
+        "7",
+        "--min-duration",
+        "10us",
+    ]);
+    assert_ok(&out);
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&trace).expect("file"))
+        .expect("chunks make one JSON document");
+    assert_eq!(doc["traceEvents"].as_array().map(Vec::len), Some(2));
+    assert_eq!(
+        stderr(&out),
+        format!("scope: exported 2 spans to {}\n", trace.display())
+    );
+    daemon.seen(|seen| {
+        let request = &seen.export[0];
+        assert_eq!(request.format, export_request::Format::Chrome as i32);
+        assert_eq!(request.otlp_endpoint, "");
+        let filter = request.filter.clone().expect("filter");
+        assert_eq!(filter.session_id, 7);
+        assert_eq!(filter.min_duration_ns, 10_000);
+    });
+
+    let out = daemon.run(&["export", "--format", "jsonl"]);
+    assert_ok(&out);
+    let text = stdout(&out);
+    let functions: Vec<String> = text
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).expect("JSON line");
+            v["function"].as_str().expect("function").to_owned()
+        })
+        .collect();
+    assert_eq!(functions, ["processCommand", "lookupKey"]);
+    assert_eq!(stderr(&out), "scope: exported 2 spans to stdout\n");
+}
+
+#[test]
+fn export_otlp_reports_what_was_sent() {
+    let daemon = Daemon::start(Script::default());
+    let out = daemon.run(&[
+        "export",
+        "--format",
+        "otlp",
+        "--endpoint",
+        "http://collector:4317",
+        "--trace",
+        "0123456789abcdef0123456789abcdef",
+    ]);
+    assert_ok(&out);
+    assert_eq!(stdout(&out), "sent 4500 spans to http://collector:4317\n");
+    daemon.seen(|seen| {
+        let request = &seen.export[0];
+        assert_eq!(request.format, export_request::Format::Otlp as i32);
+        assert_eq!(request.otlp_endpoint, "http://collector:4317");
+        assert_eq!(
+            request.filter.clone().expect("filter").trace_id,
+            "0123456789abcdef0123456789abcdef"
+        );
+    });
+
+    let out = daemon.run(&[
+        "export",
+        "--format",
+        "otlp",
+        "--endpoint",
+        "http://dead:4317",
+    ]);
+    // The daemon's Unavailable is about the collector, not about scoped: printed as it is.
+    assert_clean_error(
+        &out,
+        "cannot reach the OpenTelemetry collector at http://dead:4317",
+    );
+}
+
+#[test]
+fn export_option_mistakes_fail_before_connecting() {
+    // No daemon at all: these must not get as far as connecting.
+    for (args, expected) in [
+        (
+            vec!["export", "--format", "otlp"],
+            "--format otlp needs --endpoint URL, the collector's OTLP/gRPC address (e.g. http://localhost:4317)",
+        ),
+        (
+            vec![
+                "export",
+                "--format",
+                "chrome",
+                "--endpoint",
+                "http://c:4317",
+            ],
+            "--endpoint is only for --format otlp",
+        ),
+        (
+            vec![
+                "export",
+                "--format",
+                "otlp",
+                "--endpoint",
+                "http://c:4317",
+                "-o",
+                "x",
+            ],
+            "--format otlp sends to the collector and writes no file: leave out -o",
+        ),
+    ] {
+        let out = Command::new(SCOPE)
+            .args(["--socket", "/nonexistent/scoped.sock"])
+            .args(&args)
+            .output()
+            .expect("run scope");
+        assert_clean_error(&out, expected);
+    }
+    let out = Command::new(SCOPE)
+        .args(["--socket", "/nonexistent", "export", "--format", "xml"])
+        .output()
+        .expect("run scope");
+    assert_eq!(out.status.code(), Some(2));
 }

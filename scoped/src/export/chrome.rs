@@ -15,7 +15,7 @@
 //!
 //! Ids (64-bit) are hex strings: JSON readers in JavaScript would round them as numbers.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{self, Write};
 
 use serde::Serialize;
@@ -36,26 +36,17 @@ pub fn write(spans: &[Span], out: &mut impl Write) -> io::Result<()> {
 pub(crate) fn write_to(spans: &[Span], out: &mut impl SpanSink) -> io::Result<()> {
     let epoch = spans.iter().map(|s| s.start_ns).min().unwrap_or(0);
     out.write_all(b"{\"traceEvents\":[")?;
-    let mut first = true;
-    let mut event = |out: &mut dyn Write, value: &dyn erased::Event| -> io::Result<()> {
-        if !first {
-            out.write_all(b",\n")?;
-        } else {
-            out.write_all(b"\n")?;
-        }
-        first = false;
-        value.write(out)
-    };
+    let mut events = Events { first: true };
 
     // Named tracks: one per process (comm and pid), one per thread.
     let mut processes: BTreeMap<u32, &str> = BTreeMap::new();
-    let mut threads: BTreeMap<(u32, u32), ()> = BTreeMap::new();
+    let mut threads: BTreeSet<(u32, u32)> = BTreeSet::new();
     for span in spans {
         processes.entry(span.pid).or_insert(&span.probe.comm);
-        threads.insert((span.pid, span.tid), ());
+        threads.insert((span.pid, span.tid));
     }
     for (&pid, comm) in &processes {
-        event(
+        events.write(
             out,
             &Metadata {
                 name: "process_name",
@@ -68,13 +59,13 @@ pub(crate) fn write_to(spans: &[Span], out: &mut impl SpanSink) -> io::Result<()
             },
         )?;
     }
-    for &(pid, tid) in threads.keys() {
+    for &(pid, tid) in &threads {
         let name = if pid == tid {
             format!("main thread {tid}")
         } else {
             format!("thread {tid}")
         };
-        event(
+        events.write(
             out,
             &Metadata {
                 name: "thread_name",
@@ -111,7 +102,7 @@ pub(crate) fn write_to(spans: &[Span], out: &mut impl SpanSink) -> io::Result<()
                 start_unix_ns: span.start_ns,
             },
         };
-        event(out, &slice)?;
+        events.write(out, &slice)?;
 
         if let Some(parent) = by_id.get(&span.parent_id)
             && (parent.pid, parent.tid) != (span.pid, span.tid)
@@ -119,7 +110,7 @@ pub(crate) fn write_to(spans: &[Span], out: &mut impl SpanSink) -> io::Result<()
             flow_id += 1;
             // The start binds to the slice enclosing its ts on the parent's thread: the
             // parent's own start is inside the parent and inside none of its children.
-            event(
+            events.write(
                 out,
                 &Flow {
                     name: FLOW_NAME,
@@ -132,7 +123,7 @@ pub(crate) fn write_to(spans: &[Span], out: &mut impl SpanSink) -> io::Result<()
                     bp: None,
                 },
             )?;
-            event(
+            events.write(
                 out,
                 &Flow {
                     name: FLOW_NAME,
@@ -253,7 +244,20 @@ struct OtherData {
     spans: usize,
 }
 
-/// One closure writes every kind of event.
+/// Writes events with commas between them.
+struct Events {
+    first: bool,
+}
+
+impl Events {
+    fn write(&mut self, out: &mut dyn Write, event: &dyn erased::Event) -> io::Result<()> {
+        out.write_all(if self.first { b"\n" } else { b",\n" })?;
+        self.first = false;
+        event.write(out)
+    }
+}
+
+/// Every kind of event through one `&dyn`, so one closure writes them all.
 mod erased {
     use std::io::{self, Write};
 
