@@ -297,10 +297,13 @@ impl Scope for Fake {
             sessions: 1,
             probes: 2,
             stored_spans: 900,
-            store_capacity: 1_000_000,
+            store_bytes: 3 << 20,
             store_evicted: 0,
             ring_bytes_per_cpu: 262_144,
             cpus: 4,
+            store_path: "/var/lib/scope/scope.db".to_owned(),
+            store_retain_bytes: 2 << 30,
+            store_retain_age_ns: 0,
         }))
     }
 
@@ -812,14 +815,18 @@ fn status_human_and_json() {
     ] {
         assert!(words.contains(&expected), "{expected:?} in\n{text}");
     }
-    assert!(text.contains("900 of 1000000 spans"), "{text}");
+    assert!(
+        text.contains("900 spans, 3.0 MiB in /var/lib/scope/scope.db (kept under 2.0 GiB)"),
+        "{text}"
+    );
     let out = daemon.run(&["status", "--json"]);
     assert_ok(&out);
     let v: Value = serde_json::from_str(&stdout(&out)).expect("JSON");
     assert_eq!(v["spans_received"], 1000);
     assert_eq!(v["spans_dropped"], 17);
     assert_eq!(v["counters"]["kernel.ring_full"], 17);
-    assert_eq!(v["store_capacity"], 1_000_000);
+    assert_eq!(v["store_bytes"], 3 << 20);
+    assert_eq!(v["store_path"], "/var/lib/scope/scope.db");
 }
 
 /// Two threads' calls, children before parents, one root's child arriving after the root,

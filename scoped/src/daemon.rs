@@ -73,10 +73,13 @@ pub struct StatusSnapshot {
     pub cpus: u32,
 }
 
-/// Limits the daemon enforces on requests.
+/// How the daemon treats requests.
 #[derive(Clone, Copy, Debug)]
-pub struct Limits {
+pub struct Settings {
+    /// The most functions one session may probe.
     pub max_session_probes: usize,
+    /// The programs attached (the real ones, or the benchmark floor).
+    pub programs: ProgramPair,
 }
 
 pub struct Daemon {
@@ -88,8 +91,7 @@ pub struct Daemon {
     exporter: Option<Arc<ExporterCounters>>,
     callers: CallerSymbolizer,
     started: Instant,
-    limits: Limits,
-    programs: ProgramPair,
+    settings: Settings,
 }
 
 impl Daemon {
@@ -100,8 +102,7 @@ impl Daemon {
         store: Arc<Store>,
         stats: Arc<DaemonStats>,
         exporter: Option<Arc<ExporterCounters>>,
-        limits: Limits,
-        programs: ProgramPair,
+        settings: Settings,
     ) -> Daemon {
         Daemon {
             manager: Mutex::new(manager),
@@ -112,8 +113,7 @@ impl Daemon {
             stats,
             exporter,
             started: Instant::now(),
-            limits,
-            programs,
+            settings,
         }
     }
 
@@ -126,13 +126,13 @@ impl Daemon {
     /// Resolves, records the session and its probes in the store, attaches. Blocking: call
     /// from a blocking thread.
     pub fn attach(&self, spec: &AttachSpec) -> Result<SessionSnapshot, ScopeError> {
-        let plan = resolve::plan(&self.symbolizer, spec, self.limits.max_session_probes)?;
+        let plan = resolve::plan(&self.symbolizer, spec, self.settings.max_session_probes)?;
         let id = self
             .store
             .create_session(&plan.process, &plan.patterns, now_unix_ns())?;
         let attached = self.stored_probes(id, &plan).and_then(|probes| {
             let mut manager = self.manager();
-            manager.attach(id, plan, probes, self.programs)
+            manager.attach(id, plan, probes, self.settings.programs)
         });
         if let Err(error) = attached {
             self.store.end_session(id, now_unix_ns());

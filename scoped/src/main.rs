@@ -18,7 +18,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 
 use scoped::{
     api,
-    daemon::{Daemon, Limits},
+    daemon::{Daemon, Settings},
     ebpf::{DEFAULT_MAX_PROBES, DEFAULT_RING_BYTES, Kernel, KernelConfig, ProgramPair},
     export::otlp,
     model::IdScheme,
@@ -142,13 +142,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         store,
         stats,
         exporter_counters,
-        Limits {
+        Settings {
             max_session_probes: args.max_session_probes,
-        },
-        if args.bench_null_programs {
-            ProgramPair::Null
-        } else {
-            ProgramPair::Scope
+            programs: if args.bench_null_programs {
+                ProgramPair::Null
+            } else {
+                ProgramPair::Scope
+            },
         },
     ));
 

@@ -260,6 +260,18 @@ async fn stats_percentiles_match_the_raw_spans() {
     assert_eq!(work.max_ns, *durations.last().unwrap());
     assert_eq!(work.min_ns, durations[0]);
     assert_eq!(work.mean_ns, work.total_ns / 2000);
+    // `scope stats --json` says the same.
+    let cli = scoped.scope_json(&["stats", "--pid", &pid, "--func", "work", "--json"]);
+    let row = &cli["functions"][0];
+    assert_eq!(row["function"], "work");
+    for (key, value) in [
+        ("count", work.count),
+        ("p50_ns", work.p50_ns),
+        ("p99_ns", work.p99_ns),
+        ("max_ns", work.max_ns),
+    ] {
+        assert_eq!(row[key], value, "{key} in {cli}");
+    }
     for (q, got) in [(0.5, work.p50_ns), (0.95, work.p95_ns), (0.99, work.p99_ns)] {
         let want = exact(q);
         let off = (got as f64 - want as f64).abs() / want as f64;
