@@ -115,7 +115,8 @@ impl Store {
         }))
     }
 
-    /// The most recent `limit` spans matching `query` (all with `limit == 0`), in start order.
+    /// The `limit` latest-starting spans matching `query` (all with `limit == 0`), in start
+    /// order. Ordering by start time lets SQLite walk an index backwards instead of sorting.
     pub fn spans(&self, query: &SpanQuery, limit: usize) -> Result<Vec<Span>, StoreError> {
         let conn = self.reader();
         let mut conditions: Vec<String> = Vec::new();
@@ -157,7 +158,7 @@ impl Store {
         let sql = format!(
             "SELECT span_id, parent_id, trace_hi, trace_lo, probe_id, pid, tid, start_ns, duration_ns, depth,
                     arg0, arg1, arg2, arg3, arg4, arg5, ret, caller, flags
-               FROM spans {filter} ORDER BY rowid DESC LIMIT {limit}"
+               FROM spans {filter} ORDER BY start_ns DESC LIMIT {limit}"
         );
         let read = |source| StoreError::Sql {
             what: "read spans",

@@ -18,6 +18,8 @@ use super::{
 };
 use crate::model::{Span, now_unix_ns};
 
+/// The writer connection's page cache, in KiB.
+const WRITER_CACHE_KIB: u32 = 64 * 1024;
 /// Spans in one transaction at most.
 const MAX_TRANSACTION_SPANS: usize = 50_000;
 /// How often age retention runs (size retention is checked after every commit).
@@ -36,6 +38,9 @@ pub(crate) fn run(
     config: StoreConfig,
     counters: Arc<StoreCounters>,
 ) {
+    // The span indexes (one of them on random trace ids) outgrow SQLite's 2 MiB default
+    // cache within a few million spans; a larger cache keeps the write rate up.
+    let _ = conn.execute_batch(&format!("PRAGMA cache_size = -{WRITER_CACHE_KIB};"));
     if let Some(cap) = config.retain_bytes {
         // Keep the WAL small relative to the cap: checkpoint often, truncate it after.
         let pages = (cap / 8 / 4096).clamp(16, 1000);
