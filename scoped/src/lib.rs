@@ -7,6 +7,7 @@
 //! `model` holds the records everything passes around.
 
 pub mod api;
+pub mod btf;
 pub mod daemon;
 pub mod ebpf;
 pub mod error;
