@@ -33,6 +33,8 @@ pub struct AttachTarget {
     pub functions: Vec<String>,
     /// Resolve the globs only in this ELF file mapped by the process.
     pub binary: Option<String>,
+    /// Trace the processes it forks too.
+    pub follow: bool,
 }
 
 /// Attaches and returns the new session (shared with `scope trace`).
@@ -44,6 +46,7 @@ pub async fn attach_session(client: &Client, target: &AttachTarget) -> Result<Se
             pid: target.pid,
             functions: target.functions.clone(),
             binary: target.binary.clone().unwrap_or_default(),
+            no_follow: !target.follow,
         })
         .await
         .map_err(|status| client.error(status))?

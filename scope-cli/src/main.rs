@@ -79,6 +79,10 @@ enum Command {
         /// or one of its libraries).
         #[arg(long, value_name = "PATH")]
         binary: Option<String>,
+        /// Do not trace the processes it forks (by default they are followed, and what they
+        /// exec is traced with the same globs).
+        #[arg(long)]
+        no_follow: bool,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -95,6 +99,10 @@ enum Command {
         /// or one of its libraries).
         #[arg(long, value_name = "PATH")]
         binary: Option<String>,
+        /// Do not trace the processes it forks (by default they are followed, and what they
+        /// exec is traced with the same globs).
+        #[arg(long)]
+        no_follow: bool,
         /// Stop after this long (`5s`, `500ms`, `2m`); default: until Ctrl-C or the target
         /// exits.
         #[arg(long, short, value_parser = parse_duration)]
@@ -268,12 +276,14 @@ async fn run(cli: Cli) -> Result<()> {
             pid,
             functions,
             binary,
+            no_follow,
             json,
         } => {
             let target = commands::AttachTarget {
                 pid,
                 functions,
                 binary,
+                follow: !no_follow,
             };
             commands::attach(&client, &mut out, &target, json).await?;
         }
@@ -281,6 +291,7 @@ async fn run(cli: Cli) -> Result<()> {
             pid,
             functions,
             binary,
+            no_follow,
             duration,
             grace,
         } => {
@@ -289,6 +300,7 @@ async fn run(cli: Cli) -> Result<()> {
                     pid,
                     functions,
                     binary,
+                    follow: !no_follow,
                 },
                 duration,
                 grace,

@@ -496,6 +496,8 @@ pub struct SpanJson<'a> {
     pub caller: Vec<FrameJson<'a>>,
     /// The trace the call belongs to (32 hex digits).
     pub trace_id: &'a str,
+    /// How `parent_id` (on another thread or process) caused this call: fork, wakeup, io.
+    pub link_kind: &'a str,
 }
 
 impl<'a> From<&'a Span> for SpanJson<'a> {
@@ -525,6 +527,7 @@ impl<'a> From<&'a Span> for SpanJson<'a> {
             inlined_into: &s.inlined_into,
             caller: s.caller.iter().map(FrameJson::from).collect(),
             trace_id: &s.trace_id,
+            link_kind: &s.link_kind,
         }
     }
 }
@@ -681,6 +684,7 @@ mod tests {
             flags: vec![],
             inlined_into: String::new(),
             trace_id: "0123456789abcdef0000000000000007".into(),
+            link_kind: String::new(),
         }
     }
 

@@ -114,6 +114,8 @@ fn session(alive: bool) -> Session {
         target_alive: alive,
         spans_received: 12,
         spans_dropped: 5,
+        follow: true,
+        pids: vec![PID],
     }
 }
 
@@ -143,6 +145,7 @@ fn span(id: u64, parent: u64, tid: u32, depth: u32, function: &str, start: u64, 
         flags: vec![],
         inlined_into: String::new(),
         trace_id: format!("{:016x}{:016x}", 0xabcd_u64, 1000 + id),
+        link_kind: String::new(),
     }
 }
 

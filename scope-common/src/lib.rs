@@ -22,6 +22,18 @@ pub mod maps {
     pub const PROBE_COUNTERS: &str = "PROBE_COUNTERS";
     /// Per-CPU array with one [`super::CpuState`] (span id sequence).
     pub const CPU_STATE: &str = "CPU_STATE";
+    /// LRU hash: tid → [`super::Link`] from the span that forked/cloned the thread. Applies to
+    /// the thread's root calls that have no other cause.
+    pub const FORK_LINKS: &str = "FORK_LINKS";
+    /// LRU hash: tid → [`super::Link`] from the span that last woke the thread. Consumed by the
+    /// thread's next root call.
+    pub const WAKE_LINKS: &str = "WAKE_LINKS";
+}
+
+/// Names of the global variables the daemon sets before loading.
+pub mod globals {
+    /// [`super::KernelOffsets`] of the running kernel.
+    pub const OFFSETS: &str = "OFFSETS";
 }
 
 /// Names of the programs in the eBPF object.
@@ -34,6 +46,10 @@ pub mod programs {
     pub const THREAD_EXIT: &str = "scope_thread_exit";
     /// `sched:sched_process_exec`: flushes the call stack of a thread that execs mid-call.
     pub const EXEC: &str = "scope_exec";
+    /// Raw tracepoint `sched_process_fork`: follows new processes and threads of traced ones.
+    pub const FORK: &str = "scope_fork";
+    /// Raw tracepoint `sched_wakeup`: a traced thread in a span waking another traced thread.
+    pub const WAKEUP: &str = "scope_wakeup";
     /// Empty `uprobe.multi` program: the floor a benchmark compares the real entry program to.
     pub const NULL_ENTRY: &str = "scope_null_entry";
     /// Empty `uretprobe.multi` program: the floor a benchmark compares the real exit program to.
@@ -75,6 +91,8 @@ pub mod cookie {
 pub enum RecordKind {
     /// A [`Span`].
     Span = 1,
+    /// A [`ProcessEvent`].
+    Process = 2,
 }
 
 /// Bits of [`Span::flags`].
@@ -88,6 +106,12 @@ pub mod span_flags {
     /// The call never returned normally: a `longjmp` or an exception unwound past it. `end_ns`
     /// is when the kernel noticed (the next return of an enclosing traced call).
     pub const ABANDONED: u32 = 1 << 3;
+    /// `link_id` is the span that forked or cloned this thread.
+    pub const LINK_FORK: u32 = 1 << 4;
+    /// `link_id` is the span whose thread woke this one (futex, condvar, channel...).
+    pub const LINK_WAKEUP: u32 = 1 << 5;
+    /// All `LINK_*` bits.
+    pub const LINKS: u32 = LINK_FORK | LINK_WAKEUP;
 }
 
 /// One traced call, paired in the kernel: entry and exit in a single record.
@@ -111,8 +135,14 @@ pub struct Span {
     /// `span_id` of the enclosing traced call on the same thread, 0 for a root.
     pub parent_id: u64,
     /// `span_id` of the outermost traced call enclosing this one on the thread (its own id
-    /// for a root): the thread-local trace this call belongs to.
+    /// for a root): the thread-local tree this call belongs to.
     pub root_id: u64,
+    /// The trace: the span id of the call where the causal chain began, possibly in another
+    /// thread or process (followed through forks and wakeups).
+    pub trace_id: u64,
+    /// For a root call caused from another thread or process: the span that caused it (see
+    /// the `LINK_*` [`span_flags`]); 0 otherwise.
+    pub link_id: u64,
     /// The first six integer arguments (System V x86-64: rdi, rsi, rdx, rcx, r8, r9).
     pub args: [u64; 6],
     /// The return value (rax); 0 when [`span_flags`] say there was no return.
@@ -131,12 +161,15 @@ pub struct Span {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Frame {
     pub probe_id: u32,
-    pub _pad: u32,
+    /// `LINK_*` [`span_flags`] of a root frame.
+    pub link_flags: u32,
     /// Stack pointer at entry (pointing at the return address); the exit sees `sp + 8`.
     pub sp: u64,
     pub start_ns: u64,
     pub span_id: u64,
     pub root_id: u64,
+    pub trace_id: u64,
+    pub link_id: u64,
     pub caller: u64,
     pub args: [u64; 6],
 }
@@ -177,6 +210,63 @@ pub struct ProbeCounters {
     pub calls: u64,
     /// Spans of this probe that were lost (ring full, stack full, depth overflow).
     pub dropped: u64,
+}
+
+/// What happened to a traced process. The record of [`RecordKind::Process`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcessEvent {
+    /// [`RecordKind::Process`].
+    pub kind: u32,
+    /// [`process_event`] constant.
+    pub event: u32,
+    /// The process (tgid) the event is about: the new child for a fork.
+    pub pid: u32,
+    pub tid: u32,
+    /// For a fork: the parent process and thread.
+    pub parent_pid: u32,
+    pub parent_tid: u32,
+    /// `CLOCK_MONOTONIC` nanoseconds.
+    pub time_ns: u64,
+    /// For a fork: the parent thread's innermost open traced call (0 if none), and its trace.
+    pub span_id: u64,
+    pub trace_id: u64,
+    /// Exit code for an exit (as `wait` reports it), 0 otherwise.
+    pub exit_code: u32,
+    pub _pad: u32,
+    pub _reserved: u64,
+}
+
+/// Values of [`ProcessEvent::event`].
+pub mod process_event {
+    /// A traced process forked a new process.
+    pub const FORK: u32 = 1;
+    /// A traced process called exec.
+    pub const EXEC: u32 = 2;
+    /// A traced process exited (its main thread ended).
+    pub const EXIT: u32 = 3;
+}
+
+/// The cause a thread's next root call inherits. The value of the link maps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Link {
+    pub span_id: u64,
+    pub trace_id: u64,
+    /// `LINK_*` [`span_flags`].
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Field offsets of kernel structs the programs read, from the running kernel's BTF (the
+/// daemon fills them in before loading; Rust eBPF has no CO-RE relocations yet).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// `task_struct.pid` (the thread id).
+    pub task_pid: u32,
+    /// `task_struct.tgid` (the process id).
+    pub task_tgid: u32,
 }
 
 /// Global counters, an index into [`maps::COUNTERS`]. Every place in the kernel that loses a
@@ -240,9 +330,12 @@ impl Counter {
     }
 }
 
-const _: () = assert!(size_of::<Span>() == 128);
-const _: () = assert!(size_of::<Frame>() == 96);
-const _: () = assert!(size_of::<ThreadStack>() == 8 + 96 * MAX_DEPTH);
+const _: () = assert!(size_of::<Span>() == 144);
+const _: () = assert!(size_of::<Frame>() == 112);
+const _: () = assert!(size_of::<ThreadStack>() == 8 + 112 * MAX_DEPTH);
+const _: () = assert!(size_of::<ProcessEvent>() == 64);
+const _: () = assert!(size_of::<Link>() == 24);
+const _: () = assert!(size_of::<KernelOffsets>() == 8);
 const _: () = assert!(size_of::<Target>() == 8);
 const _: () = assert!(size_of::<CpuState>() == 8);
 const _: () = assert!(size_of::<ProbeCounters>() == 16);
@@ -257,18 +350,46 @@ mod pod {
     unsafe impl aya::Pod for super::Target {}
     unsafe impl aya::Pod for super::CpuState {}
     unsafe impl aya::Pod for super::ProbeCounters {}
+    unsafe impl aya::Pod for super::ProcessEvent {}
+    unsafe impl aya::Pod for super::Link {}
+    unsafe impl aya::Pod for super::KernelOffsets {}
+}
+
+/// A record from the rings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Record {
+    Span(Span),
+    Process(ProcessEvent),
+}
+
+impl Record {
+    /// Decodes a ring-buffer record by its kind; `None` for a short or unknown record.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Record> {
+        let kind = u32::from_ne_bytes(bytes.get(..4)?.try_into().ok()?);
+        match kind {
+            k if k == RecordKind::Span as u32 => Span::from_bytes(bytes).map(Record::Span),
+            k if k == RecordKind::Process as u32 => {
+                read::<ProcessEvent>(bytes).map(Record::Process)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Copies a plain-integer record out of bytes of at least its size.
+fn read<T: Copy>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() < size_of::<T>() {
+        return None;
+    }
+    // SAFETY: the length is checked; callers only use this for `#[repr(C)]` records made of
+    // integers (any bit pattern is valid); `read_unaligned` assumes no alignment.
+    Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
 impl Span {
     /// Decodes a span from ring-buffer bytes, checking length and kind.
     pub fn from_bytes(bytes: &[u8]) -> Option<Span> {
-        if bytes.len() < size_of::<Span>() {
-            return None;
-        }
-        // SAFETY: the length is checked above, `Span` is plain integers (any bit pattern is
-        // valid), and `read_unaligned` makes no alignment assumption.
-        let span = unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<Span>()) };
-        (span.kind == RecordKind::Span as u32).then_some(span)
+        read::<Span>(bytes).filter(|span| span.kind == RecordKind::Span as u32)
     }
 }
 
@@ -288,6 +409,8 @@ mod tests {
             span_id: 1 << 48 | 3,
             parent_id: 0,
             root_id: 1 << 48 | 3,
+            trace_id: 1 << 48 | 3,
+            link_id: 0,
             args: [1, 2, 3, 4, 5, 6],
             ret: 42,
             caller: 0x4000,
@@ -301,6 +424,21 @@ mod tests {
         let mut wrong_kind = bytes;
         wrong_kind[0] = 9;
         assert_eq!(Span::from_bytes(&wrong_kind), None);
+    }
+
+    #[test]
+    fn records_decode_by_kind() {
+        let event = ProcessEvent {
+            kind: RecordKind::Process as u32,
+            event: process_event::FORK,
+            pid: 9,
+            ..Default::default()
+        };
+        // SAFETY: ProcessEvent is plain integers with no padding.
+        let bytes: [u8; size_of::<ProcessEvent>()] = unsafe { core::mem::transmute(event) };
+        assert_eq!(Record::from_bytes(&bytes), Some(Record::Process(event)));
+        assert_eq!(Record::from_bytes(&bytes[..10]), None);
+        assert_eq!(Record::from_bytes(&[7, 0, 0, 0, 1, 2, 3, 4]), None);
     }
 
     #[test]

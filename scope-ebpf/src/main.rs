@@ -18,22 +18,23 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    EbpfContext,
+    EbpfContext, Global,
     bindings::{
         BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
     },
-    btf_maps::{ArrayOfMaps, HashMap, PerCpuArray, RingBuf},
+    btf_maps::{ArrayOfMaps, HashMap, LruHashMap, PerCpuArray, RingBuf},
     helpers::{
         bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_smp_processor_id,
-        bpf_ktime_get_ns, bpf_probe_read_user, generated::bpf_ringbuf_query,
+        bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user, generated::bpf_ringbuf_query,
     },
-    macros::{btf_map, tracepoint, uprobe, uretprobe},
-    programs::{ProbeContext, RetProbeContext, TracePointContext},
+    macros::{btf_map, raw_tracepoint, tracepoint, uprobe, uretprobe},
+    programs::{ProbeContext, RawTracePointContext, RetProbeContext, TracePointContext},
 };
 use aya_log_ebpf::{debug, info, warn};
 use scope_common::{
-    Counter, CpuState, Frame, MAX_CPUS, MAX_DEPTH, MAX_PROBES, MAX_TARGETS, MAX_THREADS,
-    MAX_UNWIND, ProbeCounters, RecordKind, Span, Target, ThreadStack, cookie, span_flags,
+    Counter, CpuState, Frame, KernelOffsets, Link, MAX_CPUS, MAX_DEPTH, MAX_PROBES, MAX_TARGETS,
+    MAX_THREADS, MAX_UNWIND, ProbeCounters, ProcessEvent, RecordKind, Span, Target, ThreadStack,
+    cookie, process_event, span_flags,
 };
 
 /// Size of the template ring in the object. The daemon creates the real per-CPU rings (of the
@@ -69,6 +70,19 @@ static PROBE_COUNTERS: PerCpuArray<ProbeCounters, { MAX_PROBES as usize }> = Per
 #[btf_map]
 static CPU_STATE: PerCpuArray<CpuState, 1> = PerCpuArray::new();
 
+#[btf_map]
+static FORK_LINKS: LruHashMap<u32, Link, { MAX_THREADS as usize }> = LruHashMap::new();
+
+#[btf_map]
+static WAKE_LINKS: LruHashMap<u32, Link, { MAX_THREADS as usize }> = LruHashMap::new();
+
+/// Kernel struct offsets, set by the daemon before loading.
+#[unsafe(no_mangle)]
+static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
+    task_pid: 0,
+    task_tgid: 0,
+});
+
 #[uprobe(multi)]
 pub fn scope_entry(ctx: ProbeContext) -> u32 {
     on_entry(&ctx);
@@ -84,12 +98,106 @@ pub fn scope_exit(ctx: RetProbeContext) -> u32 {
 #[tracepoint(category = "sched", name = "sched_process_exit")]
 pub fn scope_thread_exit(_ctx: TracePointContext) -> u32 {
     flush_thread(span_flags::THREAD_EXITED);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (pid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    let _ = FORK_LINKS.remove(&tid);
+    let _ = WAKE_LINKS.remove(&tid);
+    // SAFETY: only checked for presence.
+    if tid == pid && unsafe { TARGETS.get(&pid) }.is_some() {
+        process_event(process_event::EXIT, pid, tid, 0, 0, 0, 0);
+    }
     0
 }
 
 #[tracepoint(category = "sched", name = "sched_process_exec")]
 pub fn scope_exec(_ctx: TracePointContext) -> u32 {
     flush_thread(span_flags::EXECED);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (pid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    // SAFETY: only checked for presence.
+    if unsafe { TARGETS.get(&pid) }.is_some() {
+        process_event(process_event::EXEC, pid, tid, 0, 0, 0, 0);
+    }
+    0
+}
+
+/// A traced process forks or clones: the new thread's root calls hang under the span that
+/// was running in the parent, and a new process is traced from its first instruction (the
+/// daemon attaches its probes as soon as it hears of it).
+#[raw_tracepoint(tracepoint = "sched_process_fork")]
+pub fn scope_fork(ctx: RawTracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (pid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    // SAFETY: only checked for presence.
+    if unsafe { TARGETS.get(&pid) }.is_none() {
+        return 0;
+    }
+    // TP_PROTO(struct task_struct *parent, struct task_struct *child)
+    let child: u64 = ctx.arg(1);
+    let (child_tid, child_pid) = task_ids(child);
+    if child_tid == 0 {
+        return 0;
+    }
+    let (span_id, trace_id) = innermost_open(tid);
+    if span_id != 0 {
+        let link = Link {
+            span_id,
+            trace_id,
+            flags: span_flags::LINK_FORK,
+            _pad: 0,
+        };
+        let _ = FORK_LINKS.insert(&child_tid, &link, 0);
+    }
+    if child_pid != pid {
+        let _ = TARGETS.insert(
+            &child_pid,
+            &Target {
+                sessions: 0,
+                _pad: 0,
+            },
+            0,
+        );
+        process_event(
+            process_event::FORK,
+            child_pid,
+            child_tid,
+            pid,
+            tid,
+            span_id,
+            trace_id,
+        );
+    }
+    0
+}
+
+/// A traced thread inside a traced call wakes another traced thread (a futex, condvar or
+/// channel hand-off): the wakee's next root call is caused by the waker's call.
+#[raw_tracepoint(tracepoint = "sched_wakeup")]
+pub fn scope_wakeup(ctx: RawTracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (pid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    // SAFETY: only checked for presence.
+    if unsafe { TARGETS.get(&pid) }.is_none() {
+        return 0;
+    }
+    let (span_id, trace_id) = innermost_open(tid);
+    if span_id == 0 {
+        return 0;
+    }
+    // TP_PROTO(struct task_struct *p)
+    let wakee: u64 = ctx.arg(0);
+    let (wakee_tid, wakee_pid) = task_ids(wakee);
+    // SAFETY: only checked for presence.
+    if wakee_tid == 0 || wakee_tid == tid || unsafe { TARGETS.get(&wakee_pid) }.is_none() {
+        return 0;
+    }
+    let link = Link {
+        span_id,
+        trace_id,
+        flags: span_flags::LINK_WAKEUP,
+        _pad: 0,
+    };
+    let _ = WAKE_LINKS.insert(&wakee_tid, &link, 0);
     0
 }
 
@@ -138,7 +246,23 @@ fn on_entry(ctx: &ProbeContext) {
     drop_dead_frames(stack, sp, caller, probe_id, pid, tid, now);
     let depth = stack.depth as usize;
     let span_id = next_span_id();
-    let (parent_id, root_id) = enclosing(stack, depth, span_id);
+    let (parent_id, root_id, trace_id, link) = if depth == 0 {
+        let link = root_link(tid);
+        let trace_id = if link.span_id != 0 {
+            link.trace_id
+        } else {
+            span_id
+        };
+        (0, span_id, trace_id, link)
+    } else {
+        let parent = frame(stack, depth - 1);
+        (
+            parent.span_id,
+            parent.root_id,
+            parent.trace_id,
+            Link::default(),
+        )
+    };
 
     if cookie & cookie::INSTANT != 0 {
         // An inlined call site is inside its caller: the probed address itself says where.
@@ -153,11 +277,13 @@ fn on_entry(ctx: &ProbeContext) {
             span_id,
             parent_id,
             root_id,
+            trace_id,
+            link_id: link.span_id,
             args,
             ret: 0,
             caller,
             depth: depth as u32,
-            flags: span_flags::INSTANT,
+            flags: span_flags::INSTANT | link.flags,
         });
         return;
     }
@@ -174,6 +300,9 @@ fn on_entry(ctx: &ProbeContext) {
     frame.start_ns = now;
     frame.span_id = span_id;
     frame.root_id = root_id;
+    frame.trace_id = trace_id;
+    frame.link_id = link.span_id;
+    frame.link_flags = link.flags;
     frame.caller = caller;
     frame.args = args;
     stack.depth = depth as u32 + 1;
@@ -366,14 +495,110 @@ fn thread_stack(tid: u32) -> Option<*mut ThreadStack> {
     STACKS.get_ptr_mut(&tid)
 }
 
-/// The parent and root span ids of a call at `depth` whose own id is `own_id`.
+/// The parent span id of frame `index`.
 #[inline(always)]
-fn enclosing(stack: &ThreadStack, depth: usize, own_id: u64) -> (u64, u64) {
-    if depth == 0 || depth > MAX_DEPTH {
-        return (0, own_id);
+fn parent_of(stack: &ThreadStack, index: usize) -> u64 {
+    if index == 0 || index > MAX_DEPTH {
+        return 0;
     }
-    let parent = frame(stack, depth - 1);
-    (parent.span_id, parent.root_id)
+    frame(stack, index - 1).span_id
+}
+
+/// What causes a new root call on `tid`: the last wakeup (consumed), else the fork that
+/// made the thread, else nothing.
+#[inline(always)]
+fn root_link(tid: u32) -> Link {
+    // SAFETY: the value is copied out before the entry is removed.
+    if let Some(link) = unsafe { WAKE_LINKS.get(&tid) } {
+        let link = *link;
+        let _ = WAKE_LINKS.remove(&tid);
+        return link;
+    }
+    // SAFETY: copied out at once.
+    match unsafe { FORK_LINKS.get(&tid) } {
+        Some(link) => *link,
+        None => Link::default(),
+    }
+}
+
+/// The innermost open traced call of a thread: (span id, trace id), or zeros.
+#[inline(always)]
+fn innermost_open(tid: u32) -> (u64, u64) {
+    let Some(stack) = STACKS.get_ptr(&tid) else {
+        return (0, 0);
+    };
+    // SAFETY: a valid map value; read only.
+    let stack = unsafe { &*stack };
+    let depth = stack.depth as usize;
+    if depth == 0 || depth > MAX_DEPTH {
+        return (0, 0);
+    }
+    let top = frame(stack, depth - 1);
+    (top.span_id, top.trace_id)
+}
+
+/// (tid, tgid) of a `task_struct`, at the offsets the daemon found in the kernel's BTF.
+#[inline(always)]
+fn task_ids(task: u64) -> (u32, u32) {
+    let offsets = OFFSETS.load();
+    if task == 0 || offsets.task_pid == 0 {
+        return (0, 0);
+    }
+    // SAFETY: bpf_probe_read_kernel copes with any address.
+    let tid = unsafe { bpf_probe_read_kernel((task + u64::from(offsets.task_pid)) as *const u32) }
+        .unwrap_or(0);
+    // SAFETY: as above.
+    let tgid =
+        unsafe { bpf_probe_read_kernel((task + u64::from(offsets.task_tgid)) as *const u32) }
+            .unwrap_or(0);
+    (tid, tgid)
+}
+
+/// Writes a process event into this CPU's ring (or counts it lost).
+#[inline(always)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "flat arguments keep the verifier's job simple"
+)]
+fn process_event(
+    event: u32,
+    pid: u32,
+    tid: u32,
+    parent_pid: u32,
+    parent_tid: u32,
+    span_id: u64,
+    trace_id: u64,
+) {
+    // SAFETY: plain helper calls.
+    let (cpu, now) = unsafe { (bpf_get_smp_processor_id(), bpf_ktime_get_ns()) };
+    let Some(ring) = RINGS.get(cpu) else {
+        count(Counter::NoRing);
+        return;
+    };
+    let Some(mut entry) = ring.reserve_untyped::<ProcessEvent>(0) else {
+        count(Counter::RingFull);
+        return;
+    };
+    // Field by field, volatile: otherwise LLVM merges the stores into a call to `memset`,
+    // which the loader cannot relocate.
+    let event_ptr = entry.as_mut_ptr();
+    // SAFETY: the reservation is exclusive, aligned and the size of a ProcessEvent.
+    unsafe {
+        (&raw mut (*event_ptr).kind).write_volatile(RecordKind::Process as u32);
+        (&raw mut (*event_ptr).event).write_volatile(event);
+        (&raw mut (*event_ptr).pid).write_volatile(pid);
+        (&raw mut (*event_ptr).tid).write_volatile(tid);
+        (&raw mut (*event_ptr).parent_pid).write_volatile(parent_pid);
+        (&raw mut (*event_ptr).parent_tid).write_volatile(parent_tid);
+        (&raw mut (*event_ptr).time_ns).write_volatile(now);
+        (&raw mut (*event_ptr).span_id).write_volatile(span_id);
+        (&raw mut (*event_ptr).trace_id).write_volatile(trace_id);
+        (&raw mut (*event_ptr).exit_code).write_volatile(0);
+        (&raw mut (*event_ptr)._pad).write_volatile(0);
+        (&raw mut (*event_ptr)._reserved).write_volatile(0);
+    }
+    // Lifecycle events are rare and the daemon acts on them (attaching a new child): wake it.
+    entry.submit(BPF_RB_FORCE_WAKEUP as u64);
 }
 
 const _: () = assert!(MAX_DEPTH.is_power_of_two());
@@ -420,13 +645,15 @@ fn report(
         start_ns: frame.start_ns,
         end_ns,
         span_id: frame.span_id,
-        parent_id: enclosing(stack, index, frame.span_id).0,
+        parent_id: parent_of(stack, index),
         root_id: frame.root_id,
+        trace_id: frame.trace_id,
+        link_id: frame.link_id,
         args: frame.args,
         ret,
         caller: frame.caller,
         depth: index as u32,
-        flags,
+        flags: flags | frame.link_flags,
     });
 }
 

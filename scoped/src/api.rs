@@ -364,6 +364,8 @@ impl From<pb::AttachRequest> for AttachSpec {
             pid: request.pid,
             patterns: request.functions,
             binary: (!request.binary.is_empty()).then(|| PathBuf::from(request.binary)),
+            follow: !request.no_follow,
+            require_matches: true,
         }
     }
 }
@@ -404,6 +406,8 @@ impl From<SessionSnapshot> for pb::Session {
                 .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
                 .unwrap_or(0),
             target_alive: session.alive,
+            follow: session.follow,
+            pids: session.pids,
             spans_received: session.spans_received,
             spans_dropped: session.spans_dropped,
         }
@@ -465,5 +469,6 @@ fn span_to_wire(daemon: &Daemon, span: &Span) -> pb::Span {
         flags: span.flag_names().into_iter().map(str::to_owned).collect(),
         inlined_into: probe.inlined_into.clone().unwrap_or_default(),
         trace_id: span.trace_id.to_string(),
+        link_kind: span.link_kind().to_owned(),
     }
 }

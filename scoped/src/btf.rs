@@ -89,8 +89,10 @@ impl Btf {
     }
 
     pub fn load(path: &Path) -> Result<Btf, BtfError> {
-        let bytes =
-            std::fs::read(path).map_err(|source| BtfError::Read { path: path.display().to_string(), source })?;
+        let bytes = std::fs::read(path).map_err(|source| BtfError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
         Btf::parse(&bytes)
     }
 
@@ -104,14 +106,32 @@ impl Btf {
         let type_len = u32_at(bytes, 12).ok_or(malformed("short header"))? as usize;
         let str_off = u32_at(bytes, 16).ok_or(malformed("short header"))? as usize;
         let str_len = u32_at(bytes, 20).ok_or(malformed("short header"))? as usize;
-        let type_start = header_len.checked_add(type_off).ok_or(malformed("type section offset"))?;
-        let type_end = type_start.checked_add(type_len).ok_or(malformed("type section length"))?;
-        let str_start = header_len.checked_add(str_off).ok_or(malformed("string section offset"))?;
-        let str_end = str_start.checked_add(str_len).ok_or(malformed("string section length"))?;
-        let section = bytes.get(type_start..type_end).ok_or(malformed("type section out of bounds"))?;
-        let strings = bytes.get(str_start..str_end).ok_or(malformed("string section out of bounds"))?.to_vec();
+        let type_start = header_len
+            .checked_add(type_off)
+            .ok_or(malformed("type section offset"))?;
+        let type_end = type_start
+            .checked_add(type_len)
+            .ok_or(malformed("type section length"))?;
+        let str_start = header_len
+            .checked_add(str_off)
+            .ok_or(malformed("string section offset"))?;
+        let str_end = str_start
+            .checked_add(str_len)
+            .ok_or(malformed("string section length"))?;
+        let section = bytes
+            .get(type_start..type_end)
+            .ok_or(malformed("type section out of bounds"))?;
+        let strings = bytes
+            .get(str_start..str_end)
+            .ok_or(malformed("string section out of bounds"))?
+            .to_vec();
 
-        let mut types = vec![Type { name: 0, kind: 0, target: 0, members: Vec::new() }];
+        let mut types = vec![Type {
+            name: 0,
+            kind: 0,
+            target: 0,
+            members: Vec::new(),
+        }];
         let mut at = 0usize;
         while at < section.len() {
             let name = u32_at(section, at).ok_or(malformed("truncated type"))?;
@@ -128,11 +148,22 @@ impl Btf {
                 kind::STRUCT | kind::UNION => {
                     for i in 0..vlen {
                         let base = at + i * 12;
-                        let member_name = u32_at(section, base).ok_or(malformed("truncated member"))?;
-                        let type_id = u32_at(section, base + 4).ok_or(malformed("truncated member"))?;
-                        let offset = u32_at(section, base + 8).ok_or(malformed("truncated member"))?;
-                        let bit_offset = if kind_flag { offset & 0x00ff_ffff } else { offset };
-                        members.push(Member { name: member_name, type_id, bit_offset });
+                        let member_name =
+                            u32_at(section, base).ok_or(malformed("truncated member"))?;
+                        let type_id =
+                            u32_at(section, base + 4).ok_or(malformed("truncated member"))?;
+                        let offset =
+                            u32_at(section, base + 8).ok_or(malformed("truncated member"))?;
+                        let bit_offset = if kind_flag {
+                            offset & 0x00ff_ffff
+                        } else {
+                            offset
+                        };
+                        members.push(Member {
+                            name: member_name,
+                            type_id,
+                            bit_offset,
+                        });
                     }
                     vlen * 12
                 }
@@ -150,13 +181,20 @@ impl Btf {
                 _ => return Err(malformed("unknown type kind")),
             };
             at += extra;
-            types.push(Type { name, kind, target: size_or_type, members });
+            types.push(Type {
+                name,
+                kind,
+                target: size_or_type,
+                members,
+            });
         }
         Ok(Btf { types, strings })
     }
 
     fn name(&self, offset: u32) -> &str {
-        let Some(rest) = self.strings.get(offset as usize..) else { return "" };
+        let Some(rest) = self.strings.get(offset as usize..) else {
+            return "";
+        };
         let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
         std::str::from_utf8(&rest[..end]).unwrap_or("")
     }
@@ -165,7 +203,9 @@ impl Btf {
     fn struct_id(&self, name: &str) -> Option<u32> {
         self.types
             .iter()
-            .position(|t| t.kind == kind::STRUCT && self.name(t.name) == name && !t.members.is_empty())
+            .position(|t| {
+                t.kind == kind::STRUCT && self.name(t.name) == name && !t.members.is_empty()
+            })
             .map(|i| i as u32)
     }
 
@@ -174,7 +214,9 @@ impl Btf {
         for _ in 0..32 {
             let ty = self.types.get(id as usize)?;
             match ty.kind {
-                kind::TYPEDEF | kind::VOLATILE | kind::CONST | kind::RESTRICT | kind::TYPE_TAG => id = ty.target,
+                kind::TYPEDEF | kind::VOLATILE | kind::CONST | kind::RESTRICT | kind::TYPE_TAG => {
+                    id = ty.target
+                }
                 _ => return Some(ty),
             }
         }
@@ -205,8 +247,15 @@ impl Btf {
     /// Byte offset of `path` (`field` or `outer.inner`, anonymous members searched) in
     /// `struct structure`.
     pub fn offset(&self, structure: &str, path: &str) -> Result<u32, BtfError> {
-        let no_field = || BtfError::NoField { structure: structure.to_owned(), field: path.to_owned() };
-        let id = self.struct_id(structure).ok_or_else(|| BtfError::NoStruct { name: structure.to_owned() })?;
+        let no_field = || BtfError::NoField {
+            structure: structure.to_owned(),
+            field: path.to_owned(),
+        };
+        let id = self
+            .struct_id(structure)
+            .ok_or_else(|| BtfError::NoStruct {
+                name: structure.to_owned(),
+            })?;
         let mut ty = self.types.get(id as usize).ok_or_else(no_field)?;
         let mut bits = 0u32;
         let mut parts = path.split('.').peekable();
@@ -214,7 +263,10 @@ impl Btf {
             let (offset, type_id) = self.find(ty, part, 0).ok_or_else(no_field)?;
             bits += offset;
             if parts.peek().is_some() {
-                ty = self.resolve(type_id).filter(|t| matches!(t.kind, kind::STRUCT | kind::UNION)).ok_or_else(no_field)?;
+                ty = self
+                    .resolve(type_id)
+                    .filter(|t| matches!(t.kind, kind::STRUCT | kind::UNION))
+                    .ok_or_else(no_field)?;
             }
         }
         if bits % 8 != 0 {
@@ -232,24 +284,45 @@ mod tests {
     fn finds_fields_of_the_running_kernel() {
         let btf = Btf::kernel().expect("this kernel has BTF (the programs need it too)");
         // Fields at known places on every kernel: sock_common starts struct sock.
-        assert_eq!(btf.offset("sock", "__sk_common").expect("sock.__sk_common"), 0);
+        assert_eq!(
+            btf.offset("sock", "__sk_common").expect("sock.__sk_common"),
+            0
+        );
         // Inside anonymous unions/structs.
         let daddr = btf.offset("sock_common", "skc_daddr").expect("skc_daddr");
-        let rcv = btf.offset("sock_common", "skc_rcv_saddr").expect("skc_rcv_saddr");
+        let rcv = btf
+            .offset("sock_common", "skc_rcv_saddr")
+            .expect("skc_rcv_saddr");
         assert_eq!(rcv, daddr + 4, "the address pair is laid out together");
-        assert_eq!(btf.offset("sock", "__sk_common.skc_family").expect("path"), btf.offset("sock_common", "skc_family").expect("direct"));
-        let files = btf.offset("task_struct", "files").expect("task_struct.files");
+        assert_eq!(
+            btf.offset("sock", "__sk_common.skc_family").expect("path"),
+            btf.offset("sock_common", "skc_family").expect("direct")
+        );
+        let files = btf
+            .offset("task_struct", "files")
+            .expect("task_struct.files");
         assert!(files > 0);
         assert!(btf.offset("tcp_sock", "write_seq").is_ok());
         assert!(btf.offset("unix_sock", "peer").is_ok());
-        assert!(matches!(btf.offset("task_struct", "no_such_field"), Err(BtfError::NoField { .. })));
-        assert!(matches!(btf.offset("no_such_struct", "x"), Err(BtfError::NoStruct { .. })));
+        assert!(matches!(
+            btf.offset("task_struct", "no_such_field"),
+            Err(BtfError::NoField { .. })
+        ));
+        assert!(matches!(
+            btf.offset("no_such_struct", "x"),
+            Err(BtfError::NoStruct { .. })
+        ));
     }
 
     #[test]
     fn garbage_is_an_error_not_a_panic() {
         assert!(Btf::parse(b"").is_err());
-        assert!(Btf::parse(&[0x9f, 0xeb, 1, 0, 24, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]).is_err());
+        assert!(
+            Btf::parse(&[
+                0x9f, 0xeb, 1, 0, 24, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff
+            ])
+            .is_err()
+        );
         let mut real = std::fs::read(VMLINUX_BTF).expect("kernel BTF");
         real.truncate(real.len() / 2);
         assert!(Btf::parse(&real).is_err());

@@ -7,14 +7,14 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use scope_common::ProbeCounters;
+use scope_common::{ProbeCounters, ProcessEvent, process_event};
 use scope_symbolizer::{Frame, Module, ProcessMaps, Symbolizer};
 
 use crate::{
     ebpf::ProgramPair,
     error::ScopeError,
     export::otlp::ExporterCounters,
-    model::{Probe, Span, now_unix_ns},
+    model::{IdScheme, Probe, Span, now_unix_ns},
     pipeline::{Pipeline, Subscription, WatchFilter},
     probes::{ProbeInfo, ProbeManager, Session, release},
     procfs::ProcessInfo,
@@ -30,6 +30,8 @@ pub struct SessionSnapshot {
     pub patterns: Vec<String>,
     pub created: SystemTime,
     pub alive: bool,
+    pub follow: bool,
+    pub pids: Vec<u32>,
     pub probes: Vec<(Arc<ProbeInfo>, ProbeCounters)>,
     pub spans_received: u64,
     pub spans_dropped: u64,
@@ -38,16 +40,17 @@ pub struct SessionSnapshot {
 impl SessionSnapshot {
     fn of(session: &Session, manager: &ProbeManager) -> SessionSnapshot {
         let probes: Vec<(Arc<ProbeInfo>, ProbeCounters)> = session
-            .probes
-            .iter()
+            .probes()
             .map(|p| (Arc::clone(p), manager.probe_counters(p)))
             .collect();
         SessionSnapshot {
             id: session.id,
-            process: session.process.clone(),
+            process: session.root.clone(),
             patterns: session.patterns.clone(),
             created: session.created,
-            alive: session.process.is_alive(),
+            alive: session.root.is_alive(),
+            follow: session.follow,
+            pids: session.members.keys().copied().collect(),
             spans_dropped: probes.iter().map(|(_, c)| c.dropped).sum(),
             spans_received: session.spans_received(),
             probes,
@@ -80,6 +83,8 @@ pub struct Settings {
     pub max_session_probes: usize,
     /// The programs attached (the real ones, or the benchmark floor).
     pub programs: ProgramPair,
+    /// How kernel span ids become store-wide ones (shared with the pipeline).
+    pub ids: IdScheme,
 }
 
 pub struct Daemon {
@@ -132,7 +137,7 @@ impl Daemon {
             .create_session(&plan.process, &plan.patterns, now_unix_ns())?;
         let attached = self.stored_probes(id, &plan).and_then(|probes| {
             let mut manager = self.manager();
-            manager.attach(id, plan, probes, self.settings.programs)
+            manager.attach(id, plan, probes, self.settings.programs, spec.follow)
         });
         if let Err(error) = attached {
             self.store.end_session(id, now_unix_ns());
@@ -144,12 +149,99 @@ impl Daemon {
         };
         tracing::info!(
             session = session.id,
-            pid = session.process.pid,
-            probes = session.probes.len(),
+            pid = session.root.pid,
+            probes = session.probes().count(),
             patterns = ?session.patterns,
             "attached"
         );
         Ok(SessionSnapshot::of(session, &manager))
+    }
+
+    /// Acts on a traced process's fork, exec or exit: follows new processes into the sessions
+    /// that follow forks, re-resolves a session's globs in a program a process exec'd into,
+    /// and lets go of processes that ended. Blocking.
+    pub fn on_process_event(&self, event: &ProcessEvent) {
+        match event.event {
+            process_event::FORK => self.follow_fork(event),
+            process_event::EXEC => self.follow_exec(event.pid),
+            process_event::EXIT => self.process_exited(event.pid),
+            other => tracing::warn!(event = other, "unknown process event from the kernel"),
+        }
+    }
+
+    fn follow_fork(&self, event: &ProcessEvent) {
+        let child = event.pid;
+        let following: Vec<(u64, Vec<String>)> = self
+            .manager()
+            .sessions_of(event.parent_pid)
+            .into_iter()
+            .filter(|(_, _, follow)| *follow)
+            .map(|(id, patterns, _)| (id, patterns))
+            .collect();
+        if following.is_empty() {
+            self.manager().forget_unfollowed(child);
+            return;
+        }
+        for (id, patterns) in following {
+            self.trace_member(id, child, patterns, "fork");
+        }
+    }
+
+    fn follow_exec(&self, pid: u32) {
+        let sessions = self.manager().sessions_of(pid);
+        for (id, patterns, _) in sessions {
+            self.trace_member(id, pid, patterns, "exec");
+        }
+    }
+
+    /// (Re)attaches session `id`'s globs in process `pid` as it is now.
+    fn trace_member(&self, id: u64, pid: u32, patterns: Vec<String>, why: &str) {
+        let spec = AttachSpec {
+            pid,
+            patterns,
+            binary: None,
+            follow: true,
+            require_matches: false,
+        };
+        let attached = resolve::plan(&self.symbolizer, &spec, self.settings.max_session_probes)
+            .and_then(|plan| {
+                let probes = self.stored_probes(id, &plan)?;
+                let count = probes.len();
+                let replaced =
+                    self.manager()
+                        .add_member(id, plan, probes, self.settings.programs)?;
+                Ok((count, replaced))
+            });
+        match attached {
+            Ok((count, replaced)) => {
+                tracing::info!(
+                    session = id,
+                    pid,
+                    probes = count,
+                    "following a process after {why}"
+                );
+                if let Some(replaced) = replaced {
+                    release(vec![replaced]);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(session = id, pid, error = %error.chain(), "cannot follow a process after {why}")
+            }
+        }
+    }
+
+    fn process_exited(&self, pid: u32) {
+        let sessions = self.manager().sessions_of(pid);
+        let mut detached = Vec::new();
+        for (id, _, _) in sessions {
+            if let Some(member) = self.manager().remove_member(id, pid) {
+                detached.push(member);
+            }
+        }
+        if !detached.is_empty() {
+            tracing::info!(pid, "a traced process exited");
+            release(detached);
+        }
     }
 
     /// The plan's probes, recorded in the store, in plan order.
@@ -281,7 +373,7 @@ impl Daemon {
             spans_dropped: kernel_lost + self.stats.lost() + store_lost,
             counters,
             sessions: manager.sessions().count(),
-            probes: manager.sessions().map(|s| s.probes.len()).sum(),
+            probes: manager.sessions().map(|s| s.probes().count()).sum(),
             stored_spans: self.store.stored_spans(),
             store_path: self.store.path().display().to_string(),
             store_bytes: self.store.file_bytes(),

@@ -8,11 +8,13 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{ArrayOfMaps, HashMap, MapData, PerCpuArray, PerCpuValues, RingBuf},
     programs::{
-        TracePoint, UProbe,
+        RawTracePoint, TracePoint, UProbe,
         uprobe::{UProbeAttachPoint, UProbeLink, UProbeScope},
     },
 };
-use scope_common::{Counter, MAX_CPUS, MAX_PROBES, ProbeCounters, Target, maps, programs};
+use scope_common::{
+    Counter, KernelOffsets, MAX_CPUS, MAX_PROBES, ProbeCounters, Target, globals, maps, programs,
+};
 
 use crate::error::ScopeError;
 
@@ -80,6 +82,8 @@ pub enum LoadError {
     TooManyCpus { cpus: u32, max: u32 },
     #[error("--max-probes {requested} is out of range 1..={max}")]
     MaxProbes { requested: u32, max: u32 },
+    #[error("looking up kernel struct layouts")]
+    Btf(#[from] crate::btf::BtfError),
     #[error("counting CPUs failed ({path})")]
     Cpus {
         path: &'static str,
@@ -140,8 +144,10 @@ impl Kernel {
                 max: MAX_CPUS,
             });
         }
+        let offsets = kernel_offsets()?;
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(maps::PROBE_COUNTERS, config.max_probes)
+            .override_global(globals::OFFSETS, &offsets, true)
             .load(OBJECT)
             .map_err(LoadError::Load)?;
 
@@ -201,6 +207,25 @@ impl Kernel {
                 .map_err(|source| LoadError::Tracepoint {
                     name,
                     category,
+                    tracepoint,
+                    source: Box::new(source),
+                })?;
+        }
+
+        for (name, tracepoint) in [
+            (programs::FORK, "sched_process_fork"),
+            (programs::WAKEUP, "sched_wakeup"),
+        ] {
+            let program = program_mut::<RawTracePoint>(&mut ebpf, name)?;
+            program.load().map_err(|source| LoadError::Program {
+                name,
+                source: Box::new(source),
+            })?;
+            program
+                .attach(tracepoint)
+                .map_err(|source| LoadError::Tracepoint {
+                    name,
+                    category: "raw",
                     tracepoint,
                     source: Box::new(source),
                 })?;
@@ -346,4 +371,13 @@ where
         .take_map(name)
         .ok_or(LoadError::Missing { kind: "map", name })?;
     T::try_from(map).map_err(|source| LoadError::WrongType { name, source })
+}
+
+/// Where the fields the programs read live in this kernel's structs.
+fn kernel_offsets() -> Result<KernelOffsets, LoadError> {
+    let btf = crate::btf::Btf::kernel()?;
+    Ok(KernelOffsets {
+        task_pid: btf.offset("task_struct", "pid")?,
+        task_tgid: btf.offset("task_struct", "tgid")?,
+    })
 }

@@ -22,9 +22,9 @@ use scoped::{
     ebpf::{DEFAULT_MAX_PROBES, DEFAULT_RING_BYTES, Kernel, KernelConfig, ProgramPair},
     export::otlp,
     model::IdScheme,
-    pipeline::{INGEST_QUEUE_BATCHES, Pipeline},
+    pipeline::{INGEST_QUEUE_BATCHES, LIFECYCLE_QUEUE_EVENTS, Pipeline},
     probes::{ProbeManager, Registry},
-    reader::Reader,
+    reader::{Outputs, Reader},
     resolve::DEFAULT_MAX_SESSION_PROBES,
     stats::DaemonStats,
     store::{DEFAULT_DB, Store, StoreConfig},
@@ -123,16 +123,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .as_ref()
         .map(|handle| Arc::clone(handle.counters()));
     let registry = Arc::new(Registry::new(args.max_probes));
+    let ids = IdScheme::for_this_run();
     let pipeline = Arc::new(Pipeline::new(
         Arc::clone(&store),
         Arc::clone(&registry),
         Arc::clone(&stats),
-        IdScheme::for_this_run(),
+        ids,
         exporter,
     ));
     let (tx, rx) = mpsc::channel(INGEST_QUEUE_BATCHES);
-    let reader =
-        Reader::spawn(rings, tx, Arc::clone(&stats)).context("starting the ring reader")?;
+    let (events_tx, mut events) = mpsc::channel(LIFECYCLE_QUEUE_EVENTS);
+    let reader = Reader::spawn(
+        rings,
+        Outputs {
+            spans: tx,
+            events: events_tx,
+        },
+        Arc::clone(&stats),
+    )
+    .context("starting the ring reader")?;
     let pipeline_task = tokio::spawn(Arc::clone(&pipeline).run(rx));
 
     let daemon = Arc::new(Daemon::new(
@@ -149,8 +158,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
             } else {
                 ProgramPair::Scope
             },
+            ids,
         },
     ));
+    // Forks, execs and exits of traced processes: follow or let go, one at a time.
+    let lifecycle_task = tokio::spawn({
+        let daemon = Arc::clone(&daemon);
+        async move {
+            while let Some(event) = events.recv().await {
+                let daemon = Arc::clone(&daemon);
+                if let Err(error) =
+                    tokio::task::spawn_blocking(move || daemon.on_process_event(&event)).await
+                {
+                    tracing::error!(%error, "handling a process event failed");
+                }
+            }
+        }
+    });
 
     let listener = bind(&args.socket)?;
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -190,6 +214,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     drop(reader);
     pipeline_task.abort();
+    lifecycle_task.abort();
     daemon.close_store();
     if let Err(error) = fs::remove_file(&args.socket) {
         tracing::debug!(%error, "removing the socket");

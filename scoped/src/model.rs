@@ -96,6 +96,12 @@ impl Span {
     pub fn flag_names(&self) -> Vec<&'static str> {
         flag_names(self.flags)
     }
+
+    /// How this call's parent caused it when the parent is on another thread or process:
+    /// `"fork"`, `"wakeup"`; `""` for a call nested on its own thread (or a root).
+    pub fn link_kind(&self) -> &'static str {
+        link_kind(self.flags)
+    }
 }
 
 /// Names of span flags, as the API reports them.
@@ -151,10 +157,17 @@ impl Span {
         clock: Clock,
         ids: IdScheme,
     ) -> Span {
+        // A root call caused from another thread or process hangs under the span that caused
+        // it: the trace crosses threads and processes.
+        let parent = if span.parent_id != 0 {
+            span.parent_id
+        } else {
+            span.link_id
+        };
         Span {
             id: ids.span(span.span_id),
-            parent_id: ids.span(span.parent_id),
-            trace_id: ids.trace(span.root_id),
+            parent_id: ids.span(parent),
+            trace_id: ids.trace(span.trace_id),
             pid: span.pid,
             tid: span.tid,
             start_ns: clock.to_unix_ns(span.start_ns),
@@ -175,6 +188,17 @@ pub fn now_unix_ns() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
+}
+
+/// The edge kind of span flags: `"fork"`, `"wakeup"` or `""`.
+pub fn link_kind(flags: u32) -> &'static str {
+    if flags & span_flags::LINK_FORK != 0 {
+        "fork"
+    } else if flags & span_flags::LINK_WAKEUP != 0 {
+        "wakeup"
+    } else {
+        ""
+    }
 }
 
 /// Turns kernel span ids (unique within one daemon run) into ids unique across runs and

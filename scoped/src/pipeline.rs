@@ -19,6 +19,9 @@ use crate::{
 /// Span batches queued between the reader and the pipeline. A batch holds at most
 /// `reader::BATCH_SPANS` (4096) kernel spans of 128 bytes: at most 32 MiB waiting here.
 pub const INGEST_QUEUE_BATCHES: usize = 64;
+/// Fork/exec/exit events queued for the lifecycle task (they are rare; a full queue means a
+/// fork storm, and each event lost is counted).
+pub const LIFECYCLE_QUEUE_EVENTS: usize = 4096;
 /// Span batches queued for one live watcher before it starts losing them (and counting).
 pub const WATCH_QUEUE_BATCHES: usize = 64;
 

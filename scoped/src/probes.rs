@@ -68,34 +68,51 @@ impl Registry {
     }
 }
 
-/// An attach request that succeeded: the probes it placed and the links that keep them.
+/// One traced process of a session: the process attached to, or one it forked (followed).
 #[derive(Debug)]
-pub struct Session {
-    pub id: u64,
+pub struct Member {
     pub process: ProcessInfo,
-    pub patterns: Vec<String>,
     pub probes: Vec<Arc<ProbeInfo>>,
-    pub created: SystemTime,
     links: Vec<UProbeLink>,
 }
 
+/// An attach request that succeeded: the processes it traces, their probes and the links
+/// that keep them.
+#[derive(Debug)]
+pub struct Session {
+    pub id: u64,
+    /// The process the session was attached to.
+    pub root: ProcessInfo,
+    pub patterns: Vec<String>,
+    /// Whether processes the traced ones fork are traced too.
+    pub follow: bool,
+    pub created: SystemTime,
+    /// Traced processes by pid (the root among them while it lives).
+    pub members: BTreeMap<u32, Member>,
+}
+
 impl Session {
+    pub fn probes(&self) -> impl Iterator<Item = &Arc<ProbeInfo>> {
+        self.members.values().flat_map(|m| m.probes.iter())
+    }
+
     pub fn spans_received(&self) -> u64 {
-        self.probes.iter().map(|p| p.received.get()).sum()
+        self.probes().map(|p| p.received.get()).sum()
     }
 }
 
-/// A session after detach, with its links still to be dropped (which is what takes time).
+/// Links taken out of the manager, still to be dropped (which is what takes time).
 pub struct Detached {
     pub id: u64,
     links: Vec<UProbeLink>,
 }
 
-/// Drops the links of detached sessions, in parallel: the kernel waits for an RCU grace
-/// period per uprobe_multi link, and those waits overlap across threads.
+/// Drops detached links, in parallel: the kernel waits for an RCU grace period per
+/// uprobe_multi link, and those waits overlap across threads.
 pub fn release(detached: Vec<Detached>) -> (Vec<u64>, Duration) {
     let started = Instant::now();
-    let ids = detached.iter().map(|d| d.id).collect();
+    let mut ids: Vec<u64> = detached.iter().map(|d| d.id).collect();
+    ids.dedup();
     let links: Vec<UProbeLink> = detached.into_iter().flat_map(|d| d.links).collect();
     std::thread::scope(|scope| {
         for link in links {
@@ -112,7 +129,7 @@ pub struct ProbeManager {
     sessions: BTreeMap<u64, Session>,
     /// Free slots, oldest-freed first.
     free_slots: VecDeque<u32>,
-    /// Sessions per traced pid.
+    /// Session members per traced pid.
     targets: HashMap<u32, u32>,
 }
 
@@ -136,23 +153,91 @@ impl ProbeManager {
         self.sessions.values()
     }
 
-    pub fn probe_counters(&self, probe: &ProbeInfo) -> ProbeCounters {
-        self.kernel.probe_counters(probe.slot)
-    }
-
     pub fn session(&self, id: u64) -> Option<&Session> {
         self.sessions.get(&id)
     }
 
-    /// Attaches a resolved plan as session `id`. `probes` are the stored probes of the plan,
-    /// in plan order. On any failure nothing stays attached.
+    pub fn probe_counters(&self, probe: &ProbeInfo) -> ProbeCounters {
+        self.kernel.probe_counters(probe.slot)
+    }
+
+    /// Sessions tracing `pid`, with their patterns and whether they follow forks.
+    pub fn sessions_of(&self, pid: u32) -> Vec<(u64, Vec<String>, bool)> {
+        self.sessions
+            .values()
+            .filter(|s| s.members.contains_key(&pid))
+            .map(|s| (s.id, s.patterns.clone(), s.follow))
+            .collect()
+    }
+
+    /// Attaches a resolved plan as new session `id`. `probes` are the stored probes of the
+    /// plan, in plan order. On any failure nothing stays attached.
     pub fn attach(
         &mut self,
         id: u64,
         plan: Plan,
         probes: Vec<Arc<Probe>>,
         pair: ProgramPair,
+        follow: bool,
     ) -> Result<(), ScopeError> {
+        let root = plan.process.clone();
+        let patterns = plan.patterns.clone();
+        let member = self.member(plan, probes, pair)?;
+        let mut members = BTreeMap::new();
+        members.insert(root.pid, member);
+        self.sessions.insert(
+            id,
+            Session {
+                id,
+                root,
+                patterns,
+                follow,
+                created: SystemTime::now(),
+                members,
+            },
+        );
+        Ok(())
+    }
+
+    /// Adds a process to session `id` (a fork it follows, or the new image after an exec).
+    /// Returns the links of a member it replaces, to release.
+    pub fn add_member(
+        &mut self,
+        id: u64,
+        plan: Plan,
+        probes: Vec<Arc<Probe>>,
+        pair: ProgramPair,
+    ) -> Result<Option<Detached>, ScopeError> {
+        if !self.sessions.contains_key(&id) {
+            return Err(ScopeError::NoSuchSession { id });
+        }
+        let pid = plan.process.pid;
+        let replaced = self.remove_member(id, pid);
+        let member = self.member(plan, probes, pair)?;
+        if let Some(session) = self.sessions.get_mut(&id) {
+            session.members.insert(pid, member);
+        }
+        Ok(replaced)
+    }
+
+    /// Takes `pid` out of session `id` (it exited, or exec'd into an image being re-resolved).
+    pub fn remove_member(&mut self, id: u64, pid: u32) -> Option<Detached> {
+        let member = self.sessions.get_mut(&id)?.members.remove(&pid)?;
+        self.untarget(pid);
+        self.unregister(&member.probes);
+        Some(Detached {
+            id,
+            links: member.links,
+        })
+    }
+
+    /// Places the probes of a plan for its process, and counts the process as traced.
+    fn member(
+        &mut self,
+        plan: Plan,
+        probes: Vec<Arc<Probe>>,
+        pair: ProgramPair,
+    ) -> Result<Member, ScopeError> {
         let needed = plan.probe_count();
         if needed > self.free_slots.len() {
             return Err(ScopeError::ProbeSlotsExhausted {
@@ -161,36 +246,49 @@ impl ProbeManager {
             });
         }
         let pid = plan.process.pid;
-        let mut session = Session {
-            id,
+        let mut member = Member {
             process: plan.process,
-            patterns: plan.patterns,
             probes: Vec::with_capacity(needed),
-            created: SystemTime::now(),
             links: Vec::new(),
         };
-        if let Err(error) = self.place(&mut session, plan.modules, probes, pair) {
-            self.unregister(&session.probes);
+        if let Err(error) = self.place(&mut member, plan.modules, probes, pair) {
+            self.unregister(&member.probes);
             return Err(error);
         }
         *self.targets.entry(pid).or_insert(0) += 1;
         if let Err(error) = self.kernel.add_target(pid, self.targets[&pid]) {
-            self.targets.entry(pid).and_modify(|n| *n -= 1);
-            self.unregister(&session.probes);
+            self.untarget(pid);
+            self.unregister(&member.probes);
             return Err(error);
         }
-        self.sessions.insert(id, session);
-        Ok(())
+        Ok(member)
+    }
+
+    fn untarget(&mut self, pid: u32) {
+        if let Some(count) = self.targets.get_mut(&pid) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.targets.remove(&pid);
+                self.kernel.remove_target(pid);
+            }
+        }
+    }
+
+    /// Forgets a pid the kernel started tracing on its own (a fork no session follows).
+    pub fn forget_unfollowed(&mut self, pid: u32) {
+        if !self.targets.contains_key(&pid) {
+            self.kernel.remove_target(pid);
+        }
     }
 
     fn place(
         &mut self,
-        session: &mut Session,
+        member: &mut Member,
         modules: Vec<crate::resolve::PlannedModule>,
         probes: Vec<Arc<Probe>>,
         pair: ProgramPair,
     ) -> Result<(), ScopeError> {
-        let pid = session.process.pid;
+        let pid = member.process.pid;
         let mut probes = probes.into_iter();
         for module in modules {
             let mut entry_points = Vec::with_capacity(module.probes.len());
@@ -222,7 +320,7 @@ impl ProbeManager {
                     received: Count::default(),
                 });
                 self.registry.set(slot, Some(Arc::clone(&info)));
-                session.probes.push(info);
+                member.probes.push(info);
                 let flags = if instant { cookie::INSTANT } else { 0 };
                 entry_points.push((file_offset, cookie::new(slot, flags)));
                 if !instant {
@@ -239,7 +337,7 @@ impl ProbeManager {
                     count,
                     source,
                 })?;
-            session.links.extend(links);
+            member.links.extend(links);
         }
         Ok(())
     }
@@ -263,19 +361,20 @@ impl ProbeManager {
             let Some(session) = self.sessions.remove(&id) else {
                 continue;
             };
-            let pid = session.process.pid;
-            if let Some(count) = self.targets.get_mut(&pid) {
-                *count -= 1;
-                if *count == 0 {
-                    self.targets.remove(&pid);
-                    self.kernel.remove_target(pid);
-                }
+            for (pid, member) in session.members {
+                self.untarget(pid);
+                self.unregister(&member.probes);
+                detached.push(Detached {
+                    id,
+                    links: member.links,
+                });
             }
-            self.unregister(&session.probes);
-            detached.push(Detached {
-                id,
-                links: session.links,
-            });
+            if detached.last().is_none_or(|d| d.id != id) {
+                detached.push(Detached {
+                    id,
+                    links: Vec::new(),
+                });
+            }
         }
         Ok(detached)
     }

@@ -18,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-use scope_common::Span;
+use scope_common::{ProcessEvent, Record, Span};
 use tokio::sync::mpsc::{self, error::TrySendError};
 
 use crate::{ebpf::Rings, stats::DaemonStats};
@@ -28,6 +28,13 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_millis(10);
 /// Sweep interval after [`QUIET_SWEEPS`] sweeps found nothing.
 pub const IDLE_INTERVAL: Duration = Duration::from_millis(200);
 const QUIET_SWEEPS: u32 = 50;
+/// Where decoded records go: spans to the pipeline, process events to the lifecycle task.
+#[derive(Clone)]
+pub struct Outputs {
+    pub spans: mpsc::Sender<Vec<Span>>,
+    pub events: mpsc::Sender<ProcessEvent>,
+}
+
 /// Spans per batch handed to the pipeline.
 pub const BATCH_SPANS: usize = 4096;
 
@@ -42,11 +49,7 @@ pub struct Reader {
 }
 
 impl Reader {
-    pub fn spawn(
-        rings: Rings,
-        tx: mpsc::Sender<Vec<Span>>,
-        stats: Arc<DaemonStats>,
-    ) -> io::Result<Reader> {
+    pub fn spawn(rings: Rings, tx: Outputs, stats: Arc<DaemonStats>) -> io::Result<Reader> {
         let epoll = Epoll::new()?;
         let wake = eventfd()?;
         epoll.add(wake.as_raw_fd(), WAKE_TOKEN)?;
@@ -86,7 +89,7 @@ impl Drop for Reader {
 fn run(
     epoll: Epoll,
     mut rings: Rings,
-    tx: mpsc::Sender<Vec<Span>>,
+    tx: Outputs,
     stats: Arc<DaemonStats>,
     stop: Arc<AtomicBool>,
 ) {
@@ -124,14 +127,20 @@ fn run(
 }
 
 /// Drains every ring; returns how many records it read.
-fn sweep(rings: &mut Rings, tx: &mpsc::Sender<Vec<Span>>, stats: &DaemonStats) -> usize {
+fn sweep(rings: &mut Rings, tx: &Outputs, stats: &DaemonStats) -> usize {
     let mut batch = Vec::new();
     let mut read = 0;
     for ring in &mut rings.rings {
         while let Some(item) = ring.next() {
             read += 1;
-            match Span::from_bytes(&item) {
-                Some(span) => batch.push(span),
+            match Record::from_bytes(&item) {
+                Some(Record::Span(span)) => batch.push(span),
+                Some(Record::Process(event)) => {
+                    stats.process_events.add(1);
+                    if tx.events.try_send(event).is_err() {
+                        stats.lifecycle_full.add(1);
+                    }
+                }
                 None => stats.decode_errors.add(1),
             }
             if batch.len() >= BATCH_SPANS {
@@ -145,10 +154,10 @@ fn sweep(rings: &mut Rings, tx: &mpsc::Sender<Vec<Span>>, stats: &DaemonStats) -
     read
 }
 
-fn send(tx: &mpsc::Sender<Vec<Span>>, batch: Vec<Span>, stats: &DaemonStats) {
+fn send(tx: &Outputs, batch: Vec<Span>, stats: &DaemonStats) {
     let count = batch.len() as u64;
     stats.spans_received.add(count);
-    match tx.try_send(batch) {
+    match tx.spans.try_send(batch) {
         Ok(()) => {}
         Err(TrySendError::Full(_)) => stats.pipeline_full.add(count),
         Err(TrySendError::Closed(_)) => stats.pipeline_closed.add(count),

@@ -26,6 +26,11 @@ pub struct AttachSpec {
     pub patterns: Vec<String>,
     /// Restrict resolution to this mapped file.
     pub binary: Option<PathBuf>,
+    /// Trace the processes the traced ones fork, too.
+    pub follow: bool,
+    /// A pattern that matches nothing is an error (an attach request); when following a
+    /// fork or an exec into another program, it just places no probe.
+    pub require_matches: bool,
 }
 
 /// What will be attached.
@@ -267,6 +272,9 @@ pub fn plan(
             }
         }
         if matched == 0 {
+            if !spec.require_matches {
+                continue;
+            }
             return Err(no_match(pattern, pid, &planned, &ifuncs));
         }
         total += matched;

@@ -31,11 +31,15 @@ pub struct DaemonStats {
     pub orphaned: Count,
     /// Spans a live watcher did not receive because its queue was full (they are still stored).
     pub watch_dropped: Count,
+    /// Fork/exec/exit events of traced processes decoded from the rings.
+    pub process_events: Count,
+    /// Process events dropped because the lifecycle queue was full (a fork not followed).
+    pub lifecycle_full: Count,
 }
 
 impl DaemonStats {
     /// Every counter by name, for the Status call and metrics.
-    pub fn snapshot(&self) -> [(&'static str, u64); 6] {
+    pub fn snapshot(&self) -> [(&'static str, u64); 8] {
         [
             ("daemon.spans_received", self.spans_received.get()),
             ("daemon.decode_errors", self.decode_errors.get()),
@@ -43,6 +47,8 @@ impl DaemonStats {
             ("daemon.pipeline_closed", self.pipeline_closed.get()),
             ("daemon.orphaned", self.orphaned.get()),
             ("daemon.watch_dropped", self.watch_dropped.get()),
+            ("daemon.process_events", self.process_events.get()),
+            ("daemon.lifecycle_full", self.lifecycle_full.get()),
         ]
     }
 

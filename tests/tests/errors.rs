@@ -86,6 +86,7 @@ async fn grpc_errors_carry_the_right_codes() {
         pid,
         functions: functions.iter().map(|f| (*f).to_owned()).collect(),
         binary: binary.to_owned(),
+        no_follow: false,
     };
     let status = client
         .attach(attach(999_999, &["main"], ""))
@@ -116,6 +117,7 @@ async fn grpc_errors_carry_the_right_codes() {
             pid: target.pid(),
             functions: many,
             binary: String::new(),
+            no_follow: false,
         })
         .await
         .unwrap_err();
