@@ -31,7 +31,24 @@ pub fn demangle(symbol: &str) -> Demangled {
     }
     Demangled {
         name: unversioned.to_owned(),
-        base_name: unversioned.to_owned(),
+        base_name: strip_c_clone_suffix(unversioned).to_owned(),
+    }
+}
+
+/// GCC's specialised copies of a C function keep its name with a suffix: `add.constprop.0`,
+/// `parse.isra.0`, `run.part.0`, `main.cold`, `f.lto_priv.0`. To a user they are the function.
+fn strip_c_clone_suffix(name: &str) -> &str {
+    const CLONES: [&str; 6] = [
+        ".constprop.",
+        ".isra.",
+        ".part.",
+        ".cold",
+        ".lto_priv.",
+        ".localalias",
+    ];
+    match CLONES.iter().filter_map(|clone| name.find(clone)).min() {
+        Some(at) if at > 0 => &name[..at],
+        _ => name,
     }
 }
 
@@ -124,6 +141,11 @@ mod tests {
         let d = demangle("_Z3maxIiET_S0_S0_");
         assert_eq!(d.name, "int max<int>(int, int)");
         assert_eq!(d.base_name, "max<int>");
+        assert_eq!(demangle("add.constprop.0").base_name, "add");
+        assert_eq!(demangle("add.constprop.0").name, "add.constprop.0");
+        assert_eq!(demangle("run.part.0").base_name, "run");
+        assert_eq!(demangle("main.cold").base_name, "main");
+        assert_eq!(demangle("plain_name").base_name, "plain_name");
         let d = demangle("_ZN2ns3Foo3barEi.cold");
         assert_eq!(d.base_name, "ns::Foo::bar");
     }

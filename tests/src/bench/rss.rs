@@ -17,12 +17,13 @@ const SOURCE: &str = r#"#include <stdio.h>
 #include <unistd.h>
 
 __attribute__((noinline)) long add(long a, long b) {
+    __asm__ volatile("" ::: "memory");
     return a + b;
 }
 
 int main(void) {
     char line[16];
-    long total = 0;
+    volatile long total = 0;
     printf("ready\n"); fflush(stdout);
     fgets(line, sizeof line, stdin);
     for (long i = 0;; i++) { total += add(i, 1); if (i % 20 == 0) usleep(1000); }
@@ -117,6 +118,10 @@ pub fn run(duration: Duration) -> RssReport {
     }
     samples.push((start.elapsed().as_secs(), rss_kib(daemon)));
     let status = scoped.status();
+    assert!(
+        status["spans_received"].as_u64().unwrap_or(0) > 0,
+        "the steady load produced no spans: {status}"
+    );
     RssReport {
         duration,
         samples,
