@@ -14,14 +14,14 @@ use crate::render;
 /// Rows `scope calls` collects before it sizes the table's columns and starts printing.
 const TABLE_SIZING_ROWS: usize = 1_000;
 
-fn print_lines(out: &mut impl Write, lines: &[String]) -> Result<()> {
+pub fn print_lines(out: &mut impl Write, lines: &[String]) -> Result<()> {
     for line in lines {
         writeln!(out, "{line}")?;
     }
     Ok(())
 }
 
-fn print_json(out: &mut impl Write, value: &impl serde::Serialize) -> Result<()> {
+pub fn print_json(out: &mut impl Write, value: &impl serde::Serialize) -> Result<()> {
     serde_json::to_writer(&mut *out, value).context("cannot write JSON")?;
     writeln!(out)?;
     Ok(())

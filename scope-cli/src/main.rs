@@ -9,6 +9,7 @@ mod filter;
 mod render;
 mod stats;
 mod trace;
+mod traces;
 mod tree;
 
 use std::io::{self, BufWriter, Write};
@@ -194,6 +195,37 @@ enum Command {
         time: TimeArgs,
         #[command(flatten)]
         call: CallArgs,
+    },
+    /// Recorded traces: causal call trees across threads and processes, newest first.
+    Traces {
+        /// Only traces that went through this process.
+        #[arg(long, short)]
+        pid: Option<u32>,
+        #[command(flatten)]
+        time: TimeArgs,
+        /// The most recent N traces; 0 for all.
+        #[arg(long, short = 'n', value_name = "N", default_value_t = 20)]
+        limit: u32,
+        /// Print one JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One trace as a tree across threads and processes, with how each hop happened
+    /// (fork, wakeup, io).
+    Show {
+        /// The trace (32 hex digits, from `scope traces`).
+        #[arg(value_name = "TRACE_ID", value_parser = filter::parse_trace_id)]
+        trace_id: String,
+        /// Print one JSON object per span (the fields of `scope calls --json`).
+        #[arg(long)]
+        json: bool,
+    },
+    /// The traced processes as a tree, with start and end times (a reused pid is another
+    /// process).
+    Ps {
+        /// Print one JSON object per process.
+        #[arg(long)]
+        json: bool,
     },
     /// List tracing sessions.
     Sessions {
@@ -387,6 +419,32 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Detach { session, all, json } => {
             commands::detach(&client, &mut out, if all { None } else { session }, json).await?
         }
+        Command::Traces {
+            pid,
+            time,
+            limit,
+            json,
+        } => {
+            let filter = span_filter(
+                &TargetArgs {
+                    pid,
+                    ..TargetArgs::default()
+                },
+                Some(&time),
+                None,
+                now,
+            );
+            check_range(&filter).map_err(anyhow::Error::msg)?;
+            let request = scope_proto::v1::ListTracesRequest {
+                pid: filter.pid,
+                since_unix_ns: filter.since_unix_ns,
+                until_unix_ns: filter.until_unix_ns,
+                limit,
+            };
+            traces::list(&client, &mut out, request, json).await?;
+        }
+        Command::Show { trace_id, json } => traces::show(&client, &mut out, trace_id, json).await?,
+        Command::Ps { json } => traces::ps(&client, &mut out, json).await?,
         Command::Status { json } => commands::status(&client, &mut out, json).await?,
     }
     out.flush()?;

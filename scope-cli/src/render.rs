@@ -685,6 +685,7 @@ mod tests {
             inlined_into: String::new(),
             trace_id: "0123456789abcdef0000000000000007".into(),
             link_kind: String::new(),
+            comm: String::new(),
         }
     }
 

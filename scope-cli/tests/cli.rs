@@ -12,10 +12,11 @@ use std::time::Duration;
 use scope_proto::v1::scope_server::{Scope, ScopeServer};
 use scope_proto::v1::{
     AttachRequest, AttachResponse, DetachRequest, DetachResponse, ExportChunk, ExportRequest,
-    FlameRequest, FlameResponse, Frame, FunctionStats, ListSessionsRequest, ListSessionsResponse,
-    Probe, QuerySpansRequest, Session, Span, SpanBatch, SpanFilter, StatsRequest, StatsResponse,
-    StatusRequest, StatusResponse, WatchRequest, detach_request::Target, export_request,
-    flame_request,
+    FlameRequest, FlameResponse, Frame, FunctionStats, GetTraceRequest, ListProcessesRequest,
+    ListProcessesResponse, ListSessionsRequest, ListSessionsResponse, ListTracesRequest,
+    ListTracesResponse, Probe, Process, QuerySpansRequest, Session, Span, SpanBatch, SpanFilter,
+    StatsRequest, StatsResponse, StatusRequest, StatusResponse, TraceSummary, WatchRequest,
+    detach_request::Target, export_request, flame_request,
 };
 use serde_json::Value;
 use tokio_stream::Stream;
@@ -146,6 +147,7 @@ fn span(id: u64, parent: u64, tid: u32, depth: u32, function: &str, start: u64, 
         inlined_into: String::new(),
         trace_id: format!("{:016x}{:016x}", 0xabcd_u64, 1000 + id),
         link_kind: String::new(),
+        comm: String::new(),
     }
 }
 
@@ -283,6 +285,73 @@ impl Scope for Fake {
             ),
         ];
         Ok(Response::new(stream_of(batches, true)))
+    }
+
+    async fn list_traces(
+        &self,
+        request: Request<ListTracesRequest>,
+    ) -> Result<Response<ListTracesResponse>, Status> {
+        let request = request.into_inner();
+        let mut root = span(1, 0, 1235, 0, "processCommand", 1_000, 12_345);
+        root.comm = "redis-server".into();
+        Ok(Response::new(ListTracesResponse {
+            traces: vec![TraceSummary {
+                trace_id: format!("{:032x}", 0xabcdu64 + u64::from(request.pid)),
+                start_unix_ns: root.start_unix_ns,
+                duration_ns: 12_345,
+                spans: 3,
+                pids: vec![PID, 5678],
+                root: Some(root),
+            }],
+        }))
+    }
+
+    type GetTraceStream = SpanStream;
+
+    async fn get_trace(
+        &self,
+        request: Request<GetTraceRequest>,
+    ) -> Result<Response<Self::GetTraceStream>, Status> {
+        if request.into_inner().trace_id == format!("{:032x}", 0) {
+            return Ok(Response::new(stream_of(Vec::new(), true)));
+        }
+        let mut root = span(1, 0, 1235, 0, "request", 1_000, 12_345);
+        root.comm = "client".into();
+        let mut handler = span(2, 1, 1235, 0, "handle", 2_000, 5_000);
+        handler.pid = 5678;
+        handler.tid = 5679;
+        handler.comm = "server".into();
+        handler.link_kind = "io".into();
+        let batch = SpanBatch {
+            spans: vec![root, handler],
+            dropped: 0,
+        };
+        Ok(Response::new(stream_of(
+            vec![(Duration::ZERO, batch)],
+            true,
+        )))
+    }
+
+    async fn list_processes(
+        &self,
+        _: Request<ListProcessesRequest>,
+    ) -> Result<Response<ListProcessesResponse>, Status> {
+        let process = |pid: u32, parent_pid: u32, start: u64, comm: &str| Process {
+            pid,
+            start_unix_ns: 1_700_000_000_000_000_000 + start,
+            parent_pid,
+            session_id: SESSION,
+            comm: comm.into(),
+            exe: format!("/usr/bin/{comm}"),
+            fork_span_id: 0,
+            exited_unix_ns: 0,
+        };
+        Ok(Response::new(ListProcessesResponse {
+            processes: vec![
+                process(PID, 1, 0, "postgres"),
+                process(5678, PID, 1_000, "postgres-backend"),
+            ],
+        }))
     }
 
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
@@ -489,6 +558,62 @@ fn assert_clean_error(output: &Output, expected: &str) {
     assert_eq!(output.status.code(), Some(1), "stderr: {err}");
     assert_eq!(err, format!("scope: error: {expected}\n"));
     assert!(!err.contains("panicked") && !err.contains("Status {") && !err.contains("Os {"));
+}
+
+#[test]
+fn traces_show_and_ps() {
+    let daemon = Daemon::start(Script::default());
+    let out = daemon.run(&["traces"]);
+    assert_ok(&out);
+    let text = stdout(&out);
+    assert!(
+        text.lines()
+            .nth(1)
+            .is_some_and(|l| l.contains("processCommand (redis-server 1234)")),
+        "{text}"
+    );
+    let out = daemon.run(&["traces", "--pid", "5", "--json"]);
+    assert_ok(&out);
+    let line: serde_json::Value = serde_json::from_str(stdout(&out).trim()).expect("json");
+    assert_eq!(line["trace_id"], format!("{:032x}", 0xabcd + 5));
+    assert_eq!(line["root_function"], "processCommand");
+    assert_eq!(line["pids"], serde_json::json!([1234, 5678]));
+
+    let out = daemon.run(&["show", &format!("{:032x}", 7)]);
+    assert_ok(&out);
+    let text = stdout(&out);
+    assert!(text.contains("2 spans in 2 processes"), "{text}");
+    assert!(
+        text.contains("└─ (io) [server 5678/5679] handle("),
+        "{text}"
+    );
+    let out = daemon.run(&["show", &format!("{:032x}", 0)]);
+    assert_clean_error(
+        &out,
+        &format!(
+            "no stored span belongs to trace {:032x} (see `scope traces`)",
+            0
+        ),
+    );
+    let out = daemon.run(&["show", "not-a-trace"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a bad trace id is a usage error"
+    );
+
+    let out = daemon.run(&["ps"]);
+    assert_ok(&out);
+    let text = stdout(&out);
+    assert!(
+        text.lines()
+            .nth(2)
+            .is_some_and(|l| l.contains("  postgres-backend")),
+        "the child is indented: {text}"
+    );
+    let out = daemon.run(&["ps", "--json"]);
+    assert_ok(&out);
+    assert_eq!(stdout(&out).lines().count(), 2);
 }
 
 #[test]

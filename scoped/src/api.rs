@@ -21,7 +21,7 @@ use crate::{
     pipeline::WatchFilter,
     probes::ProbeInfo,
     resolve::AttachSpec,
-    store::{self, FunctionStats, SpanQuery},
+    store::{self, FunctionStats, SpanQuery, TraceQuery},
 };
 
 /// Spans per message of a QuerySpans stream.
@@ -40,6 +40,33 @@ impl ScopeService {
 }
 
 type SpanStream = Pin<Box<dyn Stream<Item = Result<pb::SpanBatch, Status>> + Send>>;
+
+impl ScopeService {
+    /// Stored spans matching `query`, streamed in batches.
+    fn stream_spans(&self, query: SpanQuery, limit: usize) -> Response<SpanStream> {
+        let daemon = Arc::clone(&self.daemon);
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE_MESSAGES);
+        tokio::task::spawn_blocking(move || {
+            let spans = match daemon.query(&query, limit) {
+                Ok(spans) => spans,
+                Err(error) => {
+                    let _ = tx.blocking_send(Err(ScopeError::from(error).into()));
+                    return;
+                }
+            };
+            for chunk in spans.chunks(QUERY_BATCH_SPANS) {
+                let message = pb::SpanBatch {
+                    spans: chunk.iter().map(|s| span_to_wire(&daemon, s)).collect(),
+                    dropped: 0,
+                };
+                if tx.blocking_send(Ok(message)).is_err() {
+                    break;
+                }
+            }
+        });
+        Response::new(Box::pin(ReceiverStream::new(rx)))
+    }
+}
 
 #[tonic::async_trait]
 impl pb::scope_server::Scope for ScopeService {
@@ -127,27 +154,7 @@ impl pb::scope_server::Scope for ScopeService {
     ) -> Result<Response<Self::QuerySpansStream>, Status> {
         let request = request.into_inner();
         let query = SpanQuery::try_from(request.filter.unwrap_or_default())?;
-        let daemon = Arc::clone(&self.daemon);
-        let (tx, rx) = mpsc::channel(STREAM_QUEUE_MESSAGES);
-        tokio::task::spawn_blocking(move || {
-            let spans = match daemon.query(&query, request.limit as usize) {
-                Ok(spans) => spans,
-                Err(error) => {
-                    let _ = tx.blocking_send(Err(ScopeError::from(error).into()));
-                    return;
-                }
-            };
-            for chunk in spans.chunks(QUERY_BATCH_SPANS) {
-                let message = pb::SpanBatch {
-                    spans: chunk.iter().map(|s| span_to_wire(&daemon, s)).collect(),
-                    dropped: 0,
-                };
-                if tx.blocking_send(Ok(message)).is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(self.stream_spans(query, request.limit as usize))
     }
 
     async fn stats(
@@ -282,6 +289,86 @@ impl pb::scope_server::Scope for ScopeService {
             }
         }
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_traces(
+        &self,
+        request: Request<pb::ListTracesRequest>,
+    ) -> Result<Response<pb::ListTracesResponse>, Status> {
+        let request = request.into_inner();
+        if request.until_unix_ns != 0 && request.until_unix_ns <= request.since_unix_ns {
+            return Err(Status::invalid_argument(
+                "the time range is empty: until must be after since",
+            ));
+        }
+        let query = TraceQuery {
+            pid: nonzero(request.pid),
+            since_ns: nonzero(request.since_unix_ns),
+            until_ns: nonzero(request.until_unix_ns),
+            limit: request.limit as usize,
+        };
+        let daemon = Arc::clone(&self.daemon);
+        let traces = blocking(move || -> Result<Vec<pb::TraceSummary>, ScopeError> {
+            Ok(daemon
+                .traces(&query)?
+                .into_iter()
+                .map(|t| pb::TraceSummary {
+                    trace_id: t.trace_id.to_string(),
+                    start_unix_ns: t.start_ns,
+                    duration_ns: t.end_ns.saturating_sub(t.start_ns),
+                    spans: t.spans,
+                    pids: t.pids,
+                    root: t.root.as_ref().map(|root| span_to_wire(&daemon, root)),
+                })
+                .collect())
+        })
+        .await??;
+        Ok(Response::new(pb::ListTracesResponse { traces }))
+    }
+
+    type GetTraceStream = SpanStream;
+
+    async fn get_trace(
+        &self,
+        request: Request<pb::GetTraceRequest>,
+    ) -> Result<Response<Self::GetTraceStream>, Status> {
+        let trace_id = request.into_inner().trace_id;
+        let filter = pb::SpanFilter {
+            trace_id,
+            ..Default::default()
+        };
+        if filter.trace_id.is_empty() {
+            return Err(Status::invalid_argument(
+                "which trace? give trace_id (32 hex digits, from ListTraces)",
+            ));
+        }
+        let query = SpanQuery::try_from(filter)?;
+        Ok(self.stream_spans(query, 0))
+    }
+
+    async fn list_processes(
+        &self,
+        _request: Request<pb::ListProcessesRequest>,
+    ) -> Result<Response<pb::ListProcessesResponse>, Status> {
+        let daemon = Arc::clone(&self.daemon);
+        let processes = blocking(move || daemon.processes())
+            .await?
+            .map_err(ScopeError::from)?;
+        Ok(Response::new(pb::ListProcessesResponse {
+            processes: processes
+                .into_iter()
+                .map(|p| pb::Process {
+                    pid: p.pid,
+                    start_unix_ns: p.start_ns,
+                    parent_pid: p.parent_pid.unwrap_or(0),
+                    session_id: p.session_id.unwrap_or(0),
+                    comm: p.comm,
+                    exe: p.exe,
+                    fork_span_id: p.fork_span.unwrap_or(0),
+                    exited_unix_ns: p.exited_ns.unwrap_or(0),
+                })
+                .collect(),
+        }))
     }
 
     async fn status(
@@ -470,5 +557,6 @@ fn span_to_wire(daemon: &Daemon, span: &Span) -> pb::Span {
         inlined_into: probe.inlined_into.clone().unwrap_or_default(),
         trace_id: span.trace_id.to_string(),
         link_kind: span.link_kind().to_owned(),
+        comm: probe.comm.clone(),
     }
 }

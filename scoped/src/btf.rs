@@ -269,7 +269,7 @@ impl Btf {
                     .ok_or_else(no_field)?;
             }
         }
-        if bits % 8 != 0 {
+        if !bits.is_multiple_of(8) {
             return Err(no_field()); // a bitfield: not something the programs can read
         }
         Ok(bits / 8)

@@ -20,7 +20,9 @@ use crate::{
     procfs::ProcessInfo,
     resolve::{self, AttachSpec, Plan},
     stats::DaemonStats,
-    store::{FunctionStats, NewProbe, SpanQuery, Store, StoreError},
+    store::{
+        FunctionStats, NewProbe, ProcessRow, SpanQuery, Store, StoreError, TraceQuery, TraceSummary,
+    },
 };
 
 /// A session as reported to clients.
@@ -143,6 +145,7 @@ impl Daemon {
             self.store.end_session(id, now_unix_ns());
             return Err(error);
         }
+        self.record_process(&spec_process(spec.pid), Some(id), None);
         let manager = self.manager();
         let Some(session) = manager.session(id) else {
             return Err(ScopeError::NoSuchSession { id });
@@ -169,6 +172,26 @@ impl Daemon {
         }
     }
 
+    /// Records a traced process in the store (again after an exec: its program changed).
+    fn record_process(
+        &self,
+        process: &Option<ProcessInfo>,
+        session_id: Option<u64>,
+        fork_span: Option<u64>,
+    ) {
+        let Some(process) = process else { return };
+        self.store.record_process(ProcessRow {
+            pid: process.pid,
+            start_ns: process.start_unix_ns(),
+            parent_pid: process.parent_pid(),
+            session_id,
+            comm: process.comm.clone(),
+            exe: process.exe.display().to_string(),
+            fork_span,
+            exited_ns: None,
+        });
+    }
+
     fn follow_fork(&self, event: &ProcessEvent) {
         let child = event.pid;
         let following: Vec<(u64, Vec<String>)> = self
@@ -182,6 +205,12 @@ impl Daemon {
             self.manager().forget_unfollowed(child);
             return;
         }
+        let fork_span = (event.span_id != 0).then(|| self.settings.ids.span(event.span_id));
+        self.record_process(
+            &spec_process(child),
+            following.first().map(|(id, _)| *id),
+            fork_span,
+        );
         for (id, patterns) in following {
             self.trace_member(id, child, patterns, "fork");
         }
@@ -189,6 +218,11 @@ impl Daemon {
 
     fn follow_exec(&self, pid: u32) {
         let sessions = self.manager().sessions_of(pid);
+        self.record_process(
+            &spec_process(pid),
+            sessions.first().map(|(id, _, _)| *id),
+            None,
+        );
         for (id, patterns, _) in sessions {
             self.trace_member(id, pid, patterns, "exec");
         }
@@ -233,10 +267,15 @@ impl Daemon {
     fn process_exited(&self, pid: u32) {
         let sessions = self.manager().sessions_of(pid);
         let mut detached = Vec::new();
+        let mut started = None;
         for (id, _, _) in sessions {
-            if let Some(member) = self.manager().remove_member(id, pid) {
+            if let Some((member, process)) = self.manager().remove_member(id, pid) {
+                started = Some(process.start_unix_ns());
                 detached.push(member);
             }
+        }
+        if let Some(start_ns) = started {
+            self.store.process_exited(pid, start_ns, now_unix_ns());
         }
         if !detached.is_empty() {
             tracing::info!(pid, "a traced process exited");
@@ -266,6 +305,7 @@ impl Daemon {
                 file: p.file.clone(),
                 line: p.line,
                 inlined_into: p.inlined_into.clone(),
+                process_start_ns: plan.process.start_unix_ns(),
             })
             .collect();
         let ids = self.store.create_probes(session_id, new.clone())?;
@@ -320,6 +360,16 @@ impl Daemon {
     /// Per-function statistics. Blocking.
     pub fn stats(&self, query: &SpanQuery) -> Result<Vec<FunctionStats>, StoreError> {
         self.store.stats(query)
+    }
+
+    /// Trace summaries. Blocking.
+    pub fn traces(&self, query: &TraceQuery) -> Result<Vec<TraceSummary>, StoreError> {
+        self.store.traces(query)
+    }
+
+    /// Traced processes. Blocking.
+    pub fn processes(&self) -> Result<Vec<ProcessRow>, StoreError> {
+        self.store.processes()
     }
 
     pub fn subscribe(&self, filter: WatchFilter) -> Subscription {
@@ -497,4 +547,9 @@ impl CallerSymbolizer {
             vaddr
         })
     }
+}
+
+/// The process as /proc shows it now (`None` if it is already gone).
+fn spec_process(pid: u32) -> Option<ProcessInfo> {
+    ProcessInfo::read(pid)
 }

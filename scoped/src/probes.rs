@@ -212,7 +212,7 @@ impl ProbeManager {
             return Err(ScopeError::NoSuchSession { id });
         }
         let pid = plan.process.pid;
-        let replaced = self.remove_member(id, pid);
+        let replaced = self.remove_member(id, pid).map(|(links, _)| links);
         let member = self.member(plan, probes, pair)?;
         if let Some(session) = self.sessions.get_mut(&id) {
             session.members.insert(pid, member);
@@ -220,15 +220,19 @@ impl ProbeManager {
         Ok(replaced)
     }
 
-    /// Takes `pid` out of session `id` (it exited, or exec'd into an image being re-resolved).
-    pub fn remove_member(&mut self, id: u64, pid: u32) -> Option<Detached> {
+    /// Takes `pid` out of session `id` (it exited, or exec'd into an image being re-resolved):
+    /// its links to release, and the process it was.
+    pub fn remove_member(&mut self, id: u64, pid: u32) -> Option<(Detached, ProcessInfo)> {
         let member = self.sessions.get_mut(&id)?.members.remove(&pid)?;
         self.untarget(pid);
         self.unregister(&member.probes);
-        Some(Detached {
-            id,
-            links: member.links,
-        })
+        Some((
+            Detached {
+                id,
+                links: member.links,
+            },
+            member.process,
+        ))
     }
 
     /// Places the probes of a plan for its process, and counts the process as traced.

@@ -13,6 +13,28 @@ pub struct ProcessInfo {
     pub start_time: u64,
 }
 
+/// Unix time of boot, in nanoseconds (`btime` of /proc/stat).
+fn boot_unix_ns() -> u64 {
+    static BOOT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *BOOT.get_or_init(|| {
+        fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|stat| {
+                stat.lines()
+                    .find_map(|l| l.strip_prefix("btime ")?.trim().parse::<u64>().ok())
+            })
+            .unwrap_or(0)
+            .saturating_mul(1_000_000_000)
+    })
+}
+
+/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`).
+fn ticks_per_second() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 { ticks as u64 } else { 100 }
+}
+
 impl ProcessInfo {
     /// Reads the process, or `None` if it does not exist (or is a zombie with no memory map).
     pub fn read(pid: u32) -> Option<ProcessInfo> {
@@ -28,6 +50,23 @@ impl ProcessInfo {
             exe,
             start_time,
         })
+    }
+
+    /// When the process started, as Unix nanoseconds (at clock-tick resolution). With the
+    /// pid, it names the process: a reused pid starts later.
+    pub fn start_unix_ns(&self) -> u64 {
+        boot_unix_ns() + self.start_time * (1_000_000_000 / ticks_per_second())
+    }
+
+    /// The parent's pid (field 4 of /proc/PID/stat), if the process still exists.
+    pub fn parent_pid(&self) -> Option<u32> {
+        let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid)).ok()?;
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
     }
 
     /// Whether the same process (not a reused pid) is still alive.

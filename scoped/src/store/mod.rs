@@ -22,7 +22,7 @@ use std::{
 };
 
 pub use histogram::RELATIVE_ERROR;
-pub use query::{FunctionStats, SpanQuery};
+pub use query::{FunctionStats, SpanQuery, TraceQuery};
 use rusqlite::{Connection, OpenFlags};
 pub use schema::SCHEMA_VERSION;
 
@@ -111,6 +111,33 @@ pub struct StoredSession {
     pub ended_ns: Option<u64>,
 }
 
+/// A traced process as the store keeps it: (pid, start) names it, so a reused pid is
+/// another process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessRow {
+    pub pid: u32,
+    pub start_ns: u64,
+    pub parent_pid: Option<u32>,
+    pub session_id: Option<u64>,
+    pub comm: String,
+    pub exe: String,
+    /// The parent's span that forked it.
+    pub fork_span: Option<u64>,
+    pub exited_ns: Option<u64>,
+}
+
+/// A trace, summarised.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TraceSummary {
+    pub trace_id: crate::model::TraceId,
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub spans: u64,
+    /// The call the trace started with, if it is stored.
+    pub root: Option<Span>,
+    pub pids: Vec<u32>,
+}
+
 /// A probe about to be stored (its id comes from the store).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NewProbe {
@@ -122,6 +149,8 @@ pub struct NewProbe {
     pub file: Option<String>,
     pub line: Option<u32>,
     pub inlined_into: Option<String>,
+    /// The start time of the process the probe is in (with its pid, names the process).
+    pub process_start_ns: u64,
 }
 
 pub(crate) enum Command {
@@ -140,6 +169,12 @@ pub(crate) enum Command {
     EndSession {
         session_id: u64,
         ended_ns: u64,
+    },
+    Process(ProcessRow),
+    ProcessExited {
+        pid: u32,
+        start_ns: u64,
+        exited_ns: u64,
     },
     Flush {
         reply: SyncSender<()>,
@@ -339,6 +374,24 @@ impl Store {
         }
     }
 
+    /// Records a traced process (or updates it: an exec changes its program).
+    pub fn record_process(&self, row: ProcessRow) {
+        if let Some(tx) = lock(&self.writer).as_ref() {
+            let _ = tx.send(Command::Process(row));
+        }
+    }
+
+    /// Records that a process ended.
+    pub fn process_exited(&self, pid: u32, start_ns: u64, exited_ns: u64) {
+        if let Some(tx) = lock(&self.writer).as_ref() {
+            let _ = tx.send(Command::ProcessExited {
+                pid,
+                start_ns,
+                exited_ns,
+            });
+        }
+    }
+
     /// Waits until everything queued so far is committed.
     pub fn flush(&self) -> Result<(), StoreError> {
         self.call(|reply| Command::Flush { reply })
@@ -405,6 +458,7 @@ mod tests {
             file: Some("demo.c".into()),
             line: Some(7),
             inlined_into: None,
+            process_start_ns: 1,
         }
     }
 

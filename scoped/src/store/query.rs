@@ -4,7 +4,10 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use rusqlite::{Connection, OptionalExtension, Row, params_from_iter, types::Value};
 
-use super::{Store, StoreError, StoredSession, from_sql, histogram::Histogram, lock, to_sql};
+use super::{
+    ProcessRow, Store, StoreError, StoredSession, TraceSummary, from_sql, histogram::Histogram,
+    lock, to_sql,
+};
 use crate::{
     glob::Glob,
     model::{Probe, Span, TraceId},
@@ -37,7 +40,21 @@ pub struct FunctionStats {
     pub max_ns: u64,
 }
 
+/// Which traces. `None` matches everything.
+#[derive(Clone, Debug, Default)]
+pub struct TraceQuery {
+    /// Traces with at least one span in this process.
+    pub pid: Option<u32>,
+    pub since_ns: Option<u64>,
+    pub until_ns: Option<u64>,
+    /// The most recent this many (0: all).
+    pub limit: usize,
+}
+
 const NS_PER_MINUTE: u64 = 60_000_000_000;
+const SPAN_COLUMNS: &str =
+    "span_id, parent_id, trace_hi, trace_lo, probe_id, pid, tid, start_ns, duration_ns, depth,
+     arg0, arg1, arg2, arg3, arg4, arg5, ret, caller, flags";
 const PROBE_COLUMNS: &str =
     "p.id, p.session_id, s.pid, p.function, p.symbol, p.module, p.address, p.file_offset,
      p.file, p.line, p.inlined_into, s.comm, s.exe";
@@ -156,23 +173,32 @@ impl Store {
         };
         let limit = if limit == 0 { -1 } else { limit as i64 };
         let sql = format!(
-            "SELECT span_id, parent_id, trace_hi, trace_lo, probe_id, pid, tid, start_ns, duration_ns, depth,
-                    arg0, arg1, arg2, arg3, arg4, arg5, ret, caller, flags
-               FROM spans {filter} ORDER BY start_ns DESC LIMIT {limit}"
+            "SELECT {SPAN_COLUMNS} FROM spans {filter} ORDER BY start_ns DESC LIMIT {limit}"
         );
+        let mut spans = self.read_spans(&conn, &sql, params_from_iter(values))?;
+        spans.sort_by_key(|s| s.start_ns);
+        Ok(spans)
+    }
+
+    /// Runs a `SELECT {SPAN_COLUMNS} ...` and builds the spans (skipping any whose probe is gone).
+    fn read_spans(
+        &self,
+        conn: &Connection,
+        sql: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<Span>, StoreError> {
         let read = |source| StoreError::Sql {
             what: "read spans",
             source,
         };
-        let mut statement = conn.prepare(&sql).map_err(read)?;
-        let mut rows = statement.query(params_from_iter(values)).map_err(read)?;
+        let mut statement = conn.prepare_cached(sql).map_err(read)?;
+        let mut rows = statement.query(params).map_err(read)?;
         let mut spans = Vec::new();
         while let Some(row) = rows.next().map_err(read)? {
-            let probe_id = from_sql(row.get(4).map_err(read)?);
-            let Some(probe) = self.probe(&conn, probe_id)? else {
+            let get = |i: usize| row.get::<_, i64>(i).map(from_sql).map_err(read);
+            let Some(probe) = self.probe(conn, get(4)?)? else {
                 continue;
             };
-            let get = |i: usize| row.get::<_, i64>(i).map(from_sql).map_err(read);
             spans.push(Span {
                 id: get(0)?,
                 parent_id: get(1)?,
@@ -192,8 +218,125 @@ impl Store {
                 probe,
             });
         }
-        spans.sort_by_key(|s| s.start_ns);
         Ok(spans)
+    }
+
+    /// The most recent traces (by first start) matching `query`.
+    pub fn traces(&self, query: &TraceQuery) -> Result<Vec<TraceSummary>, StoreError> {
+        let conn = self.reader();
+        let read = |source| StoreError::Sql {
+            what: "read traces",
+            source,
+        };
+        let mut conditions = Vec::new();
+        let mut values: Vec<Value> = Vec::new();
+        if let Some(since) = query.since_ns {
+            values.push(Value::Integer(to_sql(since)));
+            conditions.push(format!("t.start_ns >= ?{}", values.len()));
+        }
+        if let Some(until) = query.until_ns {
+            values.push(Value::Integer(to_sql(until)));
+            conditions.push(format!("t.start_ns < ?{}", values.len()));
+        }
+        if let Some(pid) = query.pid {
+            values.push(Value::Integer(i64::from(pid)));
+            conditions.push(format!(
+                "EXISTS (SELECT 1 FROM spans s WHERE s.trace_lo = t.trace_lo AND s.trace_hi = t.trace_hi AND s.pid = ?{})",
+                values.len()
+            ));
+        }
+        let filter = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", conditions.join(" AND "))
+        };
+        let limit = if query.limit == 0 {
+            -1
+        } else {
+            query.limit as i64
+        };
+        let mut statement = conn
+            .prepare(&format!(
+                "SELECT t.trace_hi, t.trace_lo, t.start_ns, t.end_ns, t.spans FROM traces t {filter}
+                  ORDER BY t.start_ns DESC LIMIT {limit}"
+            ))
+            .map_err(read)?;
+        let found: Vec<(TraceId, u64, u64, u64)> = statement
+            .query_map(params_from_iter(values), |row| {
+                Ok((
+                    TraceId {
+                        high: from_sql(row.get(0)?),
+                        low: from_sql(row.get(1)?),
+                    },
+                    from_sql(row.get(2)?),
+                    from_sql(row.get(3)?),
+                    from_sql(row.get(4)?),
+                ))
+            })
+            .map_err(read)?
+            .collect::<Result<_, _>>()
+            .map_err(read)?;
+        let mut traces = Vec::with_capacity(found.len());
+        for (trace_id, start_ns, end_ns, spans) in found {
+            let (high, low) = (to_sql(trace_id.high), to_sql(trace_id.low));
+            let root = self
+                .read_spans(
+                    &conn,
+                    &format!(
+                        "SELECT {SPAN_COLUMNS} FROM spans WHERE trace_lo = ?1 AND trace_hi = ?2
+                          ORDER BY (span_id = trace_lo) DESC, start_ns LIMIT 1"
+                    ),
+                    [low, high],
+                )?
+                .pop();
+            let mut pids = conn
+                .prepare_cached("SELECT DISTINCT pid FROM spans WHERE trace_lo = ?1 AND trace_hi = ?2 ORDER BY pid")
+                .map_err(read)?;
+            let pids: Vec<u32> = pids
+                .query_map([low, high], |row| row.get(0))
+                .map_err(read)?
+                .collect::<Result<_, _>>()
+                .map_err(read)?;
+            traces.push(TraceSummary {
+                trace_id,
+                start_ns,
+                end_ns,
+                spans,
+                root,
+                pids,
+            });
+        }
+        Ok(traces)
+    }
+
+    /// Every traced process the store knows, oldest first.
+    pub fn processes(&self) -> Result<Vec<ProcessRow>, StoreError> {
+        let conn = self.reader();
+        let read = |source| StoreError::Sql {
+            what: "read processes",
+            source,
+        };
+        let mut statement = conn
+            .prepare(
+                "SELECT pid, start_ns, parent_pid, session_id, comm, exe, fork_span, exited_ns
+                   FROM processes ORDER BY start_ns, pid",
+            )
+            .map_err(read)?;
+        let rows = statement
+            .query_map([], |row| {
+                Ok(ProcessRow {
+                    pid: row.get(0)?,
+                    start_ns: from_sql(row.get(1)?),
+                    parent_pid: row.get(2)?,
+                    session_id: row.get::<_, Option<i64>>(3)?.map(from_sql),
+                    comm: row.get(4)?,
+                    exe: row.get(5)?,
+                    fork_span: row.get::<_, Option<i64>>(6)?.map(from_sql),
+                    exited_ns: row.get::<_, Option<i64>>(7)?.map(from_sql),
+                })
+            })
+            .map_err(read)?;
+        rows.collect::<Result<_, _>>().map_err(read)
     }
 
     /// Per-function statistics over the matching probes, from the per-minute aggregates

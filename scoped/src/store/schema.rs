@@ -5,7 +5,7 @@ use rusqlite::{Connection, OptionalExtension};
 
 /// The schema version this daemon writes. Each entry of [`MIGRATIONS`] moves the file one
 /// version up; a file newer than this is refused rather than misread.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// `MIGRATIONS[n]` takes a file from version `n` to `n + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -88,6 +88,36 @@ const MIGRATIONS: &[&str] = &[
            printf('%016x%016x', s.trace_hi, s.trace_lo) AS trace_id
       FROM spans s JOIN probes p ON p.id = s.probe_id;
     "#,
+    // 1 → 2: processes (a tree with start times, so a reused pid is another process) and a
+    // summary per trace.
+    r#"
+    ALTER TABLE probes ADD COLUMN process_start_ns INTEGER NOT NULL DEFAULT 0;
+
+    CREATE TABLE processes (
+        pid             INTEGER NOT NULL,
+        start_ns        INTEGER NOT NULL,  -- Unix time, ns (10 ms resolution, from /proc)
+        parent_pid      INTEGER,
+        session_id      INTEGER,
+        comm            TEXT    NOT NULL,
+        exe             TEXT    NOT NULL,
+        fork_span       INTEGER,           -- the span of the parent that forked it, if traced
+        exited_ns       INTEGER,
+        PRIMARY KEY (pid, start_ns)
+    ) WITHOUT ROWID;
+
+    CREATE TABLE traces (
+        trace_hi INTEGER NOT NULL,
+        trace_lo INTEGER NOT NULL,
+        start_ns INTEGER NOT NULL,         -- first span's start, Unix ns
+        end_ns   INTEGER NOT NULL,         -- last span's end
+        spans    INTEGER NOT NULL,
+        PRIMARY KEY (trace_hi, trace_lo)
+    ) WITHOUT ROWID;
+    CREATE INDEX traces_start ON traces(start_ns);
+    INSERT INTO traces (trace_hi, trace_lo, start_ns, end_ns, spans)
+         SELECT trace_hi, trace_lo, min(start_ns), max(start_ns + duration_ns), count(*)
+           FROM spans GROUP BY trace_hi, trace_lo;
+    "#,
 ];
 
 /// Why the schema could not be brought up to date.
@@ -155,6 +185,31 @@ pub fn prepare(conn: &mut Connection) -> Result<(), SchemaError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_version_1_file_is_migrated_with_its_data() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut conn = Connection::open(dir.path().join("v1.db")).expect("open");
+        conn.execute_batch("CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;")
+            .expect("meta");
+        conn.execute_batch(MIGRATIONS[0]).expect("v1 schema");
+        conn.execute("INSERT INTO meta VALUES ('schema_version', 1)", [])
+            .expect("version");
+        conn.execute_batch(
+            "INSERT INTO spans VALUES (1, 0, 7, 9, 1, 100, 100, 1000, 50, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+             INSERT INTO spans VALUES (2, 1, 7, 9, 1, 100, 100, 1010, 20, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0);",
+        )
+        .expect("spans");
+        prepare(&mut conn).expect("migrate");
+        let (start, end, spans): (i64, i64, i64) = conn
+            .query_row(
+                "SELECT start_ns, end_ns, spans FROM traces WHERE trace_hi = 7 AND trace_lo = 9",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .expect("the trace summary was built from the spans");
+        assert_eq!((start, end, spans), (1000, 1050, 2));
+    }
 
     #[test]
     fn migrates_a_new_file_and_refuses_a_newer_one() {

@@ -93,6 +93,23 @@ pub(crate) fn run(
                     tracing::warn!(%error, session_id, "recording the end of a session failed");
                 }
             }
+            Ok(Command::Process(row)) => {
+                if let Err(error) = upsert_process(&conn, &row) {
+                    tracing::warn!(%error, pid = row.pid, "recording a process failed");
+                }
+            }
+            Ok(Command::ProcessExited {
+                pid,
+                start_ns,
+                exited_ns,
+            }) => {
+                if let Err(error) = conn.execute(
+                    "UPDATE processes SET exited_ns = ?3 WHERE pid = ?1 AND start_ns = ?2",
+                    params![pid, to_sql(start_ns), to_sql(exited_ns)],
+                ) {
+                    tracing::warn!(%error, pid, "recording a process exit failed");
+                }
+            }
             Ok(Command::Flush { reply }) => {
                 commit(&mut conn, &mut batch, &config, &counters);
                 let _ = reply.send(());
@@ -175,6 +192,7 @@ fn commit(
 fn write_spans(conn: &mut Connection, spans: &[Span]) -> Result<(), rusqlite::Error> {
     let tx = conn.transaction()?;
     let mut aggregates: HashMap<(u64, u64), MinuteAggregate> = HashMap::new();
+    let mut traces: HashMap<(u64, u64), (u64, u64, u64)> = HashMap::new();
     {
         let mut insert = tx.prepare_cached(
             "INSERT INTO spans (span_id, parent_id, trace_hi, trace_lo, probe_id, pid, tid, start_ns, duration_ns,
@@ -213,6 +231,12 @@ fn write_spans(conn: &mut Connection, spans: &[Span]) -> Result<(), rusqlite::Er
             aggregate.total_ns = aggregate.total_ns.saturating_add(span.duration_ns);
             aggregate.min_ns = aggregate.min_ns.min(span.duration_ns);
             aggregate.max_ns = aggregate.max_ns.max(span.duration_ns);
+            let trace = traces
+                .entry((span.trace_id.high, span.trace_id.low))
+                .or_insert((u64::MAX, 0, 0));
+            trace.0 = trace.0.min(span.start_ns);
+            trace.1 = trace.1.max(span.end_ns());
+            trace.2 += 1;
             *aggregate
                 .buckets
                 .entry(histogram::bucket(span.duration_ns))
@@ -228,6 +252,21 @@ fn write_spans(conn: &mut Connection, spans: &[Span]) -> Result<(), rusqlite::Er
             "INSERT INTO histogram (probe_id, minute, bucket, count) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (probe_id, minute, bucket) DO UPDATE SET count = count + excluded.count",
         )?;
+        let mut trace = tx.prepare_cached(
+            "INSERT INTO traces (trace_hi, trace_lo, start_ns, end_ns, spans) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (trace_hi, trace_lo) DO UPDATE SET
+                start_ns = min(start_ns, excluded.start_ns), end_ns = max(end_ns, excluded.end_ns),
+                spans = spans + excluded.spans",
+        )?;
+        for ((high, low), (start, end, count)) in &traces {
+            trace.execute(params![
+                to_sql(*high),
+                to_sql(*low),
+                to_sql(*start),
+                to_sql(*end),
+                to_sql(*count)
+            ])?;
+        }
         for ((probe_id, minute_index), aggregate) in &aggregates {
             minute.execute(params![
                 to_sql(*probe_id),
@@ -288,8 +327,9 @@ fn insert_probes(
     {
         let mut insert = tx
             .prepare_cached(
-                "INSERT INTO probes (session_id, function, symbol, module, address, file_offset, file, line, inlined_into)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                "INSERT INTO probes (session_id, function, symbol, module, address, file_offset, file, line,
+                                     inlined_into, process_start_ns)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )
             .map_err(sql)?;
         for probe in probes {
@@ -304,6 +344,7 @@ fn insert_probes(
                     probe.file,
                     probe.line,
                     probe.inlined_into,
+                    to_sql(probe.process_start_ns),
                 ])
                 .map_err(sql)?;
             ids.push(tx.last_insert_rowid() as u64);
@@ -311,6 +352,29 @@ fn insert_probes(
     }
     tx.commit().map_err(sql)?;
     Ok(ids)
+}
+
+fn upsert_process(conn: &Connection, row: &super::ProcessRow) -> Result<(), rusqlite::Error> {
+    conn.execute(
+        "INSERT INTO processes (pid, start_ns, parent_pid, session_id, comm, exe, fork_span, exited_ns)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+         ON CONFLICT (pid, start_ns) DO UPDATE SET
+            comm = excluded.comm, exe = excluded.exe,
+            parent_pid = coalesce(excluded.parent_pid, parent_pid),
+            session_id = coalesce(excluded.session_id, session_id),
+            fork_span = coalesce(excluded.fork_span, fork_span)",
+        params![
+            row.pid,
+            to_sql(row.start_ns),
+            row.parent_pid,
+            row.session_id.map(to_sql),
+            row.comm,
+            row.exe,
+            row.fork_span.map(to_sql),
+            row.exited_ns.map(to_sql),
+        ],
+    )?;
+    Ok(())
 }
 
 /// Deletes spans (and their minutes of aggregates) older than `age`.
@@ -331,6 +395,7 @@ fn evict_older_than(
         }
     }
     let minute = to_sql(cutoff / NS_PER_MINUTE);
+    conn.execute("DELETE FROM traces WHERE end_ns < ?1", [to_sql(cutoff)])?;
     conn.execute("DELETE FROM probe_minutes WHERE minute < ?1", [minute])?;
     conn.execute("DELETE FROM histogram WHERE minute < ?1", [minute])?;
     conn.execute_batch("PRAGMA incremental_vacuum;")?;
@@ -381,7 +446,12 @@ fn enforce_size(
                 let deleted = conn.execute("DELETE FROM spans WHERE rowid < ?1", [below])?;
                 counters.evicted.add(deleted as u64);
             }
-            // Aggregates of minutes that no longer have any span.
+            // Summaries of traces, and aggregates of minutes, that no longer have any span.
+            let first_start: Option<i64> =
+                conn.query_row("SELECT min(start_ns) FROM spans", [], |r| r.get(0))?;
+            if let Some(first) = first_start {
+                conn.execute("DELETE FROM traces WHERE end_ns < ?1", [first])?;
+            }
             let first_minute: Option<i64> =
                 conn.query_row("SELECT min(start_ns) / 60000000000 FROM spans", [], |r| {
                     r.get(0)

@@ -135,6 +135,7 @@ pub fn run(spans: u64) -> StoreReport {
             file: Some("bench.c".into()),
             line: Some(10 + i as u32),
             inlined_into: None,
+            process_start_ns: 1,
         })
         .collect();
     let ids = store.create_probes(session, new.clone()).expect("probes");
