@@ -686,6 +686,7 @@ mod tests {
             trace_id: "0123456789abcdef0000000000000007".into(),
             link_kind: String::new(),
             comm: String::new(),
+            links: Vec::new(),
         }
     }
 

@@ -12,11 +12,12 @@ use std::time::Duration;
 use scope_proto::v1::scope_server::{Scope, ScopeServer};
 use scope_proto::v1::{
     AttachRequest, AttachResponse, DetachRequest, DetachResponse, ExportChunk, ExportRequest,
-    FlameRequest, FlameResponse, Frame, FunctionStats, GetTraceRequest, ListProcessesRequest,
-    ListProcessesResponse, ListSessionsRequest, ListSessionsResponse, ListTracesRequest,
-    ListTracesResponse, Probe, Process, QuerySpansRequest, Session, Span, SpanBatch, SpanFilter,
-    StatsRequest, StatsResponse, StatusRequest, StatusResponse, TraceSummary, WatchRequest,
-    detach_request::Target, export_request, flame_request,
+    FindIoPeersRequest, FindIoPeersResponse, FlameRequest, FlameResponse, Frame, FunctionStats,
+    GetTraceRequest, ListProcessesRequest, ListProcessesResponse, ListSessionsRequest,
+    ListSessionsResponse, ListTracesRequest, ListTracesResponse, Probe, Process, QuerySpansRequest,
+    Session, Span, SpanBatch, SpanFilter, StatsRequest, StatsResponse, StatusRequest,
+    StatusResponse, TraceIoResponse, TraceSummary, WatchRequest, detach_request::Target,
+    export_request, flame_request,
 };
 use serde_json::Value;
 use tokio_stream::Stream;
@@ -148,6 +149,7 @@ fn span(id: u64, parent: u64, tid: u32, depth: u32, function: &str, start: u64, 
         trace_id: format!("{:016x}{:016x}", 0xabcd_u64, 1000 + id),
         link_kind: String::new(),
         comm: String::new(),
+        links: Vec::new(),
     }
 }
 
@@ -352,6 +354,20 @@ impl Scope for Fake {
                 process(5678, PID, 1_000, "postgres-backend"),
             ],
         }))
+    }
+
+    async fn get_trace_io(
+        &self,
+        _: Request<GetTraceRequest>,
+    ) -> Result<Response<TraceIoResponse>, Status> {
+        Ok(Response::new(TraceIoResponse { io: Vec::new() }))
+    }
+
+    async fn find_io_peers(
+        &self,
+        _: Request<FindIoPeersRequest>,
+    ) -> Result<Response<FindIoPeersResponse>, Status> {
+        Ok(Response::new(FindIoPeersResponse { peers: Vec::new() }))
     }
 
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {

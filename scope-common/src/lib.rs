@@ -28,6 +28,11 @@ pub mod maps {
     /// LRU hash: tid → [`super::Link`] from the span that last woke the thread. Consumed by the
     /// thread's next root call.
     pub const WAKE_LINKS: &str = "WAKE_LINKS";
+    /// Hash: tid → [`super::PendingIo`], the read/write syscall a traced thread is in.
+    pub const PENDING_IO: &str = "PENDING_IO";
+    /// LRU hash: stream direction key → [`super::StreamState`]: bytes written and read so far
+    /// (for pipes and unix sockets) and the recent writes, to match reads to writers.
+    pub const STREAMS: &str = "STREAMS";
 }
 
 /// Names of the global variables the daemon sets before loading.
@@ -48,8 +53,14 @@ pub mod programs {
     pub const EXEC: &str = "scope_exec";
     /// Raw tracepoint `sched_process_fork`: follows new processes and threads of traced ones.
     pub const FORK: &str = "scope_fork";
-    /// Raw tracepoint `sched_wakeup`: a traced thread in a span waking another traced thread.
+    /// Raw tracepoint `sched_waking`: a traced thread in a span waking another traced thread.
     pub const WAKEUP: &str = "scope_wakeup";
+    /// `syscalls:sys_enter_{write,writev,sendto}`: a traced thread starts writing to an fd.
+    pub const IO_ENTER_WRITE: &str = "scope_io_enter_write";
+    /// `syscalls:sys_enter_{read,readv,recvfrom}`: a traced thread starts reading from an fd.
+    pub const IO_ENTER_READ: &str = "scope_io_enter_read";
+    /// `syscalls:sys_exit_*` of those: the bytes moved, on which stream, at which offsets.
+    pub const IO_EXIT: &str = "scope_io_exit";
     /// Empty `uprobe.multi` program: the floor a benchmark compares the real entry program to.
     pub const NULL_ENTRY: &str = "scope_null_entry";
     /// Empty `uretprobe.multi` program: the floor a benchmark compares the real exit program to.
@@ -65,6 +76,8 @@ pub const MAX_CPUS: u32 = 1024;
 pub const MAX_PROBES: u32 = 1 << 16;
 /// Threads whose call stack the kernel can hold at once (entries are allocated on first use).
 pub const MAX_THREADS: u32 = 1 << 15;
+/// Stream directions (pipes, unix and TCP sockets) the kernel remembers writes of.
+pub const MAX_STREAMS: u32 = 1 << 14;
 /// Processes that can be traced at once.
 pub const MAX_TARGETS: u32 = 1 << 12;
 /// How many frames the exit program walks when it unwinds frames abandoned by `longjmp` or
@@ -93,6 +106,8 @@ pub enum RecordKind {
     Span = 1,
     /// A [`ProcessEvent`].
     Process = 2,
+    /// An [`IoEvent`].
+    Io = 3,
 }
 
 /// Bits of [`Span::flags`].
@@ -110,8 +125,10 @@ pub mod span_flags {
     pub const LINK_FORK: u32 = 1 << 4;
     /// `link_id` is the span whose thread woke this one (futex, condvar, channel...).
     pub const LINK_WAKEUP: u32 = 1 << 5;
+    /// `link_id` is the span that wrote the bytes this thread read (pipe, unix or TCP socket).
+    pub const LINK_IO: u32 = 1 << 6;
     /// All `LINK_*` bits.
-    pub const LINKS: u32 = LINK_FORK | LINK_WAKEUP;
+    pub const LINKS: u32 = LINK_FORK | LINK_WAKEUP | LINK_IO;
 }
 
 /// One traced call, paired in the kernel: entry and exit in a single record.
@@ -258,6 +275,93 @@ pub struct Link {
     pub _pad: u32,
 }
 
+/// A traced thread's bytes through a pipe or a socket. The record of [`RecordKind::Io`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IoEvent {
+    /// [`RecordKind::Io`].
+    pub kind: u32,
+    /// [`io_op`].
+    pub op: u32,
+    pub pid: u32,
+    pub tid: u32,
+    /// `CLOCK_MONOTONIC` nanoseconds at the end of the syscall.
+    pub time_ns: u64,
+    /// [`stream_kind`].
+    pub stream: u32,
+    pub bytes: u32,
+    /// Names the stream direction the bytes went along, the same for the writer and the
+    /// reader: the pipe, the writing unix socket, or the TCP 4-tuple from the writer's side.
+    pub key: u64,
+    /// The bytes' offsets in that direction: TCP sequence numbers (shared by both hosts), or
+    /// bytes written/read since scope first saw the stream.
+    pub start: u64,
+    pub end: u64,
+    /// The thread's innermost open traced call and its trace (0 if none).
+    pub span_id: u64,
+    pub trace_id: u64,
+    /// For a read: the traced call that wrote these bytes, when the kernel matched it.
+    pub peer_span_id: u64,
+    pub peer_trace_id: u64,
+    /// TCP: this end's and the other end's address (IPv4 in the first 4 bytes) and ports.
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// `AF_INET`, `AF_INET6`, `AF_UNIX` (0 for a pipe).
+    pub family: u16,
+    pub _pad: u16,
+}
+
+/// Values of [`IoEvent::op`].
+pub mod io_op {
+    pub const WRITE: u32 = 1;
+    pub const READ: u32 = 2;
+}
+
+/// Values of [`IoEvent::stream`].
+pub mod stream_kind {
+    pub const PIPE: u32 = 1;
+    pub const UNIX: u32 = 2;
+    pub const TCP: u32 = 3;
+}
+
+/// The read or write syscall a traced thread is in. The value of [`maps::PENDING_IO`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingIo {
+    pub fd: u64,
+    /// [`io_op`].
+    pub op: u32,
+    pub _pad: u32,
+}
+
+/// One recent write on a stream direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StreamWrite {
+    pub start: u64,
+    pub end: u64,
+    pub span_id: u64,
+    pub trace_id: u64,
+}
+
+/// Writes remembered per stream direction to match reads against.
+pub const STREAM_WRITES: usize = 8;
+
+/// A stream direction. The value of [`maps::STREAMS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StreamState {
+    /// Bytes written and read since scope first saw the stream (pipes and unix sockets).
+    pub written: u64,
+    pub read: u64,
+    /// The next slot of `writes` to fill.
+    pub next: u32,
+    pub _pad: u32,
+    pub writes: [StreamWrite; STREAM_WRITES],
+}
+
 /// Field offsets of kernel structs the programs read, from the running kernel's BTF (the
 /// daemon fills them in before loading; Rust eBPF has no CO-RE relocations yet).
 #[repr(C)]
@@ -267,6 +371,26 @@ pub struct KernelOffsets {
     pub task_pid: u32,
     /// `task_struct.tgid` (the process id).
     pub task_tgid: u32,
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdtable_max_fds: u32,
+    pub fdtable_fd: u32,
+    pub file_inode: u32,
+    pub file_private_data: u32,
+    pub inode_mode: u32,
+    pub socket_sk: u32,
+    pub sk_family: u32,
+    pub sk_protocol: u32,
+    pub sk_daddr: u32,
+    pub sk_rcv_saddr: u32,
+    pub sk_dport: u32,
+    pub sk_num: u32,
+    pub sk_v6_daddr: u32,
+    pub sk_v6_rcv_saddr: u32,
+    pub tcp_write_seq: u32,
+    pub tcp_copied_seq: u32,
+    pub unix_peer: u32,
+    pub _pad: u32,
 }
 
 /// Global counters, an index into [`maps::COUNTERS`]. Every place in the kernel that loses a
@@ -335,7 +459,9 @@ const _: () = assert!(size_of::<Frame>() == 112);
 const _: () = assert!(size_of::<ThreadStack>() == 8 + 112 * MAX_DEPTH);
 const _: () = assert!(size_of::<ProcessEvent>() == 64);
 const _: () = assert!(size_of::<Link>() == 24);
-const _: () = assert!(size_of::<KernelOffsets>() == 8);
+const _: () = assert!(size_of::<KernelOffsets>() == 88);
+const _: () = assert!(size_of::<IoEvent>() == 128);
+const _: () = assert!(size_of::<StreamState>() == 24 + 32 * STREAM_WRITES);
 const _: () = assert!(size_of::<Target>() == 8);
 const _: () = assert!(size_of::<CpuState>() == 8);
 const _: () = assert!(size_of::<ProbeCounters>() == 16);
@@ -353,6 +479,9 @@ mod pod {
     unsafe impl aya::Pod for super::ProcessEvent {}
     unsafe impl aya::Pod for super::Link {}
     unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::IoEvent {}
+    unsafe impl aya::Pod for super::PendingIo {}
+    unsafe impl aya::Pod for super::StreamState {}
 }
 
 /// A record from the rings.
@@ -360,6 +489,7 @@ mod pod {
 pub enum Record {
     Span(Span),
     Process(ProcessEvent),
+    Io(IoEvent),
 }
 
 impl Record {
@@ -371,6 +501,7 @@ impl Record {
             k if k == RecordKind::Process as u32 => {
                 read::<ProcessEvent>(bytes).map(Record::Process)
             }
+            k if k == RecordKind::Io as u32 => read::<IoEvent>(bytes).map(Record::Io),
             _ => None,
         }
     }

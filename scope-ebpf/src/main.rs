@@ -24,17 +24,19 @@ use aya_ebpf::{
     },
     btf_maps::{ArrayOfMaps, HashMap, LruHashMap, PerCpuArray, RingBuf},
     helpers::{
-        bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_smp_processor_id,
-        bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user, generated::bpf_ringbuf_query,
+        bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_current_task,
+        bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
+        generated::bpf_ringbuf_query,
     },
     macros::{btf_map, raw_tracepoint, tracepoint, uprobe, uretprobe},
     programs::{ProbeContext, RawTracePointContext, RetProbeContext, TracePointContext},
 };
 use aya_log_ebpf::{debug, info, warn};
 use scope_common::{
-    Counter, CpuState, Frame, KernelOffsets, Link, MAX_CPUS, MAX_DEPTH, MAX_PROBES, MAX_TARGETS,
-    MAX_THREADS, MAX_UNWIND, ProbeCounters, ProcessEvent, RecordKind, Span, Target, ThreadStack,
-    cookie, process_event, span_flags,
+    Counter, CpuState, Frame, IoEvent, KernelOffsets, Link, MAX_CPUS, MAX_DEPTH, MAX_PROBES,
+    MAX_STREAMS, MAX_TARGETS, MAX_THREADS, MAX_UNWIND, PendingIo, ProbeCounters, ProcessEvent,
+    RecordKind, STREAM_WRITES, Span, StreamState, StreamWrite, Target, ThreadStack, cookie, io_op,
+    process_event, span_flags, stream_kind,
 };
 
 /// Size of the template ring in the object. The daemon creates the real per-CPU rings (of the
@@ -76,11 +78,41 @@ static FORK_LINKS: LruHashMap<u32, Link, { MAX_THREADS as usize }> = LruHashMap:
 #[btf_map]
 static WAKE_LINKS: LruHashMap<u32, Link, { MAX_THREADS as usize }> = LruHashMap::new();
 
+#[btf_map]
+static PENDING_IO: HashMap<u32, PendingIo, { MAX_THREADS as usize }> = HashMap::new();
+
+#[btf_map]
+static STREAMS: LruHashMap<u64, StreamState, { MAX_STREAMS as usize }> = LruHashMap::new();
+
+/// One zeroed `StreamState`, the initial value of a new `STREAMS` entry.
+#[btf_map]
+static EMPTY_STREAM: PerCpuArray<StreamState, 1> = PerCpuArray::new();
+
 /// Kernel struct offsets, set by the daemon before loading.
 #[unsafe(no_mangle)]
 static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     task_pid: 0,
     task_tgid: 0,
+    task_files: 0,
+    files_fdt: 0,
+    fdtable_max_fds: 0,
+    fdtable_fd: 0,
+    file_inode: 0,
+    file_private_data: 0,
+    inode_mode: 0,
+    socket_sk: 0,
+    sk_family: 0,
+    sk_protocol: 0,
+    sk_daddr: 0,
+    sk_rcv_saddr: 0,
+    sk_dport: 0,
+    sk_num: 0,
+    sk_v6_daddr: 0,
+    sk_v6_rcv_saddr: 0,
+    tcp_write_seq: 0,
+    tcp_copied_seq: 0,
+    unix_peer: 0,
+    _pad: 0,
 });
 
 #[uprobe(multi)]
@@ -172,7 +204,10 @@ pub fn scope_fork(ctx: RawTracePointContext) -> u32 {
 
 /// A traced thread inside a traced call wakes another traced thread (a futex, condvar or
 /// channel hand-off): the wakee's next root call is caused by the waker's call.
-#[raw_tracepoint(tracepoint = "sched_wakeup")]
+// `sched_waking`, not `sched_wakeup`: the latter fires on the wakee's CPU (in an IPI, with any
+// task current) when the kernel queues a remote wakeup; `sched_waking` always runs in the
+// waker's context, which is what names the cause.
+#[raw_tracepoint(tracepoint = "sched_waking")]
 pub fn scope_wakeup(ctx: RawTracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (pid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
@@ -191,6 +226,11 @@ pub fn scope_wakeup(ctx: RawTracePointContext) -> u32 {
     if wakee_tid == 0 || wakee_tid == tid || unsafe { TARGETS.get(&wakee_pid) }.is_none() {
         return 0;
     }
+    // A thread woken inside a traced call is getting the answer that call waited for (a
+    // reply): that is not what causes its next call.
+    if innermost_open(wakee_tid).0 != 0 {
+        return 0;
+    }
     let link = Link {
         span_id,
         trace_id,
@@ -198,6 +238,29 @@ pub fn scope_wakeup(ctx: RawTracePointContext) -> u32 {
         _pad: 0,
     };
     let _ = WAKE_LINKS.insert(&wakee_tid, &link, 0);
+    0
+}
+
+/// A traced thread starts writing to a file descriptor (write, writev, sendto: the fd is
+/// the first argument of each).
+#[tracepoint(category = "syscalls", name = "sys_enter_write")]
+pub fn scope_io_enter_write(ctx: TracePointContext) -> u32 {
+    io_enter(&ctx, io_op::WRITE);
+    0
+}
+
+/// A traced thread starts reading from a file descriptor (read, readv, recvfrom).
+#[tracepoint(category = "syscalls", name = "sys_enter_read")]
+pub fn scope_io_enter_read(ctx: TracePointContext) -> u32 {
+    io_enter(&ctx, io_op::READ);
+    0
+}
+
+/// The read or write returned: which stream, which bytes, and for a read, which traced
+/// call wrote them.
+#[tracepoint(category = "syscalls", name = "sys_exit_write")]
+pub fn scope_io_exit(ctx: TracePointContext) -> u32 {
+    io_exit(&ctx);
     0
 }
 
@@ -552,6 +615,324 @@ fn task_ids(task: u64) -> (u32, u32) {
         unsafe { bpf_probe_read_kernel((task + u64::from(offsets.task_tgid)) as *const u32) }
             .unwrap_or(0);
     (tid, tgid)
+}
+
+/// Offset of the first syscall argument (and of the return value) in the `syscalls:*`
+/// tracepoint records: after the 8-byte common header and the 4-byte syscall number, padded.
+const SYSCALL_ARG0: usize = 16;
+
+const S_IFMT: u16 = 0o170000;
+const S_IFSOCK: u16 = 0o140000;
+const S_IFIFO: u16 = 0o010000;
+const AF_UNIX: u16 = 1;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const IPPROTO_TCP: u16 = 6;
+
+#[inline(always)]
+fn io_enter(ctx: &TracePointContext, op: u32) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (pid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    // SAFETY: only checked for presence.
+    if unsafe { TARGETS.get(&pid) }.is_none() {
+        return;
+    }
+    // SAFETY: the tracepoint record holds the arguments at these offsets.
+    let Ok(fd) = (unsafe { ctx.read_at::<u64>(SYSCALL_ARG0) }) else {
+        return;
+    };
+    let _ = PENDING_IO.insert(&tid, &PendingIo { fd, op, _pad: 0 }, 0);
+}
+
+/// What a file descriptor is, as far as correlation cares.
+struct Stream {
+    kind: u32,
+    family: u16,
+    key: u64,
+    /// TCP sequence range of these bytes; for other streams the state counts them.
+    seq: Option<(u64, u64)>,
+    local_addr: [u64; 2],
+    remote_addr: [u64; 2],
+    local_port: u16,
+    remote_port: u16,
+}
+
+#[inline(always)]
+fn kread<T: Copy>(address: u64) -> Option<T> {
+    if address == 0 {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_kernel copes with any address.
+    unsafe { bpf_probe_read_kernel(address as *const T) }.ok()
+}
+
+#[inline(always)]
+fn mix(hash: u64, word: u64) -> u64 {
+    (hash ^ word).wrapping_mul(0x0100_0000_01b3)
+}
+
+/// Follows `fd` of the current task to its pipe or socket.
+#[inline(always)]
+fn resolve_stream(fd: u64, op: u32, bytes: u64) -> Option<Stream> {
+    let o = OFFSETS.load();
+    if o.task_files == 0 {
+        return None;
+    }
+    // SAFETY: plain helper call.
+    let task = unsafe { bpf_get_current_task() };
+    let files: u64 = kread(task + u64::from(o.task_files))?;
+    let fdt: u64 = kread(files + u64::from(o.files_fdt))?;
+    let max_fds: u32 = kread(fdt + u64::from(o.fdtable_max_fds))?;
+    if fd >= u64::from(max_fds) {
+        return None;
+    }
+    let fds: u64 = kread(fdt + u64::from(o.fdtable_fd))?;
+    let file: u64 = kread(fds + fd * 8)?;
+    let inode: u64 = kread(file + u64::from(o.file_inode))?;
+    let mode: u16 = kread(inode + u64::from(o.inode_mode))?;
+    let private: u64 = kread(file + u64::from(o.file_private_data))?;
+    let mut stream = Stream {
+        kind: 0,
+        family: 0,
+        key: 0,
+        seq: None,
+        local_addr: [0; 2],
+        remote_addr: [0; 2],
+        local_port: 0,
+        remote_port: 0,
+    };
+    match mode & S_IFMT {
+        S_IFIFO => {
+            stream.kind = stream_kind::PIPE;
+            stream.key = private;
+        }
+        S_IFSOCK => {
+            let sk: u64 = kread(private + u64::from(o.socket_sk))?;
+            stream.family = kread(sk + u64::from(o.sk_family))?;
+            match stream.family {
+                AF_UNIX => {
+                    stream.kind = stream_kind::UNIX;
+                    // A direction is named by the socket that writes into it.
+                    stream.key = if op == io_op::WRITE {
+                        sk
+                    } else {
+                        kread(sk + u64::from(o.unix_peer))?
+                    };
+                }
+                AF_INET | AF_INET6 => {
+                    let protocol: u16 = kread(sk + u64::from(o.sk_protocol))?;
+                    if protocol != IPPROTO_TCP {
+                        return None;
+                    }
+                    stream.kind = stream_kind::TCP;
+                    if stream.family == AF_INET {
+                        let local: u32 = kread(sk + u64::from(o.sk_rcv_saddr))?;
+                        let remote: u32 = kread(sk + u64::from(o.sk_daddr))?;
+                        stream.local_addr = [u64::from(local), 0];
+                        stream.remote_addr = [u64::from(remote), 0];
+                    } else {
+                        stream.local_addr = kread(sk + u64::from(o.sk_v6_rcv_saddr))?;
+                        stream.remote_addr = kread(sk + u64::from(o.sk_v6_daddr))?;
+                    }
+                    stream.local_port = kread(sk + u64::from(o.sk_num))?;
+                    let remote_port: u16 = kread(sk + u64::from(o.sk_dport))?;
+                    stream.remote_port = u16::from_be(remote_port);
+                    // The direction is named from the writer's side: both ends agree.
+                    let (from, to, from_port, to_port) = if op == io_op::WRITE {
+                        (
+                            stream.local_addr,
+                            stream.remote_addr,
+                            stream.local_port,
+                            stream.remote_port,
+                        )
+                    } else {
+                        (
+                            stream.remote_addr,
+                            stream.local_addr,
+                            stream.remote_port,
+                            stream.local_port,
+                        )
+                    };
+                    let mut key = 0xcbf2_9ce4_8422_2325u64;
+                    key = mix(key, from[0]);
+                    key = mix(key, from[1]);
+                    key = mix(key, to[0]);
+                    key = mix(key, to[1]);
+                    key = mix(key, u64::from(from_port) << 16 | u64::from(to_port));
+                    stream.key = key;
+                    let seq_offset = if op == io_op::WRITE {
+                        o.tcp_write_seq
+                    } else {
+                        o.tcp_copied_seq
+                    };
+                    let end: u32 = kread(sk + u64::from(seq_offset))?;
+                    stream.seq = Some((u64::from(end.wrapping_sub(bytes as u32)), u64::from(end)));
+                }
+                _ => return None,
+            }
+        }
+        _ => return None,
+    }
+    if stream.key == 0 { None } else { Some(stream) }
+}
+
+#[inline(always)]
+fn io_exit(ctx: &TracePointContext) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (pid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    // SAFETY: copied out at once.
+    let Some(pending) = (unsafe { PENDING_IO.get(&tid) }).copied() else {
+        return;
+    };
+    let _ = PENDING_IO.remove(&tid);
+    // SAFETY: the return value sits where the first argument did.
+    let Ok(ret) = (unsafe { ctx.read_at::<i64>(SYSCALL_ARG0) }) else {
+        return;
+    };
+    if ret <= 0 {
+        return;
+    }
+    let bytes = ret as u64;
+    let Some(stream) = resolve_stream(pending.fd, pending.op, bytes) else {
+        return;
+    };
+    let Some(state) = stream_state(stream.key) else {
+        return;
+    };
+    // SAFETY: a valid map value; the updates race only with other threads on the same stream,
+    // which at worst misattributes a write.
+    let state = unsafe { &mut *state };
+    let (start, end) = match stream.seq {
+        Some(range) => range,
+        None if pending.op == io_op::WRITE => {
+            let start = state.written;
+            state.written = start + bytes;
+            (start, start + bytes)
+        }
+        None => {
+            let start = state.read;
+            state.read = start + bytes;
+            (start, start + bytes)
+        }
+    };
+    let (span_id, trace_id) = innermost_open(tid);
+    let mut peer = StreamWrite::default();
+    if pending.op == io_op::WRITE {
+        let slot = (state.next as usize) & (STREAM_WRITES - 1);
+        if let Some(write) = state.writes.get_mut(slot) {
+            *write = StreamWrite {
+                start,
+                end,
+                span_id,
+                trace_id,
+            };
+        }
+        state.next = state.next.wrapping_add(1);
+    } else {
+        for index in 0..STREAM_WRITES {
+            let Some(write) = state.writes.get(index) else {
+                break;
+            };
+            // Offsets compared modulo 2^32: TCP sequence numbers wrap.
+            let into = (start as u32).wrapping_sub(write.start as u32);
+            let length = (write.end as u32).wrapping_sub(write.start as u32);
+            if write.span_id != 0 && into < length {
+                peer = *write;
+                break;
+            }
+        }
+        if peer.span_id != 0 && span_id == 0 {
+            // Not inside a traced call: the thread's next root call handles what it read.
+            let link = Link {
+                span_id: peer.span_id,
+                trace_id: peer.trace_id,
+                flags: span_flags::LINK_IO,
+                _pad: 0,
+            };
+            let _ = WAKE_LINKS.insert(&tid, &link, 0);
+        }
+    }
+    io_event(
+        pending.op, pid, tid, &stream, bytes, start, end, span_id, trace_id, &peer,
+    );
+}
+
+/// The stream's state entry, created on first use.
+#[inline(always)]
+fn stream_state(key: u64) -> Option<*mut StreamState> {
+    if let Some(state) = STREAMS.get_ptr_mut(&key) {
+        return Some(state);
+    }
+    let empty = EMPTY_STREAM.get(0)?;
+    let _ = STREAMS.insert(&key, empty, BPF_NOEXIST as u64);
+    STREAMS.get_ptr_mut(&key)
+}
+
+#[inline(always)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "flat arguments keep the verifier's job simple"
+)]
+fn io_event(
+    op: u32,
+    pid: u32,
+    tid: u32,
+    stream: &Stream,
+    bytes: u64,
+    start: u64,
+    end: u64,
+    span_id: u64,
+    trace_id: u64,
+    peer: &StreamWrite,
+) {
+    // SAFETY: plain helper calls.
+    let (cpu, now) = unsafe { (bpf_get_smp_processor_id(), bpf_ktime_get_ns()) };
+    let Some(ring) = RINGS.get(cpu) else {
+        count(Counter::NoRing);
+        return;
+    };
+    let Some(mut entry) = ring.reserve_untyped::<IoEvent>(0) else {
+        count(Counter::RingFull);
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: the reservation is exclusive, aligned and the size of an IoEvent. Volatile so
+    // LLVM does not merge the stores into a `memset` call the loader cannot relocate.
+    unsafe {
+        (&raw mut (*e).kind).write_volatile(RecordKind::Io as u32);
+        (&raw mut (*e).op).write_volatile(op);
+        (&raw mut (*e).pid).write_volatile(pid);
+        (&raw mut (*e).tid).write_volatile(tid);
+        (&raw mut (*e).time_ns).write_volatile(now);
+        (&raw mut (*e).stream).write_volatile(stream.kind);
+        (&raw mut (*e).bytes).write_volatile(bytes as u32);
+        (&raw mut (*e).key).write_volatile(stream.key);
+        (&raw mut (*e).start).write_volatile(start);
+        (&raw mut (*e).end).write_volatile(end);
+        (&raw mut (*e).span_id).write_volatile(span_id);
+        (&raw mut (*e).trace_id).write_volatile(trace_id);
+        (&raw mut (*e).peer_span_id).write_volatile(peer.span_id);
+        (&raw mut (*e).peer_trace_id).write_volatile(peer.trace_id);
+        let local = (&raw mut (*e).local_addr).cast::<[u64; 2]>();
+        (&raw mut (*local)[0]).write_volatile(stream.local_addr[0]);
+        (&raw mut (*local)[1]).write_volatile(stream.local_addr[1]);
+        let remote = (&raw mut (*e).remote_addr).cast::<[u64; 2]>();
+        (&raw mut (*remote)[0]).write_volatile(stream.remote_addr[0]);
+        (&raw mut (*remote)[1]).write_volatile(stream.remote_addr[1]);
+        (&raw mut (*e).local_port).write_volatile(stream.local_port);
+        (&raw mut (*e).remote_port).write_volatile(stream.remote_port);
+        (&raw mut (*e).family).write_volatile(stream.family);
+        (&raw mut (*e)._pad).write_volatile(0);
+    }
+    let unread =
+        // SAFETY: ring is a valid ring buffer map pointer obtained from the outer map.
+        unsafe { bpf_ringbuf_query(core::ptr::from_ref(ring).cast_mut().cast(), BPF_RB_AVAIL_DATA as u64) };
+    let flags = if unread >= WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(flags as u64);
 }
 
 /// Writes a process event into this CPU's ring (or counts it lost).

@@ -3,6 +3,7 @@
 
 use std::{path::PathBuf, pin::Pin, sync::Arc, time::UNIX_EPOCH};
 
+use scope_common::{io_op, stream_kind};
 use scope_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, wrappers::ReceiverStream};
@@ -17,7 +18,7 @@ use crate::{
         otlp,
     },
     glob::Glob,
-    model::{Span, TraceId},
+    model::{Io, Span, TraceId},
     pipeline::WatchFilter,
     probes::ProbeInfo,
     resolve::AttachSpec,
@@ -332,18 +333,90 @@ impl pb::scope_server::Scope for ScopeService {
         &self,
         request: Request<pb::GetTraceRequest>,
     ) -> Result<Response<Self::GetTraceStream>, Status> {
-        let trace_id = request.into_inner().trace_id;
-        let filter = pb::SpanFilter {
-            trace_id,
-            ..Default::default()
-        };
-        if filter.trace_id.is_empty() {
-            return Err(Status::invalid_argument(
-                "which trace? give trace_id (32 hex digits, from ListTraces)",
-            ));
-        }
-        let query = SpanQuery::try_from(filter)?;
-        Ok(self.stream_spans(query, 0))
+        let trace = trace_id(&request.into_inner().trace_id)?;
+        let daemon = Arc::clone(&self.daemon);
+        let spans = blocking(move || -> Result<Vec<pb::Span>, ScopeError> {
+            let query = SpanQuery {
+                trace_id: Some(trace),
+                ..SpanQuery::default()
+            };
+            let spans = daemon.query(&query, 0)?;
+            let ids: Vec<u64> = spans.iter().map(|s| s.id).collect();
+            let mut links = daemon.io_links(&ids)?;
+            Ok(spans
+                .iter()
+                .map(|span| {
+                    let mut wire = span_to_wire(&daemon, span);
+                    wire.links = links
+                        .remove(&span.id)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(span_id, trace)| pb::CausalLink {
+                            span_id,
+                            trace_id: trace.to_string(),
+                            kind: "io".to_owned(),
+                        })
+                        .collect();
+                    wire
+                })
+                .collect())
+        })
+        .await??;
+        let batches: Vec<Result<pb::SpanBatch, Status>> = spans
+            .chunks(QUERY_BATCH_SPANS)
+            .map(|chunk| {
+                Ok(pb::SpanBatch {
+                    spans: chunk.to_vec(),
+                    dropped: 0,
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(batches))))
+    }
+
+    async fn get_trace_io(
+        &self,
+        request: Request<pb::GetTraceRequest>,
+    ) -> Result<Response<pb::TraceIoResponse>, Status> {
+        let trace = trace_id(&request.into_inner().trace_id)?;
+        let daemon = Arc::clone(&self.daemon);
+        let io = blocking(move || daemon.trace_io(trace))
+            .await?
+            .map_err(ScopeError::from)?;
+        Ok(Response::new(pb::TraceIoResponse {
+            io: io.iter().map(io_to_wire).collect(),
+        }))
+    }
+
+    async fn find_io_peers(
+        &self,
+        request: Request<pb::FindIoPeersRequest>,
+    ) -> Result<Response<pb::FindIoPeersResponse>, Status> {
+        let writes = request
+            .into_inner()
+            .writes
+            .iter()
+            .map(io_from_wire)
+            .collect::<Result<Vec<Io>, Status>>()?;
+        let daemon = Arc::clone(&self.daemon);
+        let peers = blocking(move || -> Result<Vec<pb::IoPeer>, ScopeError> {
+            let mut peers = Vec::new();
+            for (writer_span_id, caused) in daemon.io_peers(&writes)? {
+                let query = SpanQuery {
+                    trace_id: Some(caused.trace_id),
+                    ..SpanQuery::default()
+                };
+                let trace = daemon.query(&query, 0)?;
+                peers.push(pb::IoPeer {
+                    writer_span_id,
+                    caused: Some(span_to_wire(&daemon, &caused)),
+                    trace: trace.iter().map(|s| span_to_wire(&daemon, s)).collect(),
+                });
+            }
+            Ok(peers)
+        })
+        .await??;
+        Ok(Response::new(pb::FindIoPeersResponse { peers }))
     }
 
     async fn list_processes(
@@ -386,6 +459,91 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|error| Status::internal(format!("request handler failed: {error}")))
+}
+
+fn trace_id(text: &str) -> Result<TraceId, Status> {
+    if text.is_empty() {
+        return Err(Status::invalid_argument(
+            "which trace? give trace_id (32 hex digits, from ListTraces)",
+        ));
+    }
+    TraceId::parse(text).ok_or_else(|| {
+        Status::invalid_argument(format!("trace id {text:?} is not 32 hexadecimal digits"))
+    })
+}
+
+fn io_to_wire(io: &Io) -> pb::IoEvent {
+    pb::IoEvent {
+        time_unix_ns: io.time_ns,
+        pid: io.pid,
+        tid: io.tid,
+        op: if io.op == io_op::WRITE {
+            "write"
+        } else {
+            "read"
+        }
+        .to_owned(),
+        stream: match io.stream {
+            stream_kind::PIPE => "pipe",
+            stream_kind::UNIX => "unix",
+            _ => "tcp",
+        }
+        .to_owned(),
+        start: io.start,
+        end: io.end,
+        bytes: io.bytes,
+        span_id: io.span_id,
+        trace_id: io.trace_id.to_string(),
+        local: io.local.map(|a| a.to_string()).unwrap_or_default(),
+        remote: io.remote.map(|a| a.to_string()).unwrap_or_default(),
+    }
+}
+
+fn io_from_wire(io: &pb::IoEvent) -> Result<Io, Status> {
+    let address = |text: &str, which: &str| -> Result<Option<std::net::SocketAddr>, Status> {
+        if text.is_empty() {
+            return Ok(None);
+        }
+        text.parse().map(Some).map_err(|_| {
+            Status::invalid_argument(format!("{which} address {text:?} is not address:port"))
+        })
+    };
+    let op = match io.op.as_str() {
+        "write" => io_op::WRITE,
+        "read" => io_op::READ,
+        other => {
+            return Err(Status::invalid_argument(format!(
+                "op {other:?} is neither write nor read"
+            )));
+        }
+    };
+    let stream = match io.stream.as_str() {
+        "pipe" => stream_kind::PIPE,
+        "unix" => stream_kind::UNIX,
+        "tcp" => stream_kind::TCP,
+        other => {
+            return Err(Status::invalid_argument(format!(
+                "stream {other:?} is not pipe, unix or tcp"
+            )));
+        }
+    };
+    Ok(Io {
+        time_ns: io.time_unix_ns,
+        pid: io.pid,
+        tid: io.tid,
+        op,
+        stream,
+        key: 0,
+        start: io.start,
+        end: io.end,
+        bytes: io.bytes,
+        span_id: io.span_id,
+        trace_id: TraceId::parse(&io.trace_id).unwrap_or_default(),
+        peer_span_id: 0,
+        peer_trace_id: TraceId::default(),
+        local: address(&io.local, "local")?,
+        remote: address(&io.remote, "remote")?,
+    })
 }
 
 fn nonzero<T: Default + PartialEq>(value: T) -> Option<T> {
@@ -558,5 +716,6 @@ fn span_to_wire(daemon: &Daemon, span: &Span) -> pb::Span {
         trace_id: span.trace_id.to_string(),
         link_kind: span.link_kind().to_owned(),
         comm: probe.comm.clone(),
+        links: Vec::new(),
     }
 }

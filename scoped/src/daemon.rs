@@ -14,7 +14,7 @@ use crate::{
     ebpf::ProgramPair,
     error::ScopeError,
     export::otlp::ExporterCounters,
-    model::{IdScheme, Probe, Span, now_unix_ns},
+    model::{IdScheme, Io, Probe, Span, TraceId, now_unix_ns},
     pipeline::{Pipeline, Subscription, WatchFilter},
     probes::{ProbeInfo, ProbeManager, Session, release},
     procfs::ProcessInfo,
@@ -365,6 +365,24 @@ impl Daemon {
     /// Trace summaries. Blocking.
     pub fn traces(&self, query: &TraceQuery) -> Result<Vec<TraceSummary>, StoreError> {
         self.store.traces(query)
+    }
+
+    /// Calls whose bytes each of `spans` read while it ran. Blocking.
+    pub fn io_links(
+        &self,
+        spans: &[u64],
+    ) -> Result<std::collections::HashMap<u64, Vec<(u64, TraceId)>>, StoreError> {
+        self.store.io_links(spans)
+    }
+
+    /// The TCP reads and writes of a trace's calls. Blocking.
+    pub fn trace_io(&self, trace: TraceId) -> Result<Vec<Io>, StoreError> {
+        self.store.trace_io(trace)
+    }
+
+    /// Calls here caused by another host's TCP writes. Blocking.
+    pub fn io_peers(&self, writes: &[Io]) -> Result<Vec<(u64, Span)>, StoreError> {
+        self.store.io_peers(writes)
     }
 
     /// Traced processes. Blocking.

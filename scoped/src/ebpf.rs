@@ -212,9 +212,48 @@ impl Kernel {
                 })?;
         }
 
+        // Reads and writes of traced threads on pipes and sockets, for causality across
+        // threads, processes and hosts. Each program serves the syscalls of its kind.
+        for (name, tracepoints) in [
+            (
+                programs::IO_ENTER_WRITE,
+                &["sys_enter_write", "sys_enter_writev", "sys_enter_sendto"][..],
+            ),
+            (
+                programs::IO_ENTER_READ,
+                &["sys_enter_read", "sys_enter_readv", "sys_enter_recvfrom"][..],
+            ),
+            (
+                programs::IO_EXIT,
+                &[
+                    "sys_exit_write",
+                    "sys_exit_writev",
+                    "sys_exit_sendto",
+                    "sys_exit_read",
+                    "sys_exit_readv",
+                    "sys_exit_recvfrom",
+                ][..],
+            ),
+        ] {
+            let program = program_mut::<TracePoint>(&mut ebpf, name)?;
+            program.load().map_err(|source| LoadError::Program {
+                name,
+                source: Box::new(source),
+            })?;
+            for &tracepoint in tracepoints {
+                program
+                    .attach("syscalls", tracepoint)
+                    .map_err(|source| LoadError::Tracepoint {
+                        name,
+                        category: "syscalls",
+                        tracepoint,
+                        source: Box::new(source),
+                    })?;
+            }
+        }
         for (name, tracepoint) in [
             (programs::FORK, "sched_process_fork"),
-            (programs::WAKEUP, "sched_wakeup"),
+            (programs::WAKEUP, "sched_waking"),
         ] {
             let program = program_mut::<RawTracePoint>(&mut ebpf, name)?;
             program.load().map_err(|source| LoadError::Program {
@@ -376,8 +415,29 @@ where
 /// Where the fields the programs read live in this kernel's structs.
 fn kernel_offsets() -> Result<KernelOffsets, LoadError> {
     let btf = crate::btf::Btf::kernel()?;
+    let at = |structure: &str, field: &str| btf.offset(structure, field);
     Ok(KernelOffsets {
-        task_pid: btf.offset("task_struct", "pid")?,
-        task_tgid: btf.offset("task_struct", "tgid")?,
+        task_pid: at("task_struct", "pid")?,
+        task_tgid: at("task_struct", "tgid")?,
+        task_files: at("task_struct", "files")?,
+        files_fdt: at("files_struct", "fdt")?,
+        fdtable_max_fds: at("fdtable", "max_fds")?,
+        fdtable_fd: at("fdtable", "fd")?,
+        file_inode: at("file", "f_inode")?,
+        file_private_data: at("file", "private_data")?,
+        inode_mode: at("inode", "i_mode")?,
+        socket_sk: at("socket", "sk")?,
+        sk_family: at("sock", "__sk_common.skc_family")?,
+        sk_protocol: at("sock", "sk_protocol")?,
+        sk_daddr: at("sock", "__sk_common.skc_daddr")?,
+        sk_rcv_saddr: at("sock", "__sk_common.skc_rcv_saddr")?,
+        sk_dport: at("sock", "__sk_common.skc_dport")?,
+        sk_num: at("sock", "__sk_common.skc_num")?,
+        sk_v6_daddr: at("sock", "__sk_common.skc_v6_daddr")?,
+        sk_v6_rcv_saddr: at("sock", "__sk_common.skc_v6_rcv_saddr")?,
+        tcp_write_seq: at("tcp_sock", "write_seq")?,
+        tcp_copied_seq: at("tcp_sock", "copied_seq")?,
+        unix_peer: at("unix_sock", "peer")?,
+        _pad: 0,
     })
 }

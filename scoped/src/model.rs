@@ -190,14 +190,95 @@ pub fn now_unix_ns() -> u64 {
         .unwrap_or(0)
 }
 
-/// The edge kind of span flags: `"fork"`, `"wakeup"` or `""`.
+/// The edge kind of span flags: `"fork"`, `"wakeup"`, `"io"` or `""`.
 pub fn link_kind(flags: u32) -> &'static str {
     if flags & span_flags::LINK_FORK != 0 {
         "fork"
     } else if flags & span_flags::LINK_WAKEUP != 0 {
         "wakeup"
+    } else if flags & span_flags::LINK_IO != 0 {
+        "io"
     } else {
         ""
+    }
+}
+
+/// Bytes a traced thread moved through a pipe or socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Io {
+    pub time_ns: u64,
+    pub pid: u32,
+    pub tid: u32,
+    /// `scope_common::io_op`.
+    pub op: u32,
+    /// `scope_common::stream_kind`.
+    pub stream: u32,
+    pub key: u64,
+    pub start: u64,
+    pub end: u64,
+    pub bytes: u32,
+    /// The thread's innermost open traced call (0 if none).
+    pub span_id: u64,
+    pub trace_id: TraceId,
+    /// For a read: the call that wrote the bytes, when the kernel matched it.
+    pub peer_span_id: u64,
+    pub peer_trace_id: TraceId,
+    /// TCP ends.
+    pub local: Option<std::net::SocketAddr>,
+    pub remote: Option<std::net::SocketAddr>,
+}
+
+impl Io {
+    pub fn from_kernel(event: &scope_common::IoEvent, clock: Clock, ids: IdScheme) -> Io {
+        let address = |bytes: [u8; 16], port: u16| -> Option<std::net::SocketAddr> {
+            match event.family {
+                2 => Some(std::net::SocketAddr::from((
+                    [bytes[0], bytes[1], bytes[2], bytes[3]],
+                    port,
+                ))),
+                10 => Some(std::net::SocketAddr::from((
+                    std::net::Ipv6Addr::from(bytes),
+                    port,
+                ))),
+                _ => None,
+            }
+        };
+        Io {
+            time_ns: clock.to_unix_ns(event.time_ns),
+            pid: event.pid,
+            tid: event.tid,
+            op: event.op,
+            stream: event.stream,
+            key: event.key,
+            start: event.start,
+            end: event.end,
+            bytes: event.bytes,
+            span_id: ids.span(event.span_id),
+            trace_id: if event.trace_id == 0 {
+                TraceId::default()
+            } else {
+                ids.trace(event.trace_id)
+            },
+            peer_span_id: ids.span(event.peer_span_id),
+            peer_trace_id: if event.peer_trace_id == 0 {
+                TraceId::default()
+            } else {
+                ids.trace(event.peer_trace_id)
+            },
+            local: address(event.local_addr, event.local_port),
+            remote: address(event.remote_addr, event.remote_port),
+        }
+    }
+
+    /// Whether this read's first byte lies in `write`'s bytes (same stream direction
+    /// assumed). TCP sequence numbers wrap at 2^32.
+    pub fn read_starts_in(&self, write: &Io) -> bool {
+        if self.stream == scope_common::stream_kind::TCP {
+            (self.start as u32).wrapping_sub(write.start as u32)
+                < (write.end as u32).wrapping_sub(write.start as u32)
+        } else {
+            write.start <= self.start && self.start < write.end
+        }
     }
 }
 

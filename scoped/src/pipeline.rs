@@ -10,8 +10,9 @@ use tokio::sync::mpsc::{self, error::TrySendError};
 use crate::{
     export::otlp::ExporterHandle,
     glob::Glob,
-    model::{Clock, IdScheme, Span},
+    model::{Clock, IdScheme, Io, Span},
     probes::Registry,
+    reader::Batch,
     stats::{Count, DaemonStats},
     store::Store,
 };
@@ -106,9 +107,17 @@ impl Pipeline {
     }
 
     /// Runs until the reader's side of `rx` is gone.
-    pub async fn run(self: Arc<Self>, mut rx: mpsc::Receiver<Vec<scope_common::Span>>) {
+    pub async fn run(self: Arc<Self>, mut rx: mpsc::Receiver<Batch>) {
         while let Some(batch) = rx.recv().await {
-            self.ingest(batch);
+            if !batch.io.is_empty() {
+                let io = batch
+                    .io
+                    .iter()
+                    .map(|event| Io::from_kernel(event, self.clock, self.ids))
+                    .collect();
+                self.store.append_io(io);
+            }
+            self.ingest(batch.spans);
         }
     }
 

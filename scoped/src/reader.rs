@@ -18,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-use scope_common::{ProcessEvent, Record, Span};
+use scope_common::{IoEvent, ProcessEvent, Record, Span};
 use tokio::sync::mpsc::{self, error::TrySendError};
 
 use crate::{ebpf::Rings, stats::DaemonStats};
@@ -31,7 +31,7 @@ const QUIET_SWEEPS: u32 = 50;
 /// Where decoded records go: spans to the pipeline, process events to the lifecycle task.
 #[derive(Clone)]
 pub struct Outputs {
-    pub spans: mpsc::Sender<Vec<Span>>,
+    pub spans: mpsc::Sender<Batch>,
     pub events: mpsc::Sender<ProcessEvent>,
 }
 
@@ -126,15 +126,29 @@ fn run(
     }
 }
 
+/// Records of one sweep, for the pipeline.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub spans: Vec<Span>,
+    pub io: Vec<IoEvent>,
+}
+
+impl Batch {
+    fn len(&self) -> usize {
+        self.spans.len() + self.io.len()
+    }
+}
+
 /// Drains every ring; returns how many records it read.
 fn sweep(rings: &mut Rings, tx: &Outputs, stats: &DaemonStats) -> usize {
-    let mut batch = Vec::new();
+    let mut batch = Batch::default();
     let mut read = 0;
     for ring in &mut rings.rings {
         while let Some(item) = ring.next() {
             read += 1;
             match Record::from_bytes(&item) {
-                Some(Record::Span(span)) => batch.push(span),
+                Some(Record::Span(span)) => batch.spans.push(span),
+                Some(Record::Io(event)) => batch.io.push(event),
                 Some(Record::Process(event)) => {
                     stats.process_events.add(1);
                     if tx.events.try_send(event).is_err() {
@@ -148,19 +162,27 @@ fn sweep(rings: &mut Rings, tx: &Outputs, stats: &DaemonStats) -> usize {
             }
         }
     }
-    if !batch.is_empty() {
+    if batch.len() > 0 {
         send(tx, batch, stats);
     }
     read
 }
 
-fn send(tx: &Outputs, batch: Vec<Span>, stats: &DaemonStats) {
-    let count = batch.len() as u64;
-    stats.spans_received.add(count);
+fn send(tx: &Outputs, batch: Batch, stats: &DaemonStats) {
+    let spans = batch.spans.len() as u64;
+    let io = batch.io.len() as u64;
+    stats.spans_received.add(spans);
+    stats.io_received.add(io);
     match tx.spans.try_send(batch) {
         Ok(()) => {}
-        Err(TrySendError::Full(_)) => stats.pipeline_full.add(count),
-        Err(TrySendError::Closed(_)) => stats.pipeline_closed.add(count),
+        Err(TrySendError::Full(_)) => {
+            stats.pipeline_full.add(spans);
+            stats.io_dropped.add(io);
+        }
+        Err(TrySendError::Closed(_)) => {
+            stats.pipeline_closed.add(spans);
+            stats.io_dropped.add(io);
+        }
     }
 }
 

@@ -35,11 +35,15 @@ pub struct DaemonStats {
     pub process_events: Count,
     /// Process events dropped because the lifecycle queue was full (a fork not followed).
     pub lifecycle_full: Count,
+    /// Reads and writes on pipes and sockets decoded from the rings.
+    pub io_received: Count,
+    /// Reads and writes dropped on the way to the store (queue full or shutdown).
+    pub io_dropped: Count,
 }
 
 impl DaemonStats {
     /// Every counter by name, for the Status call and metrics.
-    pub fn snapshot(&self) -> [(&'static str, u64); 8] {
+    pub fn snapshot(&self) -> [(&'static str, u64); 10] {
         [
             ("daemon.spans_received", self.spans_received.get()),
             ("daemon.decode_errors", self.decode_errors.get()),
@@ -49,6 +53,8 @@ impl DaemonStats {
             ("daemon.watch_dropped", self.watch_dropped.get()),
             ("daemon.process_events", self.process_events.get()),
             ("daemon.lifecycle_full", self.lifecycle_full.get()),
+            ("daemon.io_received", self.io_received.get()),
+            ("daemon.io_dropped", self.io_dropped.get()),
         ]
     }
 

@@ -97,6 +97,8 @@ pub struct StoreCounters {
     pub write_failed: Count,
     /// Spans deleted by retention (by size or age).
     pub evicted: Count,
+    /// Reads and writes not stored (queue full, failed write).
+    pub io_dropped: Count,
 }
 
 /// A session row as the store keeps it.
@@ -171,6 +173,7 @@ pub(crate) enum Command {
         ended_ns: u64,
     },
     Process(ProcessRow),
+    Io(Vec<crate::model::Io>),
     ProcessExited {
         pid: u32,
         start_ns: u64,
@@ -313,6 +316,18 @@ impl Store {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => self.counters.queue_full.add(count),
             Err(TrySendError::Disconnected(_)) => self.counters.write_failed.add(count),
+        }
+    }
+
+    /// Queues reads and writes; never blocks (what does not fit is counted as dropped).
+    pub fn append_io(&self, io: Vec<crate::model::Io>) {
+        let count = io.len() as u64;
+        let writer = lock(&self.writer);
+        let sent = writer
+            .as_ref()
+            .is_some_and(|tx| tx.try_send(Command::Io(io)).is_ok());
+        if !sent {
+            self.counters.io_dropped.add(count);
         }
     }
 

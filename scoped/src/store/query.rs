@@ -1,8 +1,12 @@
 //! Reading the store: spans by filter, per-function statistics, sessions.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
 
 use rusqlite::{Connection, OptionalExtension, Row, params_from_iter, types::Value};
+use scope_common::{io_op, stream_kind};
 
 use super::{
     ProcessRow, Store, StoreError, StoredSession, TraceSummary, from_sql, histogram::Histogram,
@@ -10,7 +14,7 @@ use super::{
 };
 use crate::{
     glob::Glob,
-    model::{Probe, Span, TraceId},
+    model::{Io, Probe, Span, TraceId},
 };
 
 /// Which spans. `None` matches everything.
@@ -52,6 +56,40 @@ pub struct TraceQuery {
 }
 
 const NS_PER_MINUTE: u64 = 60_000_000_000;
+const IO_COLUMNS: &str =
+    "time_ns, pid, tid, op, stream, stream_key, start, end, bytes, span_id, trace_hi, trace_lo,
+     peer_span_id, peer_trace_hi, peer_trace_lo, local_addr, remote_addr";
+
+fn io_from_row(row: &Row<'_>) -> rusqlite::Result<Io> {
+    let address = |i: usize| -> rusqlite::Result<Option<std::net::SocketAddr>> {
+        Ok(row
+            .get::<_, Option<String>>(i)?
+            .and_then(|text| text.parse().ok()))
+    };
+    Ok(Io {
+        time_ns: from_sql(row.get(0)?),
+        pid: row.get(1)?,
+        tid: row.get(2)?,
+        op: row.get(3)?,
+        stream: row.get(4)?,
+        key: from_sql(row.get(5)?),
+        start: from_sql(row.get(6)?),
+        end: from_sql(row.get(7)?),
+        bytes: row.get(8)?,
+        span_id: from_sql(row.get(9)?),
+        trace_id: TraceId {
+            high: from_sql(row.get(10)?),
+            low: from_sql(row.get(11)?),
+        },
+        peer_span_id: from_sql(row.get(12)?),
+        peer_trace_id: TraceId {
+            high: from_sql(row.get(13)?),
+            low: from_sql(row.get(14)?),
+        },
+        local: address(15)?,
+        remote: address(16)?,
+    })
+}
 const SPAN_COLUMNS: &str =
     "span_id, parent_id, trace_hi, trace_lo, probe_id, pid, tid, start_ns, duration_ns, depth,
      arg0, arg1, arg2, arg3, arg4, arg5, ret, caller, flags";
@@ -307,6 +345,116 @@ impl Store {
             });
         }
         Ok(traces)
+    }
+
+    /// For each of `spans` that read bytes while it ran, the calls that wrote them (a reply
+    /// to a request, say): span id → [(writer span id, writer trace)].
+    pub fn io_links(&self, spans: &[u64]) -> Result<HashMap<u64, Vec<(u64, TraceId)>>, StoreError> {
+        let conn = self.reader();
+        let read = |source| StoreError::Sql {
+            what: "read io links",
+            source,
+        };
+        let mut links: HashMap<u64, Vec<(u64, TraceId)>> = HashMap::new();
+        let mut statement = conn
+            .prepare_cached(
+                "SELECT peer_span_id, peer_trace_hi, peer_trace_lo FROM io
+                  WHERE span_id = ?1 AND op = 2 AND peer_span_id != 0",
+            )
+            .map_err(read)?;
+        for &span in spans {
+            let rows = statement
+                .query_map([to_sql(span)], |row| {
+                    Ok((
+                        from_sql(row.get(0)?),
+                        TraceId {
+                            high: from_sql(row.get(1)?),
+                            low: from_sql(row.get(2)?),
+                        },
+                    ))
+                })
+                .map_err(read)?;
+            for row in rows {
+                let (peer, trace) = row.map_err(read)?;
+                let entry = links.entry(span).or_default();
+                if !entry.iter().any(|(p, _)| *p == peer) {
+                    entry.push((peer, trace));
+                }
+            }
+        }
+        Ok(links)
+    }
+
+    /// The TCP reads and writes made by calls of a trace: what another host's daemon needs
+    /// to find the other half.
+    pub fn trace_io(&self, trace: TraceId) -> Result<Vec<Io>, StoreError> {
+        let conn = self.reader();
+        let read = |source| StoreError::Sql {
+            what: "read a trace's io",
+            source,
+        };
+        let mut statement = conn
+            .prepare_cached(&format!(
+                "SELECT {IO_COLUMNS} FROM io WHERE trace_lo = ?1 AND trace_hi = ?2 AND stream = 3 ORDER BY time_ns"
+            ))
+            .map_err(read)?;
+        let rows = statement
+            .query_map([to_sql(trace.low), to_sql(trace.high)], io_from_row)
+            .map_err(read)?;
+        rows.collect::<Result<_, _>>().map_err(read)
+    }
+
+    /// For TCP writes made on another host: the reads of the same bytes here, and the call
+    /// each read caused (the reading thread's call that was open, or its next root call).
+    /// Returns (the write's span, the caused call).
+    pub fn io_peers(&self, writes: &[Io]) -> Result<Vec<(u64, Span)>, StoreError> {
+        let conn = self.reader();
+        let read = |source| StoreError::Sql {
+            what: "match remote writes",
+            source,
+        };
+        let mut found = Vec::new();
+        for write in writes
+            .iter()
+            .filter(|w| w.op == io_op::WRITE && w.stream == stream_kind::TCP)
+        {
+            let (Some(local), Some(remote)) = (write.remote, write.local) else {
+                continue;
+            };
+            let mut statement = conn
+                .prepare_cached(&format!(
+                    "SELECT {IO_COLUMNS} FROM io
+                      WHERE stream = 3 AND op = 2 AND local_addr = ?1 AND remote_addr = ?2 ORDER BY time_ns"
+                ))
+                .map_err(read)?;
+            let reads: Vec<Io> = statement
+                .query_map([local.to_string(), remote.to_string()], io_from_row)
+                .map_err(read)?
+                .collect::<Result<_, _>>()
+                .map_err(read)?;
+            for reading in reads.iter().filter(|r| r.read_starts_in(write)) {
+                let caused = if reading.span_id != 0 {
+                    self.read_spans(
+                        &conn,
+                        &format!("SELECT {SPAN_COLUMNS} FROM spans WHERE span_id = ?1 LIMIT 1"),
+                        [to_sql(reading.span_id)],
+                    )?
+                } else {
+                    self.read_spans(
+                        &conn,
+                        &format!(
+                            "SELECT {SPAN_COLUMNS} FROM spans WHERE pid = ?1 AND tid = ?2 AND depth = 0 AND start_ns >= ?3
+                              ORDER BY start_ns LIMIT 1"
+                        ),
+                        [i64::from(reading.pid), i64::from(reading.tid), to_sql(reading.time_ns)],
+                    )?
+                };
+                if let Some(span) = caused.into_iter().next() {
+                    found.push((write.span_id, span));
+                }
+            }
+        }
+        Ok(found)
     }
 
     /// Every traced process the store knows, oldest first.

@@ -5,7 +5,7 @@ use rusqlite::{Connection, OptionalExtension};
 
 /// The schema version this daemon writes. Each entry of [`MIGRATIONS`] moves the file one
 /// version up; a file newer than this is refused rather than misread.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// `MIGRATIONS[n]` takes a file from version `n` to `n + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -117,6 +117,32 @@ const MIGRATIONS: &[&str] = &[
     INSERT INTO traces (trace_hi, trace_lo, start_ns, end_ns, spans)
          SELECT trace_hi, trace_lo, min(start_ns), max(start_ns + duration_ns), count(*)
            FROM spans GROUP BY trace_hi, trace_lo;
+    "#,
+    // 2 → 3: reads and writes on pipes and sockets, to link calls across processes and hosts.
+    r#"
+    CREATE TABLE io (
+        time_ns       INTEGER NOT NULL,  -- Unix ns, when the syscall returned
+        pid           INTEGER NOT NULL,
+        tid           INTEGER NOT NULL,
+        op            INTEGER NOT NULL,  -- 1 write, 2 read
+        stream        INTEGER NOT NULL,  -- 1 pipe, 2 unix socket, 3 TCP
+        stream_key    INTEGER NOT NULL,  -- names the direction (same for writer and reader)
+        start         INTEGER NOT NULL,  -- offsets of the bytes (TCP: sequence numbers)
+        end           INTEGER NOT NULL,
+        bytes         INTEGER NOT NULL,
+        span_id       INTEGER NOT NULL,  -- the thread's innermost open traced call, 0 if none
+        trace_hi      INTEGER NOT NULL,
+        trace_lo      INTEGER NOT NULL,
+        peer_span_id  INTEGER NOT NULL,  -- a read: the call that wrote the bytes (0: unknown)
+        peer_trace_hi INTEGER NOT NULL,
+        peer_trace_lo INTEGER NOT NULL,
+        local_addr    TEXT,              -- TCP ends, e.g. 10.0.0.1:5000
+        remote_addr   TEXT
+    );
+    CREATE INDEX io_time  ON io(time_ns);
+    CREATE INDEX io_span  ON io(span_id) WHERE span_id != 0;
+    CREATE INDEX io_trace ON io(trace_lo) WHERE trace_lo != 0;
+    CREATE INDEX io_tcp   ON io(local_addr, remote_addr) WHERE stream = 3;
     "#,
 ];
 

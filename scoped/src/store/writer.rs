@@ -93,6 +93,10 @@ pub(crate) fn run(
                     tracing::warn!(%error, session_id, "recording the end of a session failed");
                 }
             }
+            Ok(Command::Io(io)) => {
+                // Batched with spans: one transaction per commit interval, not per batch.
+                batch.add_io(io);
+            }
             Ok(Command::Process(row)) => {
                 if let Err(error) = upsert_process(&conn, &row) {
                     tracing::warn!(%error, pid = row.pid, "recording a process failed");
@@ -142,15 +146,19 @@ pub(crate) fn run(
 #[derive(Default)]
 struct Batch {
     spans: Vec<Span>,
+    io: Vec<crate::model::Io>,
     first: Option<Instant>,
 }
 
 impl Batch {
     fn add(&mut self, spans: Vec<Span>) {
-        if self.first.is_none() {
-            self.first = Some(Instant::now());
-        }
+        self.first.get_or_insert_with(Instant::now);
         self.spans.extend(spans);
+    }
+
+    fn add_io(&mut self, io: Vec<crate::model::Io>) {
+        self.first.get_or_insert_with(Instant::now);
+        self.io.extend(io);
     }
 }
 
@@ -170,7 +178,14 @@ fn commit(
     counters: &StoreCounters,
 ) {
     let spans = std::mem::take(&mut batch.spans);
+    let io = std::mem::take(&mut batch.io);
     batch.first = None;
+    if !io.is_empty()
+        && let Err(error) = write_io(conn, &io)
+    {
+        counters.io_dropped.add(io.len() as u64);
+        tracing::warn!(%error, "writing reads and writes to the store failed");
+    }
     if spans.is_empty() {
         return;
     }
@@ -354,6 +369,39 @@ fn insert_probes(
     Ok(ids)
 }
 
+fn write_io(conn: &mut Connection, io: &[crate::model::Io]) -> Result<(), rusqlite::Error> {
+    let tx = conn.transaction()?;
+    {
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO io (time_ns, pid, tid, op, stream, stream_key, start, end, bytes, span_id, trace_hi, trace_lo,
+                             peer_span_id, peer_trace_hi, peer_trace_lo, local_addr, remote_addr)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+        )?;
+        for event in io {
+            insert.execute(params![
+                to_sql(event.time_ns),
+                event.pid,
+                event.tid,
+                event.op,
+                event.stream,
+                to_sql(event.key),
+                to_sql(event.start),
+                to_sql(event.end),
+                event.bytes,
+                to_sql(event.span_id),
+                to_sql(event.trace_id.high),
+                to_sql(event.trace_id.low),
+                to_sql(event.peer_span_id),
+                to_sql(event.peer_trace_id.high),
+                to_sql(event.peer_trace_id.low),
+                event.local.map(|a| a.to_string()),
+                event.remote.map(|a| a.to_string()),
+            ])?;
+        }
+    }
+    tx.commit()
+}
+
 fn upsert_process(conn: &Connection, row: &super::ProcessRow) -> Result<(), rusqlite::Error> {
     conn.execute(
         "INSERT INTO processes (pid, start_ns, parent_pid, session_id, comm, exe, fork_span, exited_ns)
@@ -396,6 +444,7 @@ fn evict_older_than(
     }
     let minute = to_sql(cutoff / NS_PER_MINUTE);
     conn.execute("DELETE FROM traces WHERE end_ns < ?1", [to_sql(cutoff)])?;
+    conn.execute("DELETE FROM io WHERE time_ns < ?1", [to_sql(cutoff)])?;
     conn.execute("DELETE FROM probe_minutes WHERE minute < ?1", [minute])?;
     conn.execute("DELETE FROM histogram WHERE minute < ?1", [minute])?;
     conn.execute_batch("PRAGMA incremental_vacuum;")?;
@@ -451,6 +500,7 @@ fn enforce_size(
                 conn.query_row("SELECT min(start_ns) FROM spans", [], |r| r.get(0))?;
             if let Some(first) = first_start {
                 conn.execute("DELETE FROM traces WHERE end_ns < ?1", [first])?;
+                conn.execute("DELETE FROM io WHERE time_ns < ?1", [first])?;
             }
             let first_minute: Option<i64> =
                 conn.query_row("SELECT min(start_ns) / 60000000000 FROM spans", [], |r| {

@@ -1,0 +1,357 @@
+//! Privileged end-to-end tests (root, BPF) of causality through bytes: a client and a server
+//! built here talk over TCP, a unix socket and pipes; each request's server handler hangs
+//! under the client's request call (same trace, linked by the bytes it read), the reply links
+//! back, and nothing lands in the wrong trace. Then Debian's redis-cli against redis-server.
+#![expect(clippy::unwrap_used, reason = "tests")]
+
+use std::{collections::HashMap, process::Command, time::Duration};
+
+use scope_proto::v1 as pb;
+use scope_tests::{Redis, Scoped, Target, compile, free_port};
+use serde_json::Value;
+use tokio_stream::StreamExt;
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+const REQUESTS: u64 = 100;
+
+const IPC: &str = r#"#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+/* The server's work for one request: answer with the number times two. */
+__attribute__((noinline)) long handle(int out, long number) {
+    long answer = number * 2;
+    write(out, &answer, sizeof answer);
+    return answer;
+}
+
+/* The client's call for one request: send it, wait for the answer. */
+__attribute__((noinline)) long request(int out, int in, long number) {
+    long answer = -1;
+    write(out, &number, sizeof number);
+    read(in, &answer, sizeof answer);
+    return answer;
+}
+
+static void serve(int in, int out) {
+    long number;
+    while (read(in, &number, sizeof number) == sizeof number) handle(out, number);
+}
+
+static long run_client(int out, int in, long requests) {
+    long total = 0;
+    for (long i = 1; i <= requests; i++) total += request(out, in, i);
+    return total;
+}
+
+static int listen_on(int family, const char *where) {
+    int fd = socket(family, SOCK_STREAM, 0);
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (family == AF_INET) {
+        struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(atoi(where)) };
+        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        if (bind(fd, (struct sockaddr *)&a, sizeof a)) { perror("bind"); exit(1); }
+    } else {
+        struct sockaddr_un a = { .sun_family = AF_UNIX };
+        strncpy(a.sun_path, where, sizeof a.sun_path - 1);
+        unlink(where);
+        if (bind(fd, (struct sockaddr *)&a, sizeof a)) { perror("bind"); exit(1); }
+    }
+    listen(fd, 8);
+    return fd;
+}
+
+static int connect_to(int family, const char *where) {
+    int fd = socket(family, SOCK_STREAM, 0);
+    if (family == AF_INET) {
+        struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(atoi(where)) };
+        inet_pton(AF_INET, where[0] && strchr(where, ':') ? where : "127.0.0.1", &a.sin_addr);
+        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        if (connect(fd, (struct sockaddr *)&a, sizeof a)) { perror("connect"); exit(1); }
+    } else {
+        struct sockaddr_un a = { .sun_family = AF_UNIX };
+        strncpy(a.sun_path, where, sizeof a.sun_path - 1);
+        if (connect(fd, (struct sockaddr *)&a, sizeof a)) { perror("connect"); exit(1); }
+    }
+    return fd;
+}
+
+/* ipc server tcp|unix WHERE   — serves one connection per "serve" line on stdin
+   ipc client tcp|unix WHERE   — on each "go" line, makes the requests
+   ipc pipes                   — forks a server child wired with two pipes; "go" makes requests */
+int main(int argc, char **argv) {
+    char line[64];
+    setvbuf(stdout, NULL, _IONBF, 0);
+    if (argc < 2) return 2;
+    if (strcmp(argv[1], "pipes") == 0) {
+        int up[2], down[2];
+        pipe(up);
+        pipe(down);
+        printf("ready\n");
+        fgets(line, sizeof line, stdin); /* "start": the session is attached */
+        pid_t child = fork();
+        if (child == 0) {
+            close(up[1]);
+            close(down[0]);
+            serve(up[0], down[1]);
+            _exit(0);
+        }
+        close(up[0]);
+        close(down[1]);
+        printf("started %d\n", child);
+        while (fgets(line, sizeof line, stdin) && strncmp(line, "go", 2) == 0)
+            printf("done %ld\n", run_client(up[1], down[0], atol(line + 3)));
+        close(up[1]);
+        waitpid(child, NULL, 0);
+        return 0;
+    }
+    int family = strcmp(argv[2], "tcp") == 0 ? AF_INET : AF_UNIX;
+    if (strcmp(argv[1], "server") == 0) {
+        int listener = listen_on(family, argv[3]);
+        printf("ready\n");
+        for (;;) {
+            int fd = accept(listener, NULL, NULL);
+            if (fd < 0) return 1;
+            serve(fd, fd);
+            close(fd);
+        }
+    }
+    printf("ready\n");
+    while (fgets(line, sizeof line, stdin)) {
+        int fd = connect_to(family, argv[3]);
+        printf("done %ld\n", run_client(fd, fd, atol(line + 3)));
+        close(fd);
+    }
+    return 0;
+}
+"#;
+
+fn u64_of(value: &Value) -> u64 {
+    value
+        .as_u64()
+        .unwrap_or_else(|| panic!("not an unsigned integer: {value}"))
+}
+
+/// Checks the client's request spans and the server's handler spans: one trace per request,
+/// each handler under its request, linked by the bytes.
+fn check_requests(requests: &[Value], handlers: &[Value]) {
+    assert_eq!(
+        (requests.len(), handlers.len()),
+        (REQUESTS as usize, REQUESTS as usize)
+    );
+    let by_number: HashMap<u64, &Value> = requests
+        .iter()
+        .map(|r| (u64_of(&r["args"][2]), r))
+        .collect();
+    let mut traces: Vec<&str> = Vec::new();
+    for handler in handlers {
+        let number = u64_of(&handler["args"][1]);
+        let request = by_number[&number];
+        assert_eq!(
+            handler["parent_id"], request["span_id"],
+            "handler {number} hangs under request {number}"
+        );
+        assert_eq!(handler["link_kind"], "io", "{handler}");
+        assert_eq!(
+            handler["trace_id"], request["trace_id"],
+            "request {number} and its handler share a trace"
+        );
+        assert_ne!(handler["pid"], request["pid"], "across processes");
+        assert_eq!(u64_of(&handler["ret"]), 2 * number);
+        assert_eq!(u64_of(&request["ret"]), 2 * number);
+        traces.push(request["trace_id"].as_str().unwrap());
+    }
+    traces.sort_unstable();
+    traces.dedup();
+    assert_eq!(
+        traces.len(),
+        REQUESTS as usize,
+        "{REQUESTS} requests give {REQUESTS} traces"
+    );
+}
+
+/// Every span of each trace, and the reply links, straight from GetTrace.
+async fn check_traces_and_replies(scoped: &Scoped, requests: &[Value], handlers: &[Value]) {
+    let mut client = scoped.client().await;
+    let handler_of: HashMap<&str, u64> = handlers
+        .iter()
+        .map(|h| (h["trace_id"].as_str().unwrap(), u64_of(&h["span_id"])))
+        .collect();
+    for request in requests {
+        let trace = request["trace_id"].as_str().unwrap();
+        let mut stream = client
+            .get_trace(pb::GetTraceRequest {
+                trace_id: trace.to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut spans = Vec::new();
+        while let Some(batch) = stream.next().await {
+            spans.extend(batch.unwrap().spans);
+        }
+        let names: Vec<&str> = spans.iter().map(|s| s.function.as_str()).collect();
+        assert_eq!(
+            names,
+            ["request", "handle"],
+            "exactly this request's two calls in trace {trace}"
+        );
+        let request_span = spans.iter().find(|s| s.function == "request").unwrap();
+        let replies: Vec<u64> = request_span
+            .links
+            .iter()
+            .filter(|l| l.kind == "io")
+            .map(|l| l.span_id)
+            .collect();
+        assert_eq!(
+            replies,
+            [handler_of[trace]],
+            "the reply links the handler back to the request"
+        );
+    }
+}
+
+fn client_server(
+    scoped: &Scoped,
+    dir: &std::path::Path,
+    kind: &str,
+    place: &str,
+) -> (Vec<Value>, Vec<Value>) {
+    let binary = compile(dir, "gcc", "ipc.c", IPC, &["-g", "-O0"]);
+    let server = Target::spawn(
+        "ipc server",
+        Command::new(&binary).args(["server", kind, place]),
+    );
+    server.expect_line("ready", TIMEOUT);
+    let mut client = Target::spawn(
+        "ipc client",
+        Command::new(&binary).args(["client", kind, place]),
+    );
+    client.expect_line("ready", TIMEOUT);
+    scoped.attach(server.pid(), &["handle"]);
+    scoped.attach(client.pid(), &["request"]);
+    client.send(&format!("go {REQUESTS}"));
+    assert_eq!(
+        client.expect_line("done", TIMEOUT),
+        format!("done {}", REQUESTS * (REQUESTS + 1))
+    );
+    let requests = scoped.settled_calls(
+        &["--pid", &client.pid().to_string()],
+        REQUESTS as usize,
+        TIMEOUT,
+    );
+    let handlers = scoped.settled_calls(
+        &["--pid", &server.pid().to_string()],
+        REQUESTS as usize,
+        TIMEOUT,
+    );
+    (requests, handlers)
+}
+
+#[tokio::test]
+async fn tcp_requests_link_client_to_server_and_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let scoped = Scoped::start();
+    let port = free_port().to_string();
+    let (requests, handlers) = client_server(&scoped, dir.path(), "tcp", &port);
+    check_requests(&requests, &handlers);
+    check_traces_and_replies(&scoped, &requests, &handlers).await;
+}
+
+#[tokio::test]
+async fn unix_socket_requests_link_client_to_server_and_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let scoped = Scoped::start();
+    let socket = dir.path().join("ipc.sock");
+    let (requests, handlers) = client_server(&scoped, dir.path(), "unix", socket.to_str().unwrap());
+    check_requests(&requests, &handlers);
+    check_traces_and_replies(&scoped, &requests, &handlers).await;
+}
+
+#[tokio::test]
+async fn pipe_requests_link_client_to_server_and_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let binary = compile(dir.path(), "gcc", "ipc.c", IPC, &["-g", "-O0"]);
+    let scoped = Scoped::start();
+    let mut parent = Target::spawn("ipc pipes", Command::new(&binary).arg("pipes"));
+    parent.expect_line("ready", TIMEOUT);
+    // The parent is the client; the server child it forks is followed by the session.
+    scoped.attach(parent.pid(), &["request", "handle"]);
+    parent.send("start");
+    let child: u32 = parent.expect_line("started", TIMEOUT)[8..].parse().unwrap();
+    std::thread::sleep(Duration::from_millis(500)); // the daemon attaches to the child
+    parent.send(&format!("go {REQUESTS}"));
+    assert_eq!(
+        parent.expect_line("done", TIMEOUT),
+        format!("done {}", REQUESTS * (REQUESTS + 1))
+    );
+    let requests = scoped.settled_calls(
+        &["--pid", &parent.pid().to_string()],
+        REQUESTS as usize,
+        TIMEOUT,
+    );
+    let handlers = scoped.settled_calls(&["--pid", &child.to_string()], REQUESTS as usize, TIMEOUT);
+    check_requests(&requests, &handlers);
+    check_traces_and_replies(&scoped, &requests, &handlers).await;
+}
+
+#[test]
+fn redis_commands_join_the_trace_of_the_client_write_that_sent_them() {
+    let scoped = Scoped::start();
+    let redis = Redis::start();
+    scoped.attach(redis.pid(), &["processCommand"]);
+    // redis-cli, with the client side probed at libc send/write (it sends commands with
+    // send): each command is a send span, and the server's processCommand for it joins
+    // that send's trace.
+    let mut cli = Target::spawn(
+        "redis-cli",
+        Command::new("redis-cli")
+            .args(["-p", &redis.port.to_string()])
+            .env("TERM", "dumb"),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    scoped.attach(cli.pid(), &["libc.so.6!send", "libc.so.6!write"]);
+    for i in 0..20 {
+        cli.send(&format!("SET key{i} value{i}"));
+    }
+    cli.send("PING");
+    cli.expect_line("PONG", TIMEOUT);
+    let commands = scoped.settled_calls(
+        &[
+            "--pid",
+            &redis.pid().to_string(),
+            "--func",
+            "processCommand",
+        ],
+        21,
+        TIMEOUT,
+    );
+    let writes = scoped.settled_calls(
+        &["--pid", &cli.pid().to_string(), "--func", "send"],
+        21,
+        TIMEOUT,
+    );
+    let writes_by_id: HashMap<u64, &Value> =
+        writes.iter().map(|w| (u64_of(&w["span_id"]), w)).collect();
+    assert!(commands.len() >= 21, "{} commands", commands.len());
+    let linked: Vec<&Value> = commands.iter().filter(|c| c["link_kind"] == "io").collect();
+    assert_eq!(
+        linked.len(),
+        21,
+        "every command the client sent is linked to its write: {commands:?}"
+    );
+    for command in linked {
+        let write = writes_by_id
+            .get(&u64_of(&command["parent_id"]))
+            .unwrap_or_else(|| panic!("the parent of {command} is a client write"));
+        assert_eq!(command["trace_id"], write["trace_id"]);
+        assert_eq!(write["pid"], cli.pid());
+    }
+}
