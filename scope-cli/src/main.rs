@@ -216,6 +216,11 @@ enum Command {
         /// The trace (32 hex digits, from `scope traces`).
         #[arg(value_name = "TRACE_ID", value_parser = filter::parse_trace_id)]
         trace_id: String,
+        /// Also ask the scoped daemon on this socket (another host's, or another network
+        /// namespace's) for the calls the trace's TCP bytes reached there, and stitch them
+        /// in. Repeat for more daemons.
+        #[arg(long = "addr", value_name = "SOCKET")]
+        addrs: Vec<PathBuf>,
         /// Print one JSON object per span (the fields of `scope calls --json`).
         #[arg(long)]
         json: bool,
@@ -443,7 +448,11 @@ async fn run(cli: Cli) -> Result<()> {
             };
             traces::list(&client, &mut out, request, json).await?;
         }
-        Command::Show { trace_id, json } => traces::show(&client, &mut out, trace_id, json).await?,
+        Command::Show {
+            trace_id,
+            addrs,
+            json,
+        } => traces::show(&client, &addrs, &mut out, trace_id, json).await?,
         Command::Ps { json } => traces::ps(&client, &mut out, json).await?,
         Command::Status { json } => commands::status(&client, &mut out, json).await?,
     }

@@ -8,7 +8,8 @@ use std::{
 
 use anyhow::Result;
 use scope_proto::v1::{
-    GetTraceRequest, ListProcessesRequest, ListTracesRequest, Process, Span, TraceSummary,
+    FindIoPeersRequest, GetTraceRequest, IoEvent, ListProcessesRequest, ListTracesRequest, Process,
+    Span, TraceSummary,
 };
 use serde::Serialize;
 use tokio_stream::StreamExt;
@@ -42,17 +43,13 @@ pub async fn list(
     print_lines(out, &traces_lines(&response.traces))
 }
 
-pub async fn show(
-    client: &Client,
-    out: &mut impl Write,
-    trace_id: String,
-    json: bool,
-) -> Result<()> {
+/// Every span of a trace from one daemon.
+async fn trace_spans(client: &Client, trace_id: &str) -> Result<Vec<Span>> {
     let mut stream = client
         .rpc
         .clone()
         .get_trace(GetTraceRequest {
-            trace_id: trace_id.clone(),
+            trace_id: trace_id.to_owned(),
         })
         .await
         .map_err(|status| client.error(status))?
@@ -60,6 +57,91 @@ pub async fn show(
     let mut spans = Vec::new();
     while let Some(batch) = stream.next().await {
         spans.extend(batch.map_err(|status| client.error(status))?.spans);
+    }
+    Ok(spans)
+}
+
+/// How many hops across hosts `show --addr` follows.
+const MAX_HOPS: usize = 8;
+
+/// Stitches a trace across daemons: the TCP writes of the trace's calls on one host are
+/// matched, on every other host, to the reads of the same bytes (same connection, same
+/// sequence numbers); each call those reads caused joins the tree under the call that wrote,
+/// with its whole trace on that host. Repeats for what was found, a few hops deep.
+async fn stitch(clients: &[Client], trace_id: &str, spans: &mut Vec<Span>) -> Result<()> {
+    // (daemon index, trace id on that daemon) still to look at.
+    let mut frontier: Vec<(usize, String)> = vec![(0, trace_id.to_owned())];
+    let mut seen: HashSet<(usize, String)> = frontier.iter().cloned().collect();
+    let mut ids: HashSet<u64> = spans.iter().map(|s| s.span_id).collect();
+    for _ in 0..MAX_HOPS {
+        let mut next = Vec::new();
+        for (from, trace) in &frontier {
+            let source = &clients[*from];
+            let io = source
+                .rpc
+                .clone()
+                .get_trace_io(GetTraceRequest {
+                    trace_id: trace.clone(),
+                })
+                .await
+                .map_err(|status| source.error(status))?
+                .into_inner()
+                .io;
+            let writes: Vec<IoEvent> = io.into_iter().filter(|e| e.op == "write").collect();
+            if writes.is_empty() {
+                continue;
+            }
+            for (to, other) in clients.iter().enumerate().filter(|(to, _)| to != from) {
+                let peers = other
+                    .rpc
+                    .clone()
+                    .find_io_peers(FindIoPeersRequest {
+                        writes: writes.clone(),
+                    })
+                    .await
+                    .map_err(|status| other.error(status))?
+                    .into_inner()
+                    .peers;
+                for peer in peers {
+                    let Some(caused) = peer.caused else { continue };
+                    for mut span in peer.trace {
+                        if span.span_id == caused.span_id && span.parent_id == 0 {
+                            span.parent_id = peer.writer_span_id;
+                            span.link_kind = "io".to_owned();
+                        }
+                        if ids.insert(span.span_id) {
+                            spans.push(span);
+                        }
+                    }
+                    if seen.insert((to, caused.trace_id.clone())) {
+                        next.push((to, caused.trace_id));
+                    }
+                }
+            }
+        }
+        if next.is_empty() {
+            break;
+        }
+        frontier = next;
+    }
+    Ok(())
+}
+
+pub async fn show(
+    client: &Client,
+    others: &[std::path::PathBuf],
+    out: &mut impl Write,
+    trace_id: String,
+    json: bool,
+) -> Result<()> {
+    let mut spans = trace_spans(client, &trace_id).await?;
+    if !others.is_empty() && !spans.is_empty() {
+        let mut clients = vec![Client::connect(&client.socket).await?];
+        for socket in others {
+            clients.push(Client::connect(socket).await?);
+        }
+        stitch(&clients, &trace_id, &mut spans).await?;
+        spans.sort_by_key(|s| (s.start_unix_ns, s.span_id));
     }
     if spans.is_empty() {
         anyhow::bail!("no stored span belongs to trace {trace_id} (see `scope traces`)");

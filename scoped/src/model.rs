@@ -293,7 +293,10 @@ pub struct IdScheme {
 }
 
 impl IdScheme {
-    /// A fresh salt for this run; the host half from /etc/machine-id (or the hostname).
+    /// A fresh salt for this run; the host half from /etc/machine-id (or the hostname) and
+    /// the daemon's network namespace: two daemons in two network namespaces of one machine
+    /// see different networks (a container talking to another over a veth), so they count as
+    /// two hosts, as they would for an OpenTelemetry collector.
     pub fn for_this_run() -> IdScheme {
         let machine = std::fs::read_to_string("/etc/machine-id")
             .ok()
@@ -301,9 +304,13 @@ impl IdScheme {
             .unwrap_or_else(|| {
                 std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default()
             });
+        let netns = std::fs::read_link("/proc/self/ns/net")
+            .map(|link| link.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let host = format!("{}/{netns}", machine.trim());
         IdScheme {
             salt: random_u64(),
-            host: fnv1a(machine.trim().as_bytes()),
+            host: fnv1a(host.as_bytes()),
         }
     }
 

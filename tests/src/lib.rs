@@ -122,6 +122,11 @@ impl Scoped {
 
     /// Starts scoped with extra arguments and waits until it answers `scope status`.
     pub fn start_with(args: &[&str]) -> Scoped {
+        Scoped::start_wrapped(&[], args)
+    }
+
+    /// Starts scoped under a wrapper command (e.g. `ip netns exec NS`).
+    pub fn start_wrapped(wrapper: &[&str], args: &[&str]) -> Scoped {
         assert!(
             is_root(),
             "this test loads BPF programs through scoped and must run as root (CAP_BPF, CAP_PERFMON); run `sudo cargo xtask test`"
@@ -133,9 +138,17 @@ impl Scoped {
         let socket = dir.path().join("scoped.sock");
         let log = dir.path().join("scoped.log");
         let log_file = std::fs::File::create(&log).unwrap();
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut command = Command::new(program);
+                command.args(rest).arg(bin("scoped"));
+                command
+            }
+            None => Command::new(bin("scoped")),
+        };
         let mut proc = Proc::spawn(
             "scoped",
-            Command::new(bin("scoped"))
+            command
                 .arg("--socket")
                 .arg(&socket)
                 .args(if args.contains(&"--db") {

@@ -56,7 +56,7 @@ static int listen_on(int family, const char *where) {
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
     if (family == AF_INET) {
         struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(atoi(where)) };
-        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        a.sin_addr.s_addr = htonl(INADDR_ANY);
         if (bind(fd, (struct sockaddr *)&a, sizeof a)) { perror("bind"); exit(1); }
     } else {
         struct sockaddr_un a = { .sun_family = AF_UNIX };
@@ -71,9 +71,12 @@ static int listen_on(int family, const char *where) {
 static int connect_to(int family, const char *where) {
     int fd = socket(family, SOCK_STREAM, 0);
     if (family == AF_INET) {
+        /* WHERE is PORT (loopback) or HOST:PORT */
+        char host[64] = "127.0.0.1";
+        const char *colon = strchr(where, ':');
+        if (colon) { snprintf(host, sizeof host, "%.*s", (int)(colon - where), where); where = colon + 1; }
         struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(atoi(where)) };
-        inet_pton(AF_INET, where[0] && strchr(where, ':') ? where : "127.0.0.1", &a.sin_addr);
-        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        inet_pton(AF_INET, host, &a.sin_addr);
         if (connect(fd, (struct sockaddr *)&a, sizeof a)) { perror("connect"); exit(1); }
     } else {
         struct sockaddr_un a = { .sun_family = AF_UNIX };
@@ -216,6 +219,143 @@ async fn check_traces_and_replies(scoped: &Scoped, requests: &[Value], handlers:
             "the reply links the handler back to the request"
         );
     }
+}
+
+/// Two network namespaces joined by a veth pair: two "hosts" on one machine.
+struct Hosts {
+    a: String,
+    b: String,
+    a_addr: String,
+}
+
+impl Hosts {
+    fn create() -> Hosts {
+        let n = std::process::id() % 100_000;
+        let (a, b) = (format!("scopea{n}"), format!("scopeb{n}"));
+        let subnet = 10 + n % 200;
+        let run = |args: &[&str]| {
+            let out = Command::new("ip")
+                .args(args)
+                .output()
+                .expect("ip (iproute2) is installed by `cargo xtask setup`");
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let (veth_a, veth_b) = (format!("va{n}"), format!("vb{n}"));
+        run(&["netns", "add", &a]);
+        run(&["netns", "add", &b]);
+        run(&[
+            "link", "add", &veth_a, "type", "veth", "peer", "name", &veth_b,
+        ]);
+        run(&["link", "set", &veth_a, "netns", &a]);
+        run(&["link", "set", &veth_b, "netns", &b]);
+        let a_addr = format!("10.77.{subnet}.1");
+        let b_addr = format!("10.77.{subnet}.2");
+        for (ns, dev, addr) in [(&a, &veth_a, &a_addr), (&b, &veth_b, &b_addr)] {
+            run(&[
+                "netns",
+                "exec",
+                ns,
+                "ip",
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                dev,
+            ]);
+            run(&["netns", "exec", ns, "ip", "link", "set", dev, "up"]);
+            run(&["netns", "exec", ns, "ip", "link", "set", "lo", "up"]);
+        }
+        Hosts { a, b, a_addr }
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "delete", ns]).status();
+        }
+    }
+}
+
+#[test]
+fn two_hosts_stitch_into_one_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let binary = compile(dir.path(), "gcc", "ipc.c", IPC, &["-g", "-O0"]);
+    let hosts = Hosts::create();
+    // One daemon per host, each tracing its own side.
+    let server_host = Scoped::start_wrapped(&["ip", "netns", "exec", &hosts.a], &[]);
+    let client_host = Scoped::start_wrapped(&["ip", "netns", "exec", &hosts.b], &[]);
+    let server = Target::spawn(
+        "server on host a",
+        Command::new("ip")
+            .args(["netns", "exec", &hosts.a])
+            .arg(&binary)
+            .args(["server", "tcp", "5000"]),
+    );
+    server.expect_line("ready", TIMEOUT);
+    let mut client = Target::spawn(
+        "client on host b",
+        Command::new("ip")
+            .args(["netns", "exec", &hosts.b])
+            .arg(&binary)
+            .args(["client", "tcp", &format!("{}:5000", hosts.a_addr)]),
+    );
+    client.expect_line("ready", TIMEOUT);
+    server_host.attach(server.pid(), &["handle"]);
+    client_host.attach(client.pid(), &["request"]);
+    client.send("go 10");
+    assert_eq!(client.expect_line("done", TIMEOUT), "done 110");
+
+    let requests = client_host.settled_calls(&["--pid", &client.pid().to_string()], 10, TIMEOUT);
+    let handlers = server_host.settled_calls(&["--pid", &server.pid().to_string()], 10, TIMEOUT);
+    assert_eq!((requests.len(), handlers.len()), (10, 10));
+    // Each daemon alone sees only its half: no handler is linked on the server's host.
+    assert!(
+        handlers.iter().all(|h| u64_of(&h["parent_id"]) == 0),
+        "{handlers:?}"
+    );
+    // Stitched from the client's host, with the server's daemon asked for its half.
+    for request in &requests {
+        let trace = request["trace_id"].as_str().unwrap();
+        let out = client_host.scope_ok(&[
+            "show",
+            trace,
+            "--addr",
+            server_host.socket.to_str().unwrap(),
+            "--json",
+        ]);
+        let spans: Vec<Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(spans.len(), 2, "both halves: {spans:?}");
+        let handler = spans.iter().find(|s| s["function"] == "handle").unwrap();
+        assert_eq!(
+            handler["parent_id"], request["span_id"],
+            "the server's handler is the client request's child"
+        );
+        assert_eq!(handler["link_kind"], "io");
+        assert_eq!(handler["pid"], server.pid());
+        assert_eq!(
+            u64_of(&handler["args"][1]),
+            u64_of(&request["args"][2]),
+            "the handler of this very request"
+        );
+        // Trace ids name their host: the halves were recorded by different daemons.
+        assert_ne!(handler["trace_id"].as_str().unwrap()[..16], trace[..16]);
+    }
+    let shown = client_host.scope_ok(&[
+        "show",
+        requests[0]["trace_id"].as_str().unwrap(),
+        "--addr",
+        server_host.socket.to_str().unwrap(),
+    ]);
+    assert!(shown.contains("2 spans in 2 processes"), "{shown}");
+    assert!(shown.contains("└─ (io) ["), "{shown}");
 }
 
 fn client_server(
