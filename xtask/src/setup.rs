@@ -26,7 +26,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("linux-perf", "benchmark peer (perf probe)"),
     ("bpftool", "tests check which BPF programs and links exist"),
     ("procps", "ps, pgrep in tests"),
-    ("iproute2", "two network namespaces stand for two hosts in the tests"),
+    ("iproute2", "netns pairs stand in for two hosts"),
     ("sqlite3", "the tests open the span store as users do"),
 ];
 
