@@ -435,6 +435,14 @@ pub fn status_lines(status: &StatusResponse) -> Vec<String> {
                 status.cpus
             ),
         ],
+        vec![
+            "io capture".into(),
+            if status.io_capture {
+                "on (reads and writes on pipes and sockets link requests)".into()
+            } else {
+                "off (scoped --no-io-capture): requests are not linked across processes".into()
+            },
+        ],
     ];
     let counters: BTreeMap<&String, &u64> = status.counters.iter().collect();
     if !counters.is_empty() {
@@ -627,6 +635,7 @@ pub struct StatusJson<'a> {
     pub store_evicted: u64,
     pub ring_bytes_per_cpu: u32,
     pub cpus: u32,
+    pub io_capture: bool,
     pub counters: BTreeMap<&'a str, u64>,
 }
 
@@ -647,6 +656,7 @@ impl<'a> From<&'a StatusResponse> for StatusJson<'a> {
             store_evicted: s.store_evicted,
             ring_bytes_per_cpu: s.ring_bytes_per_cpu,
             cpus: s.cpus,
+            io_capture: s.io_capture,
             counters: s.counters.iter().map(|(k, v)| (k.as_str(), *v)).collect(),
         }
     }

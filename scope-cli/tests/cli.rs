@@ -392,6 +392,7 @@ impl Scope for Fake {
             store_path: "/var/lib/scope/scope.db".to_owned(),
             store_retain_bytes: 2 << 30,
             store_retain_age_ns: 0,
+            io_capture: true,
         }))
     }
 
@@ -963,6 +964,8 @@ fn status_human_and_json() {
         text.contains("900 spans, 3.0 MiB in /var/lib/scope/scope.db (kept under 2.0 GiB)"),
         "{text}"
     );
+    assert!(text.contains("io capture"), "{text}");
+    assert!(text.contains("on (reads and writes"), "{text}");
     let out = daemon.run(&["status", "--json"]);
     assert_ok(&out);
     let v: Value = serde_json::from_str(&stdout(&out)).expect("JSON");
@@ -971,6 +974,7 @@ fn status_human_and_json() {
     assert_eq!(v["counters"]["kernel.ring_full"], 17);
     assert_eq!(v["store_bytes"], 3 << 20);
     assert_eq!(v["store_path"], "/var/lib/scope/scope.db");
+    assert_eq!(v["io_capture"], true);
 }
 
 /// Two threads' calls, children before parents, one root's child arriving after the root,

@@ -674,6 +674,7 @@ impl From<StatusSnapshot> for pb::StatusResponse {
             store_evicted: status.store_evicted,
             ring_bytes_per_cpu: status.ring_bytes_per_cpu,
             cpus: status.cpus,
+            io_capture: status.io_capture,
             store_path: status.store_path,
             store_retain_bytes: status.store_retain_bytes.unwrap_or(0),
             store_retain_age_ns: status

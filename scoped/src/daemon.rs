@@ -76,6 +76,7 @@ pub struct StatusSnapshot {
     pub store_retain_age: Option<Duration>,
     pub ring_bytes_per_cpu: u32,
     pub cpus: u32,
+    pub io_capture: bool,
 }
 
 /// How the daemon treats requests.
@@ -450,6 +451,7 @@ impl Daemon {
             store_retain_age: self.store.retention().1,
             ring_bytes_per_cpu: config.ring_bytes,
             cpus: kernel.cpus(),
+            io_capture: config.io_capture,
         }
     }
 

@@ -33,6 +33,10 @@ pub const DEFAULT_MAX_PROBES: u32 = 8192;
 pub struct KernelConfig {
     pub ring_bytes: u32,
     pub max_probes: u32,
+    /// Follow reads and writes on pipes and sockets (the syscall tracepoints). Off, every
+    /// read and write on the machine is spared a tracepoint, and requests are not linked
+    /// across processes.
+    pub io_capture: bool,
 }
 
 /// Why loading failed.
@@ -214,6 +218,7 @@ impl Kernel {
 
         // Reads and writes of traced threads on pipes and sockets, for causality across
         // threads, processes and hosts. Each program serves the syscalls of its kind.
+        let io_programs = if config.io_capture { 3 } else { 0 };
         for (name, tracepoints) in [
             (
                 programs::IO_ENTER_WRITE,
@@ -234,7 +239,10 @@ impl Kernel {
                     "sys_exit_recvfrom",
                 ][..],
             ),
-        ] {
+        ]
+        .into_iter()
+        .take(io_programs)
+        {
             let program = program_mut::<TracePoint>(&mut ebpf, name)?;
             program.load().map_err(|source| LoadError::Program {
                 name,

@@ -67,6 +67,11 @@ struct Args {
     /// (`otlp.dropped`), never waited for.
     #[arg(long)]
     otlp_endpoint: Option<String>,
+    /// Do not follow reads and writes on pipes and sockets. Saves the syscall tracepoints'
+    /// cost on every read and write (see BENCHMARKS.md), but requests are no longer linked
+    /// from the process that sent them to the one that handled them.
+    #[arg(long)]
+    no_io_capture: bool,
     /// Benchmarks only: attach programs that return at once instead of scope's, to measure
     /// the floor cost of an uprobe + uretprobe pair. Spans are not produced.
     #[arg(long, hide = true)]
@@ -99,6 +104,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (kernel, rings) = Kernel::load(KernelConfig {
         ring_bytes: args.ring_bytes,
         max_probes: args.max_probes,
+        io_capture: !args.no_io_capture,
     })?;
     let cpus = kernel.cpus();
     let store = Arc::new(

@@ -23,6 +23,9 @@ use std::{
 
 use serde_json::Value;
 
+/// The C client and server of the IPC tests and benchmark (TCP, unix socket, pipes).
+pub const IPC_SOURCE: &str = include_str!("fixtures/ipc.c");
+
 /// A directory of the running executable's build: `target/<profile>`.
 pub fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
@@ -249,6 +252,40 @@ impl Scoped {
 
     pub fn status(&self) -> Value {
         self.scope_json(&["status", "--json"])
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// Names of the BPF programs this daemon holds (by its fds, read in /proc/PID/fdinfo,
+    /// named by bpftool: Debian's bpftool 7.1 does not show owning pids).
+    pub fn program_names(&self) -> Vec<String> {
+        let mut ids = std::collections::BTreeSet::new();
+        for entry in std::fs::read_dir(format!("/proc/{}/fdinfo", self.pid()))
+            .unwrap()
+            .flatten()
+        {
+            let Ok(info) = std::fs::read_to_string(entry.path()) else {
+                continue;
+            };
+            if let Some(id) = info.lines().find_map(|l| l.strip_prefix("prog_id:")) {
+                ids.insert(id.trim().parse::<u64>().unwrap());
+            }
+        }
+        let out = Command::new("bpftool")
+            .args(["-j", "prog", "show"])
+            .output()
+            .expect("bpftool lists BPF programs (installed by `cargo xtask setup`)");
+        assert!(out.status.success(), "bpftool prog show failed");
+        let all: Value = serde_json::from_slice(&out.stdout).unwrap();
+        all.as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["id"].as_u64().is_some_and(|id| ids.contains(&id)))
+            .filter_map(|p| p["name"].as_str().map(str::to_owned))
+            .collect()
     }
 
     /// Waits until the daemon has received at least `n` spans in total.

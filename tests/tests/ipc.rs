@@ -7,134 +7,12 @@
 use std::{collections::HashMap, process::Command, time::Duration};
 
 use scope_proto::v1 as pb;
-use scope_tests::{Redis, Scoped, Target, compile, free_port};
+use scope_tests::{IPC_SOURCE as IPC, Redis, Scoped, Target, compile, free_port};
 use serde_json::Value;
 use tokio_stream::StreamExt;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 const REQUESTS: u64 = 100;
-
-const IPC: &str = r#"#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/socket.h>
-#include <sys/un.h>
-#include <sys/wait.h>
-#include <unistd.h>
-
-/* The server's work for one request: answer with the number times two. */
-__attribute__((noinline)) long handle(int out, long number) {
-    long answer = number * 2;
-    write(out, &answer, sizeof answer);
-    return answer;
-}
-
-/* The client's call for one request: send it, wait for the answer. */
-__attribute__((noinline)) long request(int out, int in, long number) {
-    long answer = -1;
-    write(out, &number, sizeof number);
-    read(in, &answer, sizeof answer);
-    return answer;
-}
-
-static void serve(int in, int out) {
-    long number;
-    while (read(in, &number, sizeof number) == sizeof number) handle(out, number);
-}
-
-static long run_client(int out, int in, long requests) {
-    long total = 0;
-    for (long i = 1; i <= requests; i++) total += request(out, in, i);
-    return total;
-}
-
-static int listen_on(int family, const char *where) {
-    int fd = socket(family, SOCK_STREAM, 0);
-    int one = 1;
-    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    if (family == AF_INET) {
-        struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(atoi(where)) };
-        a.sin_addr.s_addr = htonl(INADDR_ANY);
-        if (bind(fd, (struct sockaddr *)&a, sizeof a)) { perror("bind"); exit(1); }
-    } else {
-        struct sockaddr_un a = { .sun_family = AF_UNIX };
-        strncpy(a.sun_path, where, sizeof a.sun_path - 1);
-        unlink(where);
-        if (bind(fd, (struct sockaddr *)&a, sizeof a)) { perror("bind"); exit(1); }
-    }
-    listen(fd, 8);
-    return fd;
-}
-
-static int connect_to(int family, const char *where) {
-    int fd = socket(family, SOCK_STREAM, 0);
-    if (family == AF_INET) {
-        /* WHERE is PORT (loopback) or HOST:PORT */
-        char host[64] = "127.0.0.1";
-        const char *colon = strchr(where, ':');
-        if (colon) { snprintf(host, sizeof host, "%.*s", (int)(colon - where), where); where = colon + 1; }
-        struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(atoi(where)) };
-        inet_pton(AF_INET, host, &a.sin_addr);
-        if (connect(fd, (struct sockaddr *)&a, sizeof a)) { perror("connect"); exit(1); }
-    } else {
-        struct sockaddr_un a = { .sun_family = AF_UNIX };
-        strncpy(a.sun_path, where, sizeof a.sun_path - 1);
-        if (connect(fd, (struct sockaddr *)&a, sizeof a)) { perror("connect"); exit(1); }
-    }
-    return fd;
-}
-
-/* ipc server tcp|unix WHERE   — serves one connection per "serve" line on stdin
-   ipc client tcp|unix WHERE   — on each "go" line, makes the requests
-   ipc pipes                   — forks a server child wired with two pipes; "go" makes requests */
-int main(int argc, char **argv) {
-    char line[64];
-    setvbuf(stdout, NULL, _IONBF, 0);
-    if (argc < 2) return 2;
-    if (strcmp(argv[1], "pipes") == 0) {
-        int up[2], down[2];
-        pipe(up);
-        pipe(down);
-        printf("ready\n");
-        fgets(line, sizeof line, stdin); /* "start": the session is attached */
-        pid_t child = fork();
-        if (child == 0) {
-            close(up[1]);
-            close(down[0]);
-            serve(up[0], down[1]);
-            _exit(0);
-        }
-        close(up[0]);
-        close(down[1]);
-        printf("started %d\n", child);
-        while (fgets(line, sizeof line, stdin) && strncmp(line, "go", 2) == 0)
-            printf("done %ld\n", run_client(up[1], down[0], atol(line + 3)));
-        close(up[1]);
-        waitpid(child, NULL, 0);
-        return 0;
-    }
-    int family = strcmp(argv[2], "tcp") == 0 ? AF_INET : AF_UNIX;
-    if (strcmp(argv[1], "server") == 0) {
-        int listener = listen_on(family, argv[3]);
-        printf("ready\n");
-        for (;;) {
-            int fd = accept(listener, NULL, NULL);
-            if (fd < 0) return 1;
-            serve(fd, fd);
-            close(fd);
-        }
-    }
-    printf("ready\n");
-    while (fgets(line, sizeof line, stdin)) {
-        int fd = connect_to(family, argv[3]);
-        printf("done %ld\n", run_client(fd, fd, atol(line + 3)));
-        close(fd);
-    }
-    return 0;
-}
-"#;
 
 fn u64_of(value: &Value) -> u64 {
     value
@@ -403,6 +281,43 @@ async fn tcp_requests_link_client_to_server_and_back() {
     let (requests, handlers) = client_server(&scoped, dir.path(), "tcp", &port);
     check_requests(&requests, &handlers);
     check_traces_and_replies(&scoped, &requests, &handlers).await;
+}
+
+#[test]
+fn without_io_capture_requests_are_traced_but_not_linked() {
+    let dir = tempfile::tempdir().unwrap();
+    let scoped = Scoped::start_with(&["--no-io-capture"]);
+    assert_eq!(scoped.status()["io_capture"], false);
+    let port = free_port().to_string();
+    let (requests, handlers) = client_server(&scoped, dir.path(), "tcp", &port);
+    assert_eq!(
+        (requests.len(), handlers.len()),
+        (REQUESTS as usize, REQUESTS as usize)
+    );
+    // No byte links. (On loopback the client's write still wakes the server's thread from
+    // inside the request, so a handler may hang under it by that wakeup.)
+    let request_ids: Vec<u64> = requests.iter().map(|r| u64_of(&r["span_id"])).collect();
+    for handler in &handlers {
+        assert_ne!(handler["link_kind"], "io", "{handler}");
+        let parent = u64_of(&handler["parent_id"]);
+        assert!(
+            parent == 0 || (handler["link_kind"] == "wakeup" && request_ids.contains(&parent)),
+            "{handler}"
+        );
+    }
+    // The syscall tracepoints' programs were never loaded (a daemon with capture has them).
+    let names = scoped.program_names();
+    assert!(names.iter().any(|n| n == "scope_entry"), "{names:?}");
+    assert!(
+        !names.iter().any(|n| n.starts_with("scope_io_")),
+        "{names:?}"
+    );
+    let capturing = Scoped::start();
+    let names = capturing.program_names();
+    assert!(
+        names.iter().any(|n| n == "scope_io_enter_write"),
+        "{names:?}"
+    );
 }
 
 #[tokio::test]
