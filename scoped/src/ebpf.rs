@@ -9,6 +9,7 @@ use aya::{
     maps::{ArrayOfMaps, HashMap, MapData, PerCpuArray, PerCpuValues, RingBuf},
     programs::{
         RawTracePoint, TracePoint, UProbe,
+        trace_point::TracePointLinkId,
         uprobe::{UProbeAttachPoint, UProbeLink, UProbeScope},
     },
 };
@@ -110,7 +111,33 @@ pub struct Kernel {
     probe_counters: PerCpuArray<MapData, ProbeCounters>,
     cpus: u32,
     config: KernelConfig,
+    /// The syscall tracepoints of IO capture while attached: only while some process is
+    /// traced, so an idle daemon costs other processes' reads and writes nothing.
+    io_links: Vec<(&'static str, TracePointLinkId)>,
 }
+
+/// The IO capture programs and the syscall tracepoints each serves.
+const IO_PROGRAMS: [(&str, &[&str]); 3] = [
+    (
+        programs::IO_ENTER_WRITE,
+        &["sys_enter_write", "sys_enter_writev", "sys_enter_sendto"],
+    ),
+    (
+        programs::IO_ENTER_READ,
+        &["sys_enter_read", "sys_enter_readv", "sys_enter_recvfrom"],
+    ),
+    (
+        programs::IO_EXIT,
+        &[
+            "sys_exit_write",
+            "sys_exit_writev",
+            "sys_exit_sendto",
+            "sys_exit_read",
+            "sys_exit_readv",
+            "sys_exit_recvfrom",
+        ],
+    ),
+];
 
 /// Which pair of programs a probe uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -217,44 +244,13 @@ impl Kernel {
         }
 
         // Reads and writes of traced threads on pipes and sockets, for causality across
-        // threads, processes and hosts. Each program serves the syscalls of its kind.
-        let io_programs = if config.io_capture { 3 } else { 0 };
-        for (name, tracepoints) in [
-            (
-                programs::IO_ENTER_WRITE,
-                &["sys_enter_write", "sys_enter_writev", "sys_enter_sendto"][..],
-            ),
-            (
-                programs::IO_ENTER_READ,
-                &["sys_enter_read", "sys_enter_readv", "sys_enter_recvfrom"][..],
-            ),
-            (
-                programs::IO_EXIT,
-                &[
-                    "sys_exit_write",
-                    "sys_exit_writev",
-                    "sys_exit_sendto",
-                    "sys_exit_read",
-                    "sys_exit_readv",
-                    "sys_exit_recvfrom",
-                ][..],
-            ),
-        ]
-        .into_iter()
-        .take(io_programs)
-        {
-            let program = program_mut::<TracePoint>(&mut ebpf, name)?;
-            program.load().map_err(|source| LoadError::Program {
-                name,
-                source: Box::new(source),
-            })?;
-            for &tracepoint in tracepoints {
-                program
-                    .attach("syscalls", tracepoint)
-                    .map_err(|source| LoadError::Tracepoint {
+        // threads, processes and hosts. Loaded now; attached while some process is traced.
+        if config.io_capture {
+            for (name, _) in IO_PROGRAMS {
+                program_mut::<TracePoint>(&mut ebpf, name)?
+                    .load()
+                    .map_err(|source| LoadError::Program {
                         name,
-                        category: "syscalls",
-                        tracepoint,
                         source: Box::new(source),
                     })?;
             }
@@ -278,14 +274,18 @@ impl Kernel {
                 })?;
         }
 
-        let kernel = Kernel {
+        let mut kernel = Kernel {
             targets: take_map(&mut ebpf, maps::TARGETS)?,
             counters: take_map(&mut ebpf, maps::COUNTERS)?,
             probe_counters: take_map(&mut ebpf, maps::PROBE_COUNTERS)?,
             ebpf,
             cpus,
             config,
+            io_links: Vec::new(),
         };
+        // Attach once to find out now, not at the first attach, if the tracepoints are there.
+        kernel.capture_io(true)?;
+        kernel.capture_io(false)?;
         Ok((kernel, Rings { rings, logger }))
     }
 
@@ -331,6 +331,54 @@ impl Kernel {
             links.push(program.take_link(link_id)?);
         }
         Ok(links)
+    }
+
+    /// Attaches (or detaches) the syscall tracepoints of IO capture; does nothing when they
+    /// already are, or when capture is off (`--no-io-capture`).
+    pub fn capture_io(&mut self, on: bool) -> Result<(), LoadError> {
+        let attached = !self.io_links.is_empty();
+        if !self.config.io_capture || on == attached {
+            return Ok(());
+        }
+        if !on {
+            for (name, link) in self.io_links.drain(..) {
+                let detached = program_mut::<TracePoint>(&mut self.ebpf, name)
+                    .map_err(|error| error.to_string())
+                    .and_then(|program| program.detach(link).map_err(|error| error.to_string()));
+                if let Err(error) = detached {
+                    tracing::warn!(program = name, %error, "detaching an IO tracepoint failed");
+                }
+            }
+            return Ok(());
+        }
+        for (name, tracepoints) in IO_PROGRAMS {
+            for &tracepoint in tracepoints {
+                let attached =
+                    program_mut::<TracePoint>(&mut self.ebpf, name).and_then(|program| {
+                        program.attach("syscalls", tracepoint).map_err(|source| {
+                            LoadError::Tracepoint {
+                                name,
+                                category: "syscalls",
+                                tracepoint,
+                                source: Box::new(source),
+                            }
+                        })
+                    });
+                match attached {
+                    Ok(link) => self.io_links.push((name, link)),
+                    Err(error) => {
+                        self.capture_io(false)?;
+                        return Err(error);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the syscall tracepoints of IO capture are attached now.
+    pub fn io_attached(&self) -> bool {
+        !self.io_links.is_empty()
     }
 
     /// Adds `pid` to the set of traced processes.

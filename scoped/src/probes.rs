@@ -57,7 +57,9 @@ impl Registry {
         f(&|slot| slots.get(slot as usize)?.as_ref())
     }
 
-    fn set(&self, slot: u32, probe: Option<Arc<ProbeInfo>>) {
+    /// Points `slot` at a probe (or at nothing). The probe manager does this on attach and
+    /// detach; a synthetic feed (the correlator benchmark) does it to stand in for it.
+    pub fn set(&self, slot: u32, probe: Option<Arc<ProbeInfo>>) {
         let mut slots = self
             .slots
             .write()
@@ -265,6 +267,7 @@ impl ProbeManager {
             self.unregister(&member.probes);
             return Err(error);
         }
+        self.update_io_capture();
         Ok(member)
     }
 
@@ -275,6 +278,19 @@ impl ProbeManager {
                 self.targets.remove(&pid);
                 self.kernel.remove_target(pid);
             }
+        }
+        self.update_io_capture();
+    }
+
+    /// IO capture's syscall tracepoints stay attached exactly while some process is traced:
+    /// they tax every read and write on the machine, traced or not (see BENCHMARKS.md).
+    fn update_io_capture(&mut self) {
+        if let Err(error) = self.kernel.capture_io(!self.targets.is_empty()) {
+            let error = anyhow::Error::from(error);
+            tracing::warn!(
+                error = format!("{error:#}"),
+                "IO capture is unavailable: calls are traced, but requests are not linked across processes by their bytes"
+            );
         }
     }
 

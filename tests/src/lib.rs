@@ -262,7 +262,17 @@ impl Scoped {
     /// Names of the BPF programs this daemon holds (by its fds, read in /proc/PID/fdinfo,
     /// named by bpftool: Debian's bpftool 7.1 does not show owning pids).
     pub fn program_names(&self) -> Vec<String> {
-        let mut ids = std::collections::BTreeSet::new();
+        self.bpf_programs(false)
+    }
+
+    /// Names of the programs of the BPF links this daemon holds, once per link (a program
+    /// attached to three tracepoints is listed three times).
+    pub fn linked_program_names(&self) -> Vec<String> {
+        self.bpf_programs(true)
+    }
+
+    fn bpf_programs(&self, links: bool) -> Vec<String> {
+        let mut ids = Vec::new();
         for entry in std::fs::read_dir(format!("/proc/{}/fdinfo", self.pid()))
             .unwrap()
             .flatten()
@@ -270,8 +280,12 @@ impl Scoped {
             let Ok(info) = std::fs::read_to_string(entry.path()) else {
                 continue;
             };
+            let is_link = info.lines().any(|l| l.starts_with("link_type:"));
+            if is_link != links {
+                continue;
+            }
             if let Some(id) = info.lines().find_map(|l| l.strip_prefix("prog_id:")) {
-                ids.insert(id.trim().parse::<u64>().unwrap());
+                ids.push(id.trim().parse::<u64>().unwrap());
             }
         }
         let out = Command::new("bpftool")
@@ -280,12 +294,13 @@ impl Scoped {
             .expect("bpftool lists BPF programs (installed by `cargo xtask setup`)");
         assert!(out.status.success(), "bpftool prog show failed");
         let all: Value = serde_json::from_slice(&out.stdout).unwrap();
-        all.as_array()
+        let names: std::collections::HashMap<u64, String> = all
+            .as_array()
             .unwrap()
             .iter()
-            .filter(|p| p["id"].as_u64().is_some_and(|id| ids.contains(&id)))
-            .filter_map(|p| p["name"].as_str().map(str::to_owned))
-            .collect()
+            .filter_map(|p| Some((p["id"].as_u64()?, p["name"].as_str()?.to_owned())))
+            .collect();
+        ids.iter().filter_map(|id| names.get(id).cloned()).collect()
     }
 
     /// Waits until the daemon has received at least `n` spans in total.

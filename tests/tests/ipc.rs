@@ -320,6 +320,33 @@ fn without_io_capture_requests_are_traced_but_not_linked() {
     );
 }
 
+#[test]
+fn io_tracepoints_are_attached_only_while_a_process_is_traced() {
+    let dir = tempfile::tempdir().unwrap();
+    let binary = compile(dir.path(), "gcc", "ipc.c", IPC, &["-g", "-O0"]);
+    let port = free_port().to_string();
+    let server = Target::spawn(
+        "ipc server",
+        Command::new(&binary).args(["server", "tcp", &port]),
+    );
+    server.expect_line("ready", TIMEOUT);
+    let scoped = Scoped::start();
+    let io_links = || {
+        scoped
+            .linked_program_names()
+            .iter()
+            .filter(|name| name.starts_with("scope_io_"))
+            .count()
+    };
+    // An idle daemon costs other processes' reads and writes nothing.
+    assert_eq!(io_links(), 0, "{:?}", scoped.linked_program_names());
+    let session = scoped.attach(server.pid(), &["handle"]);
+    // 3 writes, 3 reads entering, 6 exits.
+    assert_eq!(io_links(), 12, "{:?}", scoped.linked_program_names());
+    scoped.scope_ok(&["detach", &session["session_id"].to_string()]);
+    assert_eq!(io_links(), 0, "{:?}", scoped.linked_program_names());
+}
+
 #[tokio::test]
 async fn unix_socket_requests_link_client_to_server_and_back() {
     let dir = tempfile::tempdir().unwrap();

@@ -6,8 +6,9 @@
 //! - `build`: setup + build-ebpf + the release binaries.
 //! - `demo`: build, start scoped, trace a real redis-server under load, print what it saw.
 //! - `test`: build, then the whole test suite (unit + privileged end-to-end).
-//! - `bench [--quick]`: measure the per-call cost of tracing against bpftrace and perf, and
-//!   write it into BENCHMARKS.md.
+//! - `bench [--quick] [--only SECTION]`: measure the per-call cost of tracing against bpftrace
+//!   and perf, the cost of correlation, the store and the daemon's memory, and write each into
+//!   its section of BENCHMARKS.md.
 
 mod setup;
 
@@ -18,7 +19,7 @@ use std::{
 
 use anyhow::{Context, bail};
 
-const USAGE: &str = "usage: cargo xtask <setup | build-ebpf | build | demo | test [ARGS...] | bench [--quick] | ci>";
+const USAGE: &str = "usage: cargo xtask <setup | build-ebpf | build | demo | test [ARGS...] | bench [--quick] [--only per-call|correlation|store|rss] | ci>";
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);

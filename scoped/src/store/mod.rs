@@ -39,6 +39,8 @@ pub const DEFAULT_DB: &str = "/var/lib/scope/scope.db";
 pub const WRITE_QUEUE_BATCHES: usize = 32;
 /// The longest a written span waits before its transaction commits: what a crash can lose.
 pub const COMMIT_INTERVAL: Duration = Duration::from_millis(200);
+/// Spans in one transaction at most: past this many the writer commits at once.
+pub const MAX_TRANSACTION_SPANS: usize = 50_000;
 /// The smallest `--retain-bytes` accepted: below it the WAL alone would not fit.
 pub const MIN_RETAIN_BYTES: u64 = 1 << 20;
 
@@ -484,6 +486,53 @@ mod tests {
             retain_age,
         })
         .expect("open store")
+    }
+
+    /// `EXPLAIN QUERY PLAN` details of `sql` on the store's schema.
+    fn plan(store: &Store, sql: &str) -> Vec<String> {
+        let conn = store.reader();
+        let mut statement = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .expect("the query prepares");
+        // The planner does not look at the values; any will do.
+        let values = vec![1i64; statement.parameter_count()];
+        statement
+            .query_map(rusqlite::params_from_iter(values), |row| {
+                row.get::<_, String>(3)
+            })
+            .expect("plan")
+            .collect::<Result<_, _>>()
+            .expect("plan rows")
+    }
+
+    #[test]
+    fn trace_and_io_queries_search_an_index_never_scan() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = open(dir.path(), None, None);
+        let trace = SpanQuery {
+            trace_id: Some(TraceId { high: 1, low: 2 }),
+            ..SpanQuery::default()
+        };
+        let by_pid = SpanQuery {
+            pid: Some(7),
+            ..SpanQuery::default()
+        };
+        for (sql, index) in [
+            (query::spans_sql(Vec::new(), &trace, 0).0, "spans_trace"),
+            (query::spans_sql(Vec::new(), &by_pid, 100).0, "spans_pid"),
+            (query::IO_LINKS_SQL.to_owned(), "io_span"),
+            (query::trace_io_sql(), "io_trace"),
+            (query::io_peers_sql(false), "io_tcp"),
+            (query::io_peers_sql(true), "io_tcp"),
+        ] {
+            let plan = plan(&store, &sql);
+            assert!(
+                plan.iter()
+                    .any(|step| step.contains(&format!("INDEX {index}")))
+                    && !plan.iter().any(|step| step.starts_with("SCAN")),
+                "{sql}\nshould search {index}, plan: {plan:?}"
+            );
+        }
     }
 
     /// A session with probes `functions`, returned as the probes the pipeline would hold.

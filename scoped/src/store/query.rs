@@ -5,7 +5,7 @@ use std::{
     sync::Arc,
 };
 
-use rusqlite::{Connection, OptionalExtension, Row, params_from_iter, types::Value};
+use rusqlite::{Connection, OptionalExtension, Row, params, params_from_iter, types::Value};
 use scope_common::{io_op, stream_kind};
 
 use super::{
@@ -115,6 +115,74 @@ fn probe_from_row(row: &Row<'_>) -> rusqlite::Result<Probe> {
     })
 }
 
+/// The reads of a span that the kernel matched to the span that wrote the bytes (its reply
+/// links). `span_id != 0` lets SQLite use the partial index io_span.
+pub(crate) const IO_LINKS_SQL: &str = "SELECT peer_span_id, peer_trace_hi, peer_trace_lo FROM io
+      WHERE span_id = ?1 AND span_id != 0 AND op = 2 AND peer_span_id != 0";
+
+/// A trace's TCP reads and writes. `trace_lo != 0` lets SQLite use the partial index io_trace
+/// (without it, it walks io_time for the ORDER BY).
+pub(crate) fn trace_io_sql() -> String {
+    format!(
+        "SELECT {IO_COLUMNS} FROM io WHERE trace_lo = ?1 AND trace_lo != 0 AND trace_hi = ?2 AND stream = 3
+          ORDER BY time_ns"
+    )
+}
+
+/// The TCP reads on a connection (seen from the reader) whose first byte lies in a write's
+/// sequence range `[?3, ?4)`, which `wraps` past 2^32 or not.
+pub(crate) fn io_peers_sql(wraps: bool) -> String {
+    let range = if wraps {
+        "(start >= ?3 OR start < ?4)"
+    } else {
+        "start >= ?3 AND start < ?4"
+    };
+    format!(
+        "SELECT {IO_COLUMNS} FROM io
+          WHERE stream = 3 AND op = 2 AND local_addr = ?1 AND remote_addr = ?2 AND {range}
+          ORDER BY time_ns"
+    )
+}
+
+/// The SQL and parameters of a span query: `conditions` (already inlined) and the query's
+/// own filters, latest-starting first.
+pub(crate) fn spans_sql(
+    mut conditions: Vec<String>,
+    query: &SpanQuery,
+    limit: usize,
+) -> (String, Vec<Value>) {
+    let mut values: Vec<Value> = Vec::new();
+    let mut push = |condition: &str, value: i64| {
+        conditions.push(condition.replace('?', &format!("?{}", values.len() + 1)));
+        values.push(Value::Integer(value));
+    };
+    if let Some(pid) = query.pid {
+        push("pid = ?", i64::from(pid));
+    }
+    if let Some(since) = query.since_ns {
+        push("start_ns >= ?", to_sql(since));
+    }
+    if let Some(until) = query.until_ns {
+        push("start_ns < ?", to_sql(until));
+    }
+    if let Some(min) = query.min_duration_ns {
+        push("duration_ns >= ?", to_sql(min));
+    }
+    if let Some(trace) = query.trace_id {
+        push("trace_lo = ?", to_sql(trace.low));
+        push("trace_hi = ?", to_sql(trace.high));
+    }
+    let filter = if conditions.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", conditions.join(" AND "))
+    };
+    let limit = if limit == 0 { -1 } else { limit as i64 };
+    let sql =
+        format!("SELECT {SPAN_COLUMNS} FROM spans {filter} ORDER BY start_ns DESC LIMIT {limit}");
+    (sql, values)
+}
+
 impl Store {
     /// Every probe the store knows, filtered by the probe-level parts of `query`.
     fn probes_matching(
@@ -175,7 +243,6 @@ impl Store {
     pub fn spans(&self, query: &SpanQuery, limit: usize) -> Result<Vec<Span>, StoreError> {
         let conn = self.reader();
         let mut conditions: Vec<String> = Vec::new();
-        let mut values: Vec<Value> = Vec::new();
         if query.session_id.is_some() || query.function.is_some() {
             let probes = self.probes_matching(&conn, query)?;
             if probes.is_empty() {
@@ -184,35 +251,7 @@ impl Store {
             let ids: Vec<String> = probes.iter().map(|p| to_sql(p.id).to_string()).collect();
             conditions.push(format!("probe_id IN ({})", ids.join(",")));
         }
-        let mut push = |condition: &str, value: i64| {
-            conditions.push(condition.replace('?', &format!("?{}", values.len() + 1)));
-            values.push(Value::Integer(value));
-        };
-        if let Some(pid) = query.pid {
-            push("pid = ?", i64::from(pid));
-        }
-        if let Some(since) = query.since_ns {
-            push("start_ns >= ?", to_sql(since));
-        }
-        if let Some(until) = query.until_ns {
-            push("start_ns < ?", to_sql(until));
-        }
-        if let Some(min) = query.min_duration_ns {
-            push("duration_ns >= ?", to_sql(min));
-        }
-        if let Some(trace) = query.trace_id {
-            push("trace_lo = ?", to_sql(trace.low));
-            push("trace_hi = ?", to_sql(trace.high));
-        }
-        let filter = if conditions.is_empty() {
-            String::new()
-        } else {
-            format!("WHERE {}", conditions.join(" AND "))
-        };
-        let limit = if limit == 0 { -1 } else { limit as i64 };
-        let sql = format!(
-            "SELECT {SPAN_COLUMNS} FROM spans {filter} ORDER BY start_ns DESC LIMIT {limit}"
-        );
+        let (sql, values) = spans_sql(conditions, query, limit);
         let mut spans = self.read_spans(&conn, &sql, params_from_iter(values))?;
         spans.sort_by_key(|s| s.start_ns);
         Ok(spans)
@@ -356,12 +395,7 @@ impl Store {
             source,
         };
         let mut links: HashMap<u64, Vec<(u64, TraceId)>> = HashMap::new();
-        let mut statement = conn
-            .prepare_cached(
-                "SELECT peer_span_id, peer_trace_hi, peer_trace_lo FROM io
-                  WHERE span_id = ?1 AND op = 2 AND peer_span_id != 0",
-            )
-            .map_err(read)?;
+        let mut statement = conn.prepare_cached(IO_LINKS_SQL).map_err(read)?;
         for &span in spans {
             let rows = statement
                 .query_map([to_sql(span)], |row| {
@@ -393,11 +427,7 @@ impl Store {
             what: "read a trace's io",
             source,
         };
-        let mut statement = conn
-            .prepare_cached(&format!(
-                "SELECT {IO_COLUMNS} FROM io WHERE trace_lo = ?1 AND trace_hi = ?2 AND stream = 3 ORDER BY time_ns"
-            ))
-            .map_err(read)?;
+        let mut statement = conn.prepare_cached(&trace_io_sql()).map_err(read)?;
         let rows = statement
             .query_map([to_sql(trace.low), to_sql(trace.high)], io_from_row)
             .map_err(read)?;
@@ -421,14 +451,17 @@ impl Store {
             let (Some(local), Some(remote)) = (write.remote, write.local) else {
                 continue;
             };
+            // Reads that start inside the write's sequence range; TCP sequence numbers are
+            // 32 bits and the range may wrap.
+            let (first, end) = (write.start as u32, write.end as u32);
             let mut statement = conn
-                .prepare_cached(&format!(
-                    "SELECT {IO_COLUMNS} FROM io
-                      WHERE stream = 3 AND op = 2 AND local_addr = ?1 AND remote_addr = ?2 ORDER BY time_ns"
-                ))
+                .prepare_cached(&io_peers_sql(first > end))
                 .map_err(read)?;
             let reads: Vec<Io> = statement
-                .query_map([local.to_string(), remote.to_string()], io_from_row)
+                .query_map(
+                    params![local.to_string(), remote.to_string(), first, end],
+                    io_from_row,
+                )
                 .map_err(read)?
                 .collect::<Result<_, _>>()
                 .map_err(read)?;

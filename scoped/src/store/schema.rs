@@ -5,7 +5,7 @@ use rusqlite::{Connection, OptionalExtension};
 
 /// The schema version this daemon writes. Each entry of [`MIGRATIONS`] moves the file one
 /// version up; a file newer than this is refused rather than misread.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// `MIGRATIONS[n]` takes a file from version `n` to `n + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -144,6 +144,12 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX io_trace ON io(trace_lo) WHERE trace_lo != 0;
     CREATE INDEX io_tcp   ON io(local_addr, remote_addr) WHERE stream = 3;
     "#,
+    // 3 → 4: the reads of another host's writes are found by connection and sequence number,
+    // without walking every read of a long-lived connection.
+    r#"
+    DROP INDEX io_tcp;
+    CREATE INDEX io_tcp ON io(local_addr, remote_addr, start) WHERE stream = 3;
+    "#,
 ];
 
 /// Why the schema could not be brought up to date.
@@ -222,7 +228,9 @@ mod tests {
         conn.execute("INSERT INTO meta VALUES ('schema_version', 1)", [])
             .expect("version");
         conn.execute_batch(
-            "INSERT INTO spans VALUES (1, 0, 7, 9, 1, 100, 100, 1000, 50, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+            "INSERT INTO sessions VALUES (1, 100, 'demo', '/usr/bin/demo', '[\"f\"]', 900, NULL);
+             INSERT INTO probes VALUES (1, 1, 'f', 'f', '/usr/bin/demo', 4096, 4096, 'demo.c', 3, NULL);
+             INSERT INTO spans VALUES (1, 0, 7, 9, 1, 100, 100, 1000, 50, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
              INSERT INTO spans VALUES (2, 1, 7, 9, 1, 100, 100, 1010, 20, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0);",
         )
         .expect("spans");

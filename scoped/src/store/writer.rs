@@ -14,14 +14,13 @@ use std::{
 use rusqlite::{Connection, params};
 
 use super::{
-    COMMIT_INTERVAL, Command, NewProbe, StoreConfig, StoreCounters, StoreError, histogram, to_sql,
+    COMMIT_INTERVAL, Command, MAX_TRANSACTION_SPANS, NewProbe, StoreConfig, StoreCounters,
+    StoreError, histogram, to_sql,
 };
 use crate::model::{Span, now_unix_ns};
 
 /// The writer connection's page cache, in KiB.
 const WRITER_CACHE_KIB: u32 = 64 * 1024;
-/// Spans in one transaction at most.
-const MAX_TRANSACTION_SPANS: usize = 50_000;
 /// How often age retention runs (size retention is checked after every commit).
 const AGE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Size retention starts evicting at this fraction of the cap...

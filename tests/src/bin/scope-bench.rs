@@ -1,14 +1,14 @@
 //! `cargo xtask bench` runs this: the benchmarks of `scope_tests::bench`, each written into
 //! its own section of BENCHMARKS.md (between markers, so the rest of the file stays).
 //!
-//! Usage: scope-bench [--quick] [--only per-call|store|rss] [--out PATH]
+//! Usage: scope-bench [--quick] [--only per-call|correlation|store|rss] [--out PATH]
 
 use std::{path::Path, time::Duration};
 
 use anyhow::{Context, bail};
-use scope_tests::bench::{self, BenchConfig};
+use scope_tests::bench::{self, BenchConfig, correlation::CorrelationConfig};
 
-const SECTIONS: [&str; 3] = ["per-call", "store", "rss"];
+const SECTIONS: [&str; 4] = ["per-call", "correlation", "store", "rss"];
 
 fn main() -> anyhow::Result<()> {
     let mut quick = false;
@@ -21,7 +21,7 @@ fn main() -> anyhow::Result<()> {
             "--only" => only = Some(args.next().context("--only needs a section")?),
             "--out" => out = Some(args.next().context("--out needs a path")?.into()),
             other => bail!(
-                "unknown argument {other:?}; usage: scope-bench [--quick] [--only per-call|store|rss] [--out PATH]"
+                "unknown argument {other:?}; usage: scope-bench [--quick] [--only per-call|correlation|store|rss] [--out PATH]"
             ),
         }
     }
@@ -54,6 +54,18 @@ fn main() -> anyhow::Result<()> {
             config.calls, config.rounds
         );
         write("per-call", bench::run(config).markdown())?;
+    }
+    if wanted("correlation") {
+        let config = if quick {
+            CorrelationConfig::QUICK
+        } else {
+            CorrelationConfig::FULL
+        };
+        eprintln!(
+            "scope-bench: correlation, {} synthetic traces; IPC loop {} requests × {} rounds",
+            config.traces, config.requests, config.rounds
+        );
+        write("correlation", bench::correlation::run(config).markdown())?;
     }
     if wanted("store") {
         let spans = if quick { 200_000 } else { 10_000_000 };
