@@ -326,15 +326,32 @@ pub mod stream_kind {
     pub const TCP: u32 = 3;
 }
 
-/// The read or write syscall a traced thread is in. The value of [`maps::PENDING_IO`].
+/// The read or write syscall a traced thread is in, on a pipe or socket, resolved when it
+/// started. The value of [`maps::PENDING_IO`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PendingIo {
-    pub fd: u64,
     /// [`io_op`].
     pub op: u32,
-    pub _pad: u32,
+    /// [`stream_kind`].
+    pub stream: u32,
+    /// Names the stream direction, as [`IoEvent::key`].
+    pub key: u64,
+    /// Offset of the first byte (TCP: the sequence number) when the syscall started.
+    pub start: u64,
+    pub local_addr: [u64; 2],
+    pub remote_addr: [u64; 2],
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub family: u16,
+    /// A write: its slot in the stream's `writes` plus one (0: none). It is entered there
+    /// when the syscall starts, so a reader woken before the writer returns finds it.
+    pub slot: u16,
 }
+
+/// The length a write is given in [`StreamState::writes`] until its syscall returns with
+/// the real one.
+pub const PROVISIONAL_WRITE_BYTES: u64 = 1 << 30;
 
 /// One recent write on a stream direction.
 #[repr(C)]

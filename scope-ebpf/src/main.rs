@@ -34,9 +34,9 @@ use aya_ebpf::{
 use aya_log_ebpf::{debug, info, warn};
 use scope_common::{
     Counter, CpuState, Frame, IoEvent, KernelOffsets, Link, MAX_CPUS, MAX_DEPTH, MAX_PROBES,
-    MAX_STREAMS, MAX_TARGETS, MAX_THREADS, MAX_UNWIND, PendingIo, ProbeCounters, ProcessEvent,
-    RecordKind, STREAM_WRITES, Span, StreamState, StreamWrite, Target, ThreadStack, cookie, io_op,
-    process_event, span_flags, stream_kind,
+    MAX_STREAMS, MAX_TARGETS, MAX_THREADS, MAX_UNWIND, PROVISIONAL_WRITE_BYTES, PendingIo,
+    ProbeCounters, ProcessEvent, RecordKind, STREAM_WRITES, Span, StreamState, StreamWrite, Target,
+    ThreadStack, cookie, io_op, process_event, span_flags, stream_kind,
 };
 
 /// Size of the template ring in the object. The daemon creates the real per-CPU rings (of the
@@ -632,29 +632,48 @@ const IPPROTO_TCP: u16 = 6;
 #[inline(always)]
 fn io_enter(ctx: &TracePointContext, op: u32) {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let (pid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    let tid = pid_tgid as u32;
     // SAFETY: only checked for presence.
-    if unsafe { TARGETS.get(&pid) }.is_none() {
+    if unsafe { TARGETS.get(&((pid_tgid >> 32) as u32)) }.is_none() {
         return;
     }
     // SAFETY: the tracepoint record holds the arguments at these offsets.
     let Ok(fd) = (unsafe { ctx.read_at::<u64>(SYSCALL_ARG0) }) else {
         return;
     };
-    let _ = PENDING_IO.insert(&tid, &PendingIo { fd, op, _pad: 0 }, 0);
-}
-
-/// What a file descriptor is, as far as correlation cares.
-struct Stream {
-    kind: u32,
-    family: u16,
-    key: u64,
-    /// TCP sequence range of these bytes; for other streams the state counts them.
-    seq: Option<(u64, u64)>,
-    local_addr: [u64; 2],
-    remote_addr: [u64; 2],
-    local_port: u16,
-    remote_port: u16,
+    // Resolved now, not when the syscall returns: the offsets are where the bytes start, and
+    // a write is entered in its stream before a reader on another CPU can see its bytes.
+    let Some(mut pending) = resolve_stream(fd, op) else {
+        return;
+    };
+    let Some(state) = stream_state(pending.key) else {
+        return;
+    };
+    // SAFETY: a valid map value; the updates race only with other threads on the same stream,
+    // which at worst misattributes a write.
+    let state = unsafe { &mut *state };
+    if pending.stream != stream_kind::TCP {
+        pending.start = if op == io_op::WRITE {
+            state.written
+        } else {
+            state.read
+        };
+    }
+    if op == io_op::WRITE {
+        let (span_id, trace_id) = innermost_open(tid);
+        let slot = (state.next as usize) & (STREAM_WRITES - 1);
+        if let Some(write) = state.writes.get_mut(slot) {
+            *write = StreamWrite {
+                start: pending.start,
+                end: pending.start + PROVISIONAL_WRITE_BYTES,
+                span_id,
+                trace_id,
+            };
+            pending.slot = slot as u16 + 1;
+        }
+        state.next = state.next.wrapping_add(1);
+    }
+    let _ = PENDING_IO.insert(&tid, &pending, 0);
 }
 
 #[inline(always)]
@@ -671,9 +690,10 @@ fn mix(hash: u64, word: u64) -> u64 {
     (hash ^ word).wrapping_mul(0x0100_0000_01b3)
 }
 
-/// Follows `fd` of the current task to its pipe or socket.
+/// Follows `fd` of the current task to its pipe or socket: which stream direction, and for
+/// TCP the sequence number the bytes start at.
 #[inline(always)]
-fn resolve_stream(fd: u64, op: u32, bytes: u64) -> Option<Stream> {
+fn resolve_stream(fd: u64, op: u32) -> Option<PendingIo> {
     let o = OFFSETS.load();
     if o.task_files == 0 {
         return None;
@@ -691,19 +711,13 @@ fn resolve_stream(fd: u64, op: u32, bytes: u64) -> Option<Stream> {
     let inode: u64 = kread(file + u64::from(o.file_inode))?;
     let mode: u16 = kread(inode + u64::from(o.inode_mode))?;
     let private: u64 = kread(file + u64::from(o.file_private_data))?;
-    let mut stream = Stream {
-        kind: 0,
-        family: 0,
-        key: 0,
-        seq: None,
-        local_addr: [0; 2],
-        remote_addr: [0; 2],
-        local_port: 0,
-        remote_port: 0,
+    let mut stream = PendingIo {
+        op,
+        ..PendingIo::default()
     };
     match mode & S_IFMT {
         S_IFIFO => {
-            stream.kind = stream_kind::PIPE;
+            stream.stream = stream_kind::PIPE;
             stream.key = private;
         }
         S_IFSOCK => {
@@ -711,7 +725,7 @@ fn resolve_stream(fd: u64, op: u32, bytes: u64) -> Option<Stream> {
             stream.family = kread(sk + u64::from(o.sk_family))?;
             match stream.family {
                 AF_UNIX => {
-                    stream.kind = stream_kind::UNIX;
+                    stream.stream = stream_kind::UNIX;
                     // A direction is named by the socket that writes into it.
                     stream.key = if op == io_op::WRITE {
                         sk
@@ -724,7 +738,7 @@ fn resolve_stream(fd: u64, op: u32, bytes: u64) -> Option<Stream> {
                     if protocol != IPPROTO_TCP {
                         return None;
                     }
-                    stream.kind = stream_kind::TCP;
+                    stream.stream = stream_kind::TCP;
                     if stream.family == AF_INET {
                         let local: u32 = kread(sk + u64::from(o.sk_rcv_saddr))?;
                         let remote: u32 = kread(sk + u64::from(o.sk_daddr))?;
@@ -765,8 +779,8 @@ fn resolve_stream(fd: u64, op: u32, bytes: u64) -> Option<Stream> {
                     } else {
                         o.tcp_copied_seq
                     };
-                    let end: u32 = kread(sk + u64::from(seq_offset))?;
-                    stream.seq = Some((u64::from(end.wrapping_sub(bytes as u32)), u64::from(end)));
+                    let start: u32 = kread(sk + u64::from(seq_offset))?;
+                    stream.start = u64::from(start);
                 }
                 _ => return None,
             }
@@ -786,49 +800,44 @@ fn io_exit(ctx: &TracePointContext) {
     };
     let _ = PENDING_IO.remove(&tid);
     // SAFETY: the return value sits where the first argument did.
-    let Ok(ret) = (unsafe { ctx.read_at::<i64>(SYSCALL_ARG0) }) else {
+    let ret = unsafe { ctx.read_at::<i64>(SYSCALL_ARG0) }.unwrap_or(-1);
+    let Some(state) = stream_state(pending.key) else {
         return;
     };
+    // SAFETY: as in io_enter.
+    let state = unsafe { &mut *state };
+    let start = pending.start;
+    let written = if pending.op == io_op::WRITE && pending.slot != 0 {
+        state
+            .writes
+            .get_mut(usize::from(pending.slot - 1) & (STREAM_WRITES - 1))
+            .filter(|write| write.start == start)
+    } else {
+        None
+    };
     if ret <= 0 {
+        // Nothing was written: the provisional entry must not claim later bytes.
+        if let Some(write) = written {
+            write.span_id = 0;
+        }
         return;
     }
     let bytes = ret as u64;
-    let Some(stream) = resolve_stream(pending.fd, pending.op, bytes) else {
-        return;
-    };
-    let Some(state) = stream_state(stream.key) else {
-        return;
-    };
-    // SAFETY: a valid map value; the updates race only with other threads on the same stream,
-    // which at worst misattributes a write.
-    let state = unsafe { &mut *state };
-    let (start, end) = match stream.seq {
-        Some(range) => range,
-        None if pending.op == io_op::WRITE => {
-            let start = state.written;
-            state.written = start + bytes;
-            (start, start + bytes)
-        }
-        None => {
-            let start = state.read;
-            state.read = start + bytes;
-            (start, start + bytes)
-        }
+    let end = if pending.stream == stream_kind::TCP {
+        (start + bytes) & 0xffff_ffff
+    } else if pending.op == io_op::WRITE {
+        state.written = start + bytes;
+        start + bytes
+    } else {
+        state.read = start + bytes;
+        start + bytes
     };
     let (span_id, trace_id) = innermost_open(tid);
     let mut peer = StreamWrite::default();
-    if pending.op == io_op::WRITE {
-        let slot = (state.next as usize) & (STREAM_WRITES - 1);
-        if let Some(write) = state.writes.get_mut(slot) {
-            *write = StreamWrite {
-                start,
-                end,
-                span_id,
-                trace_id,
-            };
-        }
-        state.next = state.next.wrapping_add(1);
-    } else {
+    if let Some(write) = written {
+        write.end = end;
+    }
+    if pending.op == io_op::READ {
         for index in 0..STREAM_WRITES {
             let Some(write) = state.writes.get(index) else {
                 break;
@@ -852,9 +861,7 @@ fn io_exit(ctx: &TracePointContext) {
             let _ = WAKE_LINKS.insert(&tid, &link, 0);
         }
     }
-    io_event(
-        pending.op, pid, tid, &stream, bytes, start, end, span_id, trace_id, &peer,
-    );
+    io_event(&pending, pid, tid, bytes, end, span_id, trace_id, &peer);
 }
 
 /// The stream's state entry, created on first use.
@@ -874,12 +881,10 @@ fn stream_state(key: u64) -> Option<*mut StreamState> {
     reason = "flat arguments keep the verifier's job simple"
 )]
 fn io_event(
-    op: u32,
+    stream: &PendingIo,
     pid: u32,
     tid: u32,
-    stream: &Stream,
     bytes: u64,
-    start: u64,
     end: u64,
     span_id: u64,
     trace_id: u64,
@@ -900,14 +905,14 @@ fn io_event(
     // LLVM does not merge the stores into a `memset` call the loader cannot relocate.
     unsafe {
         (&raw mut (*e).kind).write_volatile(RecordKind::Io as u32);
-        (&raw mut (*e).op).write_volatile(op);
+        (&raw mut (*e).op).write_volatile(stream.op);
         (&raw mut (*e).pid).write_volatile(pid);
         (&raw mut (*e).tid).write_volatile(tid);
         (&raw mut (*e).time_ns).write_volatile(now);
-        (&raw mut (*e).stream).write_volatile(stream.kind);
+        (&raw mut (*e).stream).write_volatile(stream.stream);
         (&raw mut (*e).bytes).write_volatile(bytes as u32);
         (&raw mut (*e).key).write_volatile(stream.key);
-        (&raw mut (*e).start).write_volatile(start);
+        (&raw mut (*e).start).write_volatile(stream.start);
         (&raw mut (*e).end).write_volatile(end);
         (&raw mut (*e).span_id).write_volatile(span_id);
         (&raw mut (*e).trace_id).write_volatile(trace_id);

@@ -347,6 +347,61 @@ fn io_tracepoints_are_attached_only_while_a_process_is_traced() {
     assert_eq!(io_links(), 0, "{:?}", scoped.linked_program_names());
 }
 
+#[test]
+fn a_busy_request_loop_loses_nothing() {
+    // 20,000 requests as fast as loopback TCP goes: 40,000 spans and 80,000 reads/writes
+    // arrive in many small batches; every one is stored and every handler linked.
+    const BUSY: u64 = 20_000;
+    let dir = tempfile::tempdir().unwrap();
+    let scoped = Scoped::start();
+    let binary = compile(dir.path(), "gcc", "ipc.c", IPC, &["-g", "-O2"]);
+    let port = free_port().to_string();
+    let server = Target::spawn(
+        "ipc server",
+        Command::new(&binary).args(["server", "tcp", &port]),
+    );
+    server.expect_line("ready", TIMEOUT);
+    let mut client = Target::spawn(
+        "ipc client",
+        Command::new(&binary).args(["client", "tcp", &port]),
+    );
+    client.expect_line("ready", TIMEOUT);
+    scoped.attach(server.pid(), &["handle"]);
+    scoped.attach(client.pid(), &["request"]);
+    client.send(&format!("go {BUSY}"));
+    assert_eq!(
+        client.expect_line("done", Duration::from_secs(120)),
+        format!("done {}", BUSY * (BUSY + 1))
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        let status = scoped.status();
+        if status["stored_spans"].as_u64().unwrap() >= 2 * BUSY
+            || std::time::Instant::now() > deadline
+        {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status["stored_spans"], 2 * BUSY, "{status}");
+    assert_eq!(status["spans_dropped"], 0, "{status}");
+    assert_eq!(status["counters"]["daemon.io_dropped"], 0, "{status}");
+    // Four per request, and the client's two lines to its stdout pipe.
+    assert_eq!(
+        status["counters"]["daemon.io_received"],
+        4 * BUSY + 2,
+        "{status}"
+    );
+    let handlers = scoped.calls(&["--pid", &server.pid().to_string()]);
+    let unlinked: Vec<&Value> = handlers.iter().filter(|h| h["link_kind"] != "io").collect();
+    assert!(
+        unlinked.is_empty(),
+        "every handler hangs under its request; {} do not: {:?}",
+        unlinked.len(),
+        &unlinked[..unlinked.len().min(5)]
+    );
+}
+
 #[tokio::test]
 async fn unix_socket_requests_link_client_to_server_and_back() {
     let dir = tempfile::tempdir().unwrap();

@@ -15,6 +15,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex, MutexGuard,
+        atomic::{AtomicUsize, Ordering},
         mpsc::{self, SyncSender, TrySendError},
     },
     thread::JoinHandle,
@@ -34,13 +35,18 @@ use crate::{
 
 /// Where the store lives unless `--db` says otherwise.
 pub const DEFAULT_DB: &str = "/var/lib/scope/scope.db";
-/// Span batches queued for the writer before new ones are dropped (and counted): with
-/// batches of at most 4096 spans, a bound on the memory waiting for the disk.
-pub const WRITE_QUEUE_BATCHES: usize = 32;
+/// Spans plus reads/writes queued for the writer before new ones are dropped (and counted):
+/// the bound on the memory waiting for the disk (about 40 MiB), and 1.5 s of a busy
+/// request/response loop's spans and reads/writes at the writer's one-core rate.
+pub const WRITE_QUEUE_ROWS: usize = 262_144;
+/// Commands queued for the writer. The reader sweeps often, so batches can be small: the
+/// queue is bounded by rows ([`WRITE_QUEUE_ROWS`]), this only bounds the channel.
+const WRITE_QUEUE_COMMANDS: usize = 4096;
 /// The longest a written span waits before its transaction commits: what a crash can lose.
 pub const COMMIT_INTERVAL: Duration = Duration::from_millis(200);
-/// Spans in one transaction at most: past this many the writer commits at once.
-pub const MAX_TRANSACTION_SPANS: usize = 50_000;
+/// Spans plus reads/writes in one transaction at most: past this many the writer commits
+/// at once.
+pub const MAX_TRANSACTION_ROWS: usize = 50_000;
 /// The smallest `--retain-bytes` accepted: below it the WAL alone would not fit.
 pub const MIN_RETAIN_BYTES: u64 = 1 << 20;
 
@@ -186,6 +192,12 @@ pub(crate) enum Command {
     },
 }
 
+/// Why rows did not reach the writer.
+enum Lost {
+    QueueFull,
+    WriterGone,
+}
+
 pub struct Store {
     path: PathBuf,
     writer: Mutex<Option<SyncSender<Command>>>,
@@ -193,6 +205,8 @@ pub struct Store {
     reader: Mutex<Connection>,
     probes: Mutex<HashMap<u64, Arc<Probe>>>,
     counters: Arc<StoreCounters>,
+    /// Rows (spans, reads/writes) sent to the writer and not yet taken by it.
+    queued: Arc<AtomicUsize>,
     /// Spans in the file when it was opened.
     initial_spans: u64,
     retain_bytes: Option<u64>,
@@ -261,12 +275,14 @@ impl Store {
             })?;
 
         let counters = Arc::new(StoreCounters::default());
-        let (tx, rx) = mpsc::sync_channel(WRITE_QUEUE_BATCHES);
+        let queued = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = mpsc::sync_channel(WRITE_QUEUE_COMMANDS);
         let thread = std::thread::Builder::new()
             .name("scoped-store".into())
             .spawn({
                 let counters = Arc::clone(&counters);
-                move || writer::run(conn, rx, config, counters)
+                let queued = Arc::clone(&queued);
+                move || writer::run(conn, rx, config, counters, queued)
             })
             .map_err(StoreError::Thread)?;
         Ok(Store {
@@ -276,6 +292,7 @@ impl Store {
             reader: Mutex::new(reader),
             probes: Mutex::new(HashMap::new()),
             counters,
+            queued,
             initial_spans: initial_spans as u64,
             retain_bytes,
             retain_age,
@@ -308,29 +325,44 @@ impl Store {
 
     /// Queues spans for the writer; never blocks. Spans that do not fit are counted.
     pub fn append(&self, spans: Vec<Span>) {
-        let count = spans.len() as u64;
-        let writer = lock(&self.writer);
-        let Some(tx) = writer.as_ref() else {
-            self.counters.write_failed.add(count);
-            return;
-        };
-        match tx.try_send(Command::Spans(spans)) {
+        let count = spans.len();
+        match self.enqueue(count, Command::Spans(spans)) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) => self.counters.queue_full.add(count),
-            Err(TrySendError::Disconnected(_)) => self.counters.write_failed.add(count),
+            Err(Lost::QueueFull) => self.counters.queue_full.add(count as u64),
+            Err(Lost::WriterGone) => self.counters.write_failed.add(count as u64),
         }
     }
 
     /// Queues reads and writes; never blocks (what does not fit is counted as dropped).
     pub fn append_io(&self, io: Vec<crate::model::Io>) {
-        let count = io.len() as u64;
-        let writer = lock(&self.writer);
-        let sent = writer
-            .as_ref()
-            .is_some_and(|tx| tx.try_send(Command::Io(io)).is_ok());
-        if !sent {
-            self.counters.io_dropped.add(count);
+        let count = io.len();
+        if self.enqueue(count, Command::Io(io)).is_err() {
+            self.counters.io_dropped.add(count as u64);
         }
+    }
+
+    /// Sends `rows` rows to the writer if they fit in [`WRITE_QUEUE_ROWS`].
+    fn enqueue(&self, rows: usize, command: Command) -> Result<(), Lost> {
+        let reserved = self
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
+                (queued + rows <= WRITE_QUEUE_ROWS).then_some(queued + rows)
+            });
+        if reserved.is_err() {
+            return Err(Lost::QueueFull);
+        }
+        let writer = lock(&self.writer);
+        let sent = match writer.as_ref() {
+            None => Err(Lost::WriterGone),
+            Some(tx) => tx.try_send(command).map_err(|error| match error {
+                TrySendError::Full(_) => Lost::QueueFull,
+                TrySendError::Disconnected(_) => Lost::WriterGone,
+            }),
+        };
+        if sent.is_err() {
+            self.queued.fetch_sub(rows, Ordering::AcqRel);
+        }
+        sent
     }
 
     /// Queues spans, waiting for room in the writer's queue: for bulk loads (imports,
@@ -339,8 +371,17 @@ impl Store {
         let tx = lock(&self.writer)
             .clone()
             .ok_or(StoreError::WriterStopped)?;
-        tx.send(Command::Spans(spans))
-            .map_err(|_| StoreError::WriterStopped)
+        let rows = spans.len();
+        self.queued.fetch_add(rows, Ordering::AcqRel);
+        tx.send(Command::Spans(spans)).map_err(|_| {
+            self.queued.fetch_sub(rows, Ordering::AcqRel);
+            StoreError::WriterStopped
+        })
+    }
+
+    /// Rows sent to the writer and not yet taken by it.
+    pub fn queued_rows(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
     }
 
     fn call<T>(&self, command: impl FnOnce(SyncSender<T>) -> Command) -> Result<T, StoreError> {
@@ -584,6 +625,47 @@ mod tests {
     }
 
     const T0: u64 = 1_800_000_000_000_000_000;
+
+    #[test]
+    fn many_small_batches_are_bounded_by_rows_not_by_batches() {
+        // The reader hands over whatever a sweep found: a burst of tiny batches must not
+        // fill the writer's queue while the rows they hold are few.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = open(dir.path(), None, None);
+        let probes = session(&store, 42, &["f"]);
+        for batch in 0..3000u64 {
+            let spans = (0..10)
+                .map(|i| span(&probes[0], batch * 10 + i + 1, T0 + batch * 10 + i, 5))
+                .collect();
+            store.append(spans);
+        }
+        store.flush().expect("flush");
+        assert_eq!(store.counters().queue_full.get(), 0);
+        assert_eq!(store.counters().written.get(), 30_000);
+        assert_eq!(store.queued_rows(), 0);
+    }
+
+    #[test]
+    fn rows_past_the_queue_bound_are_counted_not_queued() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = open(dir.path(), None, None);
+        let probes = session(&store, 42, &["f"]);
+        let batch = |first: u64, count: u64| -> Vec<Span> {
+            (first..first + count)
+                .map(|i| span(&probes[0], i + 1, T0 + i, 5))
+                .collect()
+        };
+        // More than the queue holds in one go: refused whole, and counted.
+        store.append(batch(0, WRITE_QUEUE_ROWS as u64 + 1));
+        assert_eq!(
+            store.counters().queue_full.get(),
+            WRITE_QUEUE_ROWS as u64 + 1
+        );
+        store.append(batch(0, 100));
+        store.flush().expect("flush");
+        assert_eq!(store.counters().written.get(), 100);
+        assert_eq!(store.queued_rows(), 0);
+    }
 
     #[test]
     fn spans_round_trip_with_filters_and_survive_a_reopen() {

@@ -6,6 +6,7 @@ use std::{
     path::Path,
     sync::{
         Arc,
+        atomic::{AtomicUsize, Ordering},
         mpsc::{Receiver, RecvTimeoutError},
     },
     time::{Duration, Instant},
@@ -14,7 +15,7 @@ use std::{
 use rusqlite::{Connection, params};
 
 use super::{
-    COMMIT_INTERVAL, Command, MAX_TRANSACTION_SPANS, NewProbe, StoreConfig, StoreCounters,
+    COMMIT_INTERVAL, Command, MAX_TRANSACTION_ROWS, NewProbe, StoreConfig, StoreCounters,
     StoreError, histogram, to_sql,
 };
 use crate::model::{Span, now_unix_ns};
@@ -36,6 +37,7 @@ pub(crate) fn run(
     rx: Receiver<Command>,
     config: StoreConfig,
     counters: Arc<StoreCounters>,
+    queued: Arc<AtomicUsize>,
 ) {
     // The span indexes (one of them on random trace ids) outgrow SQLite's 2 MiB default
     // cache within a few million spans; a larger cache keeps the write rate up.
@@ -59,8 +61,9 @@ pub(crate) fn run(
         let stop = matches!(command, Err(RecvTimeoutError::Disconnected));
         match command {
             Ok(Command::Spans(spans)) => {
+                queued.fetch_sub(spans.len(), Ordering::AcqRel);
                 batch.add(spans);
-                if batch.spans.len() >= MAX_TRANSACTION_SPANS {
+                if batch.rows() >= MAX_TRANSACTION_ROWS {
                     commit(&mut conn, &mut batch, &config, &counters);
                 }
             }
@@ -94,7 +97,11 @@ pub(crate) fn run(
             }
             Ok(Command::Io(io)) => {
                 // Batched with spans: one transaction per commit interval, not per batch.
+                queued.fetch_sub(io.len(), Ordering::AcqRel);
                 batch.add_io(io);
+                if batch.rows() >= MAX_TRANSACTION_ROWS {
+                    commit(&mut conn, &mut batch, &config, &counters);
+                }
             }
             Ok(Command::Process(row)) => {
                 if let Err(error) = upsert_process(&conn, &row) {
@@ -158,6 +165,10 @@ impl Batch {
     fn add_io(&mut self, io: Vec<crate::model::Io>) {
         self.first.get_or_insert_with(Instant::now);
         self.io.extend(io);
+    }
+
+    fn rows(&self) -> usize {
+        self.spans.len() + self.io.len()
     }
 }
 

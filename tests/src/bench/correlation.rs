@@ -27,7 +27,7 @@ use scoped::{
     procfs::ProcessInfo,
     reader::Batch,
     stats::{Count, DaemonStats},
-    store::{MAX_TRANSACTION_SPANS, NewProbe, SpanQuery, Store, StoreConfig, WRITE_QUEUE_BATCHES},
+    store::{NewProbe, SpanQuery, Store, StoreConfig, WRITE_QUEUE_ROWS},
 };
 
 use super::{machine, today};
@@ -385,20 +385,20 @@ fn correlator(traces: u64) -> CorrelatorResult {
         let (tx, rx) = tokio::sync::mpsc::channel(scoped::pipeline::INGEST_QUEUE_BATCHES);
         let consumer = tokio::spawn(Arc::clone(&pipeline).run(rx));
         let per_batch = (BATCH_SPANS as u64 / SPANS_PER_TRACE).max(1);
-        // Spans not yet committed: at most one transaction's worth in the writer's hands
-        // plus a quarter of its queue (span and IO batches alternate). The store never
-        // drops, so the rate measured is the rate sustained.
-        let limit = MAX_TRANSACTION_SPANS as u64
-            + (WRITE_QUEUE_BATCHES as u64 / 4) * per_batch * SPANS_PER_TRACE;
-        let mut sent = 0u64;
+        // One batch at a time in the pipeline's channel, and never more rows queued for the
+        // writer than fit: the store never drops, so the rate measured is the rate sustained.
+        let rows_per_batch = (per_batch * (SPANS_PER_TRACE + IO_PER_TRACE)) as usize;
+        let room = |tx: &tokio::sync::mpsc::Sender<Batch>| {
+            tx.capacity() == tx.max_capacity()
+                && store.queued_rows() + rows_per_batch <= WRITE_QUEUE_ROWS
+        };
         let mut trace = 0u64;
         while trace < traces {
             let count = per_batch.min(traces - trace);
-            while sent.saturating_sub(store.counters().written.get()) > limit {
+            while !room(&tx) {
                 tokio::time::sleep(Duration::from_micros(200)).await;
             }
             let batch = synthetic_batch(trace, count);
-            sent += batch.spans.len() as u64;
             tx.send(batch).await.expect("pipeline running");
             trace += count;
         }
@@ -603,22 +603,24 @@ fn ipc(config: CorrelationConfig) -> Vec<IpcMeasurement> {
                 && traced
                 && let Some(scoped) = &scoped
             {
-                let want = 2 * config.requests as usize;
-                let handlers = scoped.settled_calls(
-                    &["--pid", &server.pid().to_string()],
-                    config.requests as usize,
-                    timeout,
-                );
-                let requests = scoped.settled_calls(
-                    &["--pid", &client.pid().to_string()],
-                    config.requests as usize,
-                    timeout,
-                );
-                let stored = (handlers.len() + requests.len()) as u64;
-                assert!(
-                    stored as usize >= want,
-                    "{name}: {stored} of {want} spans stored"
-                );
+                // Every span stored, none dropped, before the handlers are counted.
+                let want = 2 * config.requests;
+                let deadline = Instant::now() + timeout;
+                let stored = loop {
+                    let status = scoped.status();
+                    let stored = status["stored_spans"].as_u64().unwrap_or(0);
+                    let dropped = status["spans_dropped"].as_u64().unwrap_or(0);
+                    assert_eq!(dropped, 0, "{name}: spans were dropped: {status}");
+                    if stored >= want {
+                        break stored;
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "{name}: {stored} of {want} spans stored: {status}"
+                    );
+                    std::thread::sleep(Duration::from_millis(100));
+                };
+                let handlers = scoped.calls(&["--pid", &server.pid().to_string()]);
                 spans.insert(name, stored);
                 let linked = handlers.iter().filter(|h| h["link_kind"] == "io").count() as u64;
                 io_linked.insert(name, linked);
