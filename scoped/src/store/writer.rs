@@ -25,7 +25,7 @@ const WRITER_CACHE_KIB: u32 = 64 * 1024;
 /// How often age retention runs (size retention is checked after every commit).
 const AGE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Size retention starts evicting at this fraction of the cap...
-const HIGH_WATER: f64 = 0.85;
+const HIGH_WATER: f64 = 0.80;
 /// ...and evicts down to this fraction.
 const LOW_WATER: f64 = 0.6;
 /// Rows deleted per statement, so retention never holds one huge transaction.
@@ -50,6 +50,14 @@ pub(crate) fn run(
             pages * 4096
         ));
     }
+    // Under a size cap, what one transaction adds must fit the headroom above the
+    // high-water mark (20% of the cap). A row costs about 200 bytes in the file, but in the
+    // WAL up to a 4 KiB page of the index on random trace ids, as long as that index has
+    // more pages than the transaction has rows: a row per 8 KiB of cap keeps a transaction
+    // within about 12% of it.
+    let max_rows = config.retain_bytes.map_or(MAX_TRANSACTION_ROWS, |cap| {
+        ((cap / 8192) as usize).clamp(128, MAX_TRANSACTION_ROWS)
+    });
     let mut batch = Batch::default();
     let mut last_age_check = Instant::now();
     loop {
@@ -63,7 +71,7 @@ pub(crate) fn run(
             Ok(Command::Spans(spans)) => {
                 queued.fetch_sub(spans.len(), Ordering::AcqRel);
                 batch.add(spans);
-                if batch.rows() >= MAX_TRANSACTION_ROWS {
+                if batch.rows() >= max_rows {
                     commit(&mut conn, &mut batch, &config, &counters);
                 }
             }
@@ -99,7 +107,7 @@ pub(crate) fn run(
                 // Batched with spans: one transaction per commit interval, not per batch.
                 queued.fetch_sub(io.len(), Ordering::AcqRel);
                 batch.add_io(io);
-                if batch.rows() >= MAX_TRANSACTION_ROWS {
+                if batch.rows() >= max_rows {
                     commit(&mut conn, &mut batch, &config, &counters);
                 }
             }
