@@ -506,6 +506,16 @@ pub struct SpanJson<'a> {
     pub trace_id: &'a str,
     /// How `parent_id` (on another thread or process) caused this call: fork, wakeup, io.
     pub link_kind: &'a str,
+    /// Calls whose bytes this call read (a reply): filled by `scope show`, empty elsewhere.
+    pub links: Vec<LinkJson<'a>>,
+}
+
+/// One causal link of a span (`SpanJson::links`).
+#[derive(Serialize)]
+pub struct LinkJson<'a> {
+    pub span_id: u64,
+    pub trace_id: &'a str,
+    pub kind: &'a str,
 }
 
 impl<'a> From<&'a Span> for SpanJson<'a> {
@@ -536,6 +546,15 @@ impl<'a> From<&'a Span> for SpanJson<'a> {
             caller: s.caller.iter().map(FrameJson::from).collect(),
             trace_id: &s.trace_id,
             link_kind: &s.link_kind,
+            links: s
+                .links
+                .iter()
+                .map(|l| LinkJson {
+                    span_id: l.span_id,
+                    trace_id: &l.trace_id,
+                    kind: &l.kind,
+                })
+                .collect(),
         }
     }
 }

@@ -300,6 +300,7 @@ pub fn trace_tree_lines(trace_id: &str, spans: &[Span]) -> Vec<String> {
         if pids.len() == 1 { "" } else { "es" },
         format_duration_ns(end.saturating_sub(start))
     )];
+    let by_id: HashMap<u64, &Span> = spans.iter().map(|s| (s.span_id, s)).collect();
     let mut visited = HashSet::new();
     for root in roots {
         walk(
@@ -308,12 +309,21 @@ pub fn trace_tree_lines(trace_id: &str, spans: &[Span]) -> Vec<String> {
             "",
             true,
             true,
-            &children,
+            &Tree {
+                children: &children,
+                by_id: &by_id,
+            },
             &mut visited,
             &mut lines,
         );
     }
     lines
+}
+
+/// The trace being drawn: each span's children, and every span by id.
+struct Tree<'t, 'a> {
+    children: &'t HashMap<u64, Vec<&'a Span>>,
+    by_id: &'t HashMap<u64, &'a Span>,
 }
 
 #[expect(
@@ -326,7 +336,7 @@ fn walk<'a>(
     prefix: &str,
     last: bool,
     root: bool,
-    children: &HashMap<u64, Vec<&'a Span>>,
+    tree: &Tree<'_, 'a>,
     visited: &mut HashSet<u64>,
     lines: &mut Vec<String>,
 ) {
@@ -360,7 +370,27 @@ fn walk<'a>(
     } else {
         format!("{prefix}{}", if last { "   " } else { "│  " })
     };
-    let kids = children
+    // Replies: the calls whose bytes this call read back.
+    let reply_prefix = format!("{next_prefix}{}", if root { "" } else { "   " });
+    for link in &span.links {
+        let from = match tree.by_id.get(&link.span_id) {
+            Some(peer) => format!(
+                "{} [{} {}/{}]",
+                peer.function,
+                if peer.comm.is_empty() {
+                    "?"
+                } else {
+                    &peer.comm
+                },
+                peer.pid,
+                peer.tid
+            ),
+            None => format!("span {:016x} of trace {}", link.span_id, link.trace_id),
+        };
+        lines.push(format!("{reply_prefix}↩ reply from {from}"));
+    }
+    let kids = tree
+        .children
         .get(&span.span_id)
         .map(Vec::as_slice)
         .unwrap_or(&[]);
@@ -371,7 +401,7 @@ fn walk<'a>(
             &next_prefix,
             i + 1 == kids.len(),
             false,
-            children,
+            tree,
             visited,
             lines,
         );
@@ -498,6 +528,42 @@ mod tests {
         );
         assert!(
             lines[5].starts_with("└─ (fork) [proc30 30/30] child_main("),
+            "{lines:?}"
+        );
+    }
+
+    #[test]
+    fn replies_are_drawn_under_the_call_that_read_them() {
+        let mut request = span(2, 1, 10, 10, "request", 100, "");
+        request.links = vec![scope_proto::v1::CausalLink {
+            span_id: 3,
+            trace_id: "abc".into(),
+            kind: "io".into(),
+        }];
+        let mut elsewhere = span(6, 1, 10, 10, "request", 500, "");
+        elsewhere.links = vec![scope_proto::v1::CausalLink {
+            span_id: 0x77,
+            trace_id: "def".into(),
+            kind: "io".into(),
+        }];
+        let spans = vec![
+            span(1, 0, 10, 10, "main_loop", 0, ""),
+            request,
+            span(3, 2, 20, 21, "handle", 200, "io"),
+            elsewhere,
+        ];
+        let lines = trace_tree_lines("abc", &spans);
+        assert!(lines[2].starts_with("├─ request("), "{lines:?}");
+        assert_eq!(
+            lines[3], "│     ↩ reply from handle [proc20 20/21]",
+            "{lines:?}"
+        );
+        assert!(
+            lines[4].starts_with("│  └─ (io) [proc20 20/21] handle("),
+            "{lines:?}"
+        );
+        assert_eq!(
+            lines[6], "      ↩ reply from span 0000000000000077 of trace def",
             "{lines:?}"
         );
     }

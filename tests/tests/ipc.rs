@@ -97,6 +97,20 @@ async fn check_traces_and_replies(scoped: &Scoped, requests: &[Value], handlers:
             "the reply links the handler back to the request"
         );
     }
+    // As the CLI shows it.
+    let trace = requests[0]["trace_id"].as_str().unwrap();
+    let shown = scoped.scope_ok(&["show", trace]);
+    assert!(shown.contains("↩ reply from handle ["), "{shown}");
+    let json = scoped.scope_ok(&["show", trace, "--json"]);
+    let request_line = json
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|s| s["function"] == "request")
+        .unwrap();
+    assert_eq!(
+        request_line["links"][0]["span_id"], handler_of[trace],
+        "{request_line}"
+    );
 }
 
 /// Two network namespaces joined by a veth pair: two "hosts" on one machine.
