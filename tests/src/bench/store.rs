@@ -10,7 +10,7 @@ use std::{
 
 use scoped::{
     glob::Glob,
-    model::{Probe, Span, TraceId},
+    model::{IdScheme, Probe, Span},
     procfs::ProcessInfo,
     store::{NewProbe, SpanQuery, Store, StoreConfig},
 };
@@ -21,6 +21,9 @@ use super::{machine, today};
 const BATCH: usize = 4096;
 const PROBES: usize = 20;
 const QUERY_RUNS: usize = 15;
+/// CPUs the synthetic kernel ids come from, and spans per trace.
+const CPUS: u64 = 4;
+const SPANS_PER_TRACE: u64 = 6;
 
 #[derive(Clone, Debug)]
 pub struct StoreReport {
@@ -43,7 +46,8 @@ impl StoreReport {
         let _ = writeln!(md, "## The span store\n");
         let _ = writeln!(
             md,
-            "{} synthetic spans ({} functions, random durations) appended in batches of {BATCH} to a fresh \
+            "{} synthetic spans ({} functions, random durations, {SPANS_PER_TRACE} spans per trace, ids made as \
+             the daemon makes them: per-CPU sequences from {CPUS} CPUs, salted) appended in batches of {BATCH} to a fresh \
              store with all four span indexes and the per-minute histograms, then queried. One writer thread \
              does all the writing, so the write rate is one core's. Measured {} on {}.\n",
             self.spans,
@@ -162,6 +166,9 @@ pub fn run(spans: u64) -> StoreReport {
         .collect();
 
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    // Ids as the daemon makes them: kernel ids are per-CPU sequences, salted per run.
+    let ids = IdScheme::for_this_run();
+    let kernel_id = |n: u64| ((n % CPUS + 1) << 48) | (n / CPUS + 1);
     let t0: u64 = 1_800_000_000_000_000_000;
     let started = Instant::now();
     let mut made = 0u64;
@@ -171,13 +178,15 @@ pub fn run(spans: u64) -> StoreReport {
             .map(|i| {
                 let n = made + i;
                 let random = rng.next();
+                let root = n - n % SPANS_PER_TRACE;
                 Span {
-                    id: random | 1,
-                    parent_id: 0,
-                    trace_id: TraceId {
-                        high: 1,
-                        low: random | 1,
+                    id: ids.span(kernel_id(n)),
+                    parent_id: if n == root {
+                        0
+                    } else {
+                        ids.span(kernel_id(root))
                     },
+                    trace_id: ids.trace(kernel_id(root)),
                     pid: 4242,
                     tid: 4242 + (n % 4) as u32,
                     start_ns: t0 + n * 50_000,
