@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
     COMMIT_INTERVAL, Command, MAX_TRANSACTION_ROWS, NewProbe, StoreConfig, StoreCounters,
@@ -443,6 +443,26 @@ fn upsert_process(conn: &Connection, row: &super::ProcessRow) -> Result<(), rusq
     Ok(())
 }
 
+/// Deletes the spans that started before `cutoff` (stored form), a chunk per statement so
+/// no single statement holds a huge transaction.
+fn delete_spans_before(
+    conn: &Connection,
+    cutoff: i64,
+    counters: &StoreCounters,
+) -> Result<(), rusqlite::Error> {
+    loop {
+        let deleted = conn.execute(
+            "DELETE FROM spans WHERE rowid IN
+               (SELECT rowid FROM spans WHERE start_ns < ?1 ORDER BY start_ns LIMIT ?2)",
+            params![cutoff, DELETE_CHUNK],
+        )?;
+        counters.evicted.add(deleted as u64);
+        if (deleted as i64) < DELETE_CHUNK {
+            return Ok(());
+        }
+    }
+}
+
 /// Deletes spans (and their minutes of aggregates) older than `age`.
 fn evict_older_than(
     conn: &Connection,
@@ -450,16 +470,7 @@ fn evict_older_than(
     counters: &StoreCounters,
 ) -> Result<(), rusqlite::Error> {
     let cutoff = now_unix_ns().saturating_sub(age.as_nanos() as u64);
-    loop {
-        let deleted = conn.execute(
-            "DELETE FROM spans WHERE rowid IN (SELECT rowid FROM spans WHERE start_ns < ?1 ORDER BY rowid LIMIT ?2)",
-            params![to_sql(cutoff), DELETE_CHUNK],
-        )?;
-        counters.evicted.add(deleted as u64);
-        if (deleted as i64) < DELETE_CHUNK {
-            break;
-        }
-    }
+    delete_spans_before(conn, to_sql(cutoff), counters)?;
     let minute = to_sql(cutoff / NS_PER_MINUTE);
     conn.execute("DELETE FROM traces WHERE end_ns < ?1", [to_sql(cutoff)])?;
     conn.execute("DELETE FROM io WHERE time_ns < ?1", [to_sql(cutoff)])?;
@@ -504,14 +515,30 @@ fn enforce_size(
                 Ok((r.get(0)?, r.get(1)?))
             })?;
         if let (Some(oldest), Some(newest)) = (oldest, newest) {
-            let rows = newest - oldest + 1;
+            // The oldest by start time, not by arrival: spans of one thread reach the store
+            // through the rings of every CPU it ran on, not quite in order.
+            // How many: the rowid range estimates the row count without counting (deletions
+            // leave few holes); when it overshoots, count.
             let fraction = 1.0 - target as f64 / live as f64;
-            let evict = ((rows as f64 * fraction).ceil() as i64).clamp(1, rows);
-            let mut below = oldest;
-            while below < oldest + evict {
-                below = (below + DELETE_CHUNK).min(oldest + evict);
-                let deleted = conn.execute("DELETE FROM spans WHERE rowid < ?1", [below])?;
-                counters.evicted.add(deleted as u64);
+            let nth_start = |rows: i64| -> Result<Option<i64>, rusqlite::Error> {
+                let evict = ((rows as f64 * fraction).ceil() as i64).clamp(1, rows.max(1));
+                conn.query_row(
+                    "SELECT start_ns FROM spans ORDER BY start_ns LIMIT 1 OFFSET ?1",
+                    [evict],
+                    |r| r.get(0),
+                )
+                .optional()
+            };
+            let cutoff = match nth_start(newest - oldest + 1)? {
+                Some(cutoff) => Some(cutoff),
+                None => {
+                    let rows: i64 =
+                        conn.query_row("SELECT count(*) FROM spans", [], |r| r.get(0))?;
+                    nth_start(rows)?
+                }
+            };
+            if let Some(cutoff) = cutoff {
+                delete_spans_before(conn, cutoff, counters)?;
             }
             // Summaries of traces, and aggregates of minutes, that no longer have any span.
             let first_start: Option<i64> =
