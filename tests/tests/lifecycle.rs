@@ -229,3 +229,53 @@ fn sigterm_detaches_everything_before_exit() {
     target.send("go");
     assert_eq!(target.expect_line("done", TIMEOUT), EXPECTED);
 }
+
+#[test]
+fn detach_all_removes_every_probe_of_every_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let binary = compile(dir.path(), "gcc", "lifecycle.c", SOURCE, &["-g", "-O0"]);
+    let mut targets: Vec<Target> = (0..2)
+        .map(|_| {
+            let target = Target::spawn("lifecycle", &mut Command::new(&binary));
+            target.expect_line("ready", TIMEOUT);
+            target
+        })
+        .collect();
+    let scoped = Scoped::start();
+    let mut addresses = Vec::new();
+    // One session on each target, then a second one on the first.
+    for target in &targets {
+        let address = runtime_address(target.pid(), &binary, "add");
+        let original = read_memory(target.pid(), address, 1)[0];
+        scoped.attach(target.pid(), &["add"]);
+        assert_eq!(read_memory(target.pid(), address, 1)[0], INT3);
+        addresses.push((target.pid(), address, original));
+    }
+    scoped.attach(targets[0].pid(), &["add"]);
+    assert_eq!(uprobe_links_of(scoped.proc.pid()).len(), 6);
+
+    scoped.scope_ok(&["detach", "--all"]);
+    assert!(
+        uprobe_links_of(scoped.proc.pid()).is_empty(),
+        "no link of ours is left"
+    );
+    for &(pid, address, original) in &addresses {
+        assert_eq!(
+            read_memory(pid, address, 1)[0],
+            original,
+            "pid {pid}: the original instruction is back"
+        );
+    }
+    let sessions = scoped.scope_json(&["sessions", "--json"]);
+    assert_eq!(
+        sessions["sessions"].as_array().map(Vec::len),
+        Some(0),
+        "{sessions}"
+    );
+    for target in &mut targets {
+        target.send("go");
+        assert_eq!(target.expect_line("done", TIMEOUT), EXPECTED);
+    }
+    let events = std::fs::read_to_string("/sys/kernel/tracing/uprobe_events").unwrap_or_default();
+    assert!(!events.contains(binary.to_str().unwrap()), "{events}");
+}
