@@ -32,3 +32,45 @@ fn bench_harness_measures_scope_against_its_peers() {
         assert!(md.contains(line), "{md}");
     }
 }
+
+#[test]
+fn correlation_bench_runs_and_checks_what_it_measures() {
+    // The harness itself asserts nothing was dropped and every trace is complete.
+    let report = bench::correlation::run(bench::correlation::CorrelationConfig::QUICK);
+    let md = report.markdown();
+    assert!(
+        md.contains("spans correlated and stored per second"),
+        "{md}"
+    );
+    let traced = report
+        .ipc
+        .iter()
+        .find(|m| m.name == "traced")
+        .expect("the traced configuration ran");
+    let requests = bench::correlation::CorrelationConfig::QUICK.requests;
+    assert_eq!(
+        traced.io_linked,
+        Some(requests),
+        "every handler linked: {md}"
+    );
+    assert!(md.contains("IPC capture adds"), "{md}");
+}
+
+#[test]
+fn redis_bench_runs_scope_and_bpftrace_on_the_real_server() {
+    let config = bench::redis::RedisConfig::QUICK;
+    let report = bench::redis::run(config);
+    for m in &report.results {
+        assert!(m.set > 0.0 && m.get > 0.0, "{m:?}");
+    }
+    let scope = report
+        .results
+        .iter()
+        .find(|m| m.name == "scope")
+        .expect("scope ran");
+    let (kept, dropped) = scope.spans.expect("scope counts its spans");
+    // SET and GET, two spans (processCommand and call) per request.
+    assert!(kept >= 4 * config.requests, "{kept} spans kept");
+    assert_eq!(dropped, 0);
+    assert!(report.markdown().contains("÷ bpftrace"));
+}

@@ -1,14 +1,14 @@
 //! `cargo xtask bench` runs this: the benchmarks of `scope_tests::bench`, each written into
 //! its own section of BENCHMARKS.md (between markers, so the rest of the file stays).
 //!
-//! Usage: scope-bench [--quick] [--only per-call|correlation|store|rss] [--out PATH]
+//! Usage: scope-bench [--quick] [--only per-call|redis|correlation|store|rss] [--out PATH]
 
 use std::{path::Path, time::Duration};
 
 use anyhow::{Context, bail};
-use scope_tests::bench::{self, BenchConfig, correlation::CorrelationConfig};
+use scope_tests::bench::{self, BenchConfig, correlation::CorrelationConfig, redis::RedisConfig};
 
-const SECTIONS: [&str; 4] = ["per-call", "correlation", "store", "rss"];
+const SECTIONS: [&str; 5] = ["per-call", "redis", "correlation", "store", "rss"];
 
 fn main() -> anyhow::Result<()> {
     let mut quick = false;
@@ -21,7 +21,7 @@ fn main() -> anyhow::Result<()> {
             "--only" => only = Some(args.next().context("--only needs a section")?),
             "--out" => out = Some(args.next().context("--out needs a path")?.into()),
             other => bail!(
-                "unknown argument {other:?}; usage: scope-bench [--quick] [--only per-call|correlation|store|rss] [--out PATH]"
+                "unknown argument {other:?}; usage: scope-bench [--quick] [--only per-call|redis|correlation|store|rss] [--out PATH]"
             ),
         }
     }
@@ -54,6 +54,18 @@ fn main() -> anyhow::Result<()> {
             config.calls, config.rounds
         );
         write("per-call", bench::run(config).markdown())?;
+    }
+    if wanted("redis") {
+        let config = if quick {
+            RedisConfig::QUICK
+        } else {
+            RedisConfig::FULL
+        };
+        eprintln!(
+            "scope-bench: redis-server under redis-benchmark, {} requests × {} rounds",
+            config.requests, config.rounds
+        );
+        write("redis", bench::redis::run(config).markdown())?;
     }
     if wanted("correlation") {
         let config = if quick {
