@@ -28,12 +28,22 @@ pub fn print_json(out: &mut impl Write, value: &impl serde::Serialize) -> Result
 }
 
 /// What to attach to (`scope attach` and `scope trace`).
+#[derive(clap::Args, Clone, Debug)]
 pub struct AttachTarget {
+    /// The process to trace.
+    #[arg(long, short)]
     pub pid: u32,
+    /// Functions to trace: a glob over names (`*`, `?`, `[abc]`); `LIB!GLOB` limits it to
+    /// modules whose file name starts with LIB. Repeat for more.
+    #[arg(long = "func", short, value_name = "GLOB", required = true)]
     pub functions: Vec<String>,
-    /// Resolve the globs only in this ELF file mapped by the process.
+    /// Resolve the globs only in this ELF file mapped by the process (its executable
+    /// or one of its libraries).
+    #[arg(long, value_name = "PATH")]
     pub binary: Option<String>,
-    /// Trace the processes it forks too.
+    /// Do not trace the processes it forks (by default they are followed, and what they
+    /// exec is traced with the same globs).
+    #[arg(long = "no-follow", action = clap::ArgAction::SetFalse)]
     pub follow: bool,
 }
 

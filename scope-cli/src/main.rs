@@ -69,41 +69,16 @@ struct Cli {
 enum Command {
     /// Attach probes to the functions of a running process and print what was probed.
     Attach {
-        /// The process to trace.
-        #[arg(long, short)]
-        pid: u32,
-        /// Functions to trace: a glob over names (`*`, `?`, `[abc]`); `LIB!GLOB` limits it to
-        /// modules whose file name starts with LIB. Repeat for more.
-        #[arg(long = "func", short, value_name = "GLOB", required = true)]
-        functions: Vec<String>,
-        /// Resolve the globs only in this ELF file mapped by the process (its executable
-        /// or one of its libraries).
-        #[arg(long, value_name = "PATH")]
-        binary: Option<String>,
-        /// Do not trace the processes it forks (by default they are followed, and what they
-        /// exec is traced with the same globs).
-        #[arg(long)]
-        no_follow: bool,
+        #[command(flatten)]
+        target: commands::AttachTarget,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
     },
     /// Attach, print calls live as per-thread call trees, and detach on exit.
     Trace {
-        /// The process to trace.
-        #[arg(long, short)]
-        pid: u32,
-        /// Functions to trace (globs, as for `attach`). Repeat for more.
-        #[arg(long = "func", short, value_name = "GLOB", required = true)]
-        functions: Vec<String>,
-        /// Resolve the globs only in this ELF file mapped by the process (its executable
-        /// or one of its libraries).
-        #[arg(long, value_name = "PATH")]
-        binary: Option<String>,
-        /// Do not trace the processes it forks (by default they are followed, and what they
-        /// exec is traced with the same globs).
-        #[arg(long)]
-        no_follow: bool,
+        #[command(flatten)]
+        target: commands::AttachTarget,
         /// Stop after this long (`5s`, `500ms`, `2m`); default: until Ctrl-C or the target
         /// exits.
         #[arg(long, short, value_parser = parse_duration)]
@@ -309,36 +284,16 @@ async fn run(cli: Cli) -> Result<()> {
     let client = Client::connect(&cli.socket).await?;
     let mut out = BufWriter::new(io::stdout());
     match cli.command {
-        Command::Attach {
-            pid,
-            functions,
-            binary,
-            no_follow,
-            json,
-        } => {
-            let target = commands::AttachTarget {
-                pid,
-                functions,
-                binary,
-                follow: !no_follow,
-            };
+        Command::Attach { target, json } => {
             commands::attach(&client, &mut out, &target, json).await?;
         }
         Command::Trace {
-            pid,
-            functions,
-            binary,
-            no_follow,
+            target,
             duration,
             grace,
         } => {
             let options = trace::TraceOptions {
-                target: commands::AttachTarget {
-                    pid,
-                    functions,
-                    binary,
-                    follow: !no_follow,
-                },
+                target,
                 duration,
                 grace,
             };
@@ -490,19 +445,24 @@ mod tests {
         assert_eq!(cli.socket, PathBuf::from("/tmp/s"));
         match cli.command {
             Command::Trace {
-                pid,
-                functions,
+                target,
                 duration,
                 grace,
-                ..
             } => {
-                assert_eq!(pid, 7);
-                assert_eq!(functions, ["a*", "b"]);
+                assert_eq!(target.pid, 7);
+                assert_eq!(target.functions, ["a*", "b"]);
+                assert!(target.follow, "forks are followed unless --no-follow");
                 assert_eq!(duration, Some(Duration::from_millis(500)));
                 assert_eq!(grace, Duration::from_millis(100));
             }
             _ => panic!("not trace"),
         }
+        let cli = Cli::try_parse_from(["scope", "attach", "-p", "7", "-f", "x", "--no-follow"])
+            .expect("attach --no-follow parses");
+        assert!(
+            matches!(cli.command, Command::Attach { target, .. } if !target.follow),
+            "--no-follow turns following off"
+        );
         let cli = Cli::try_parse_from(["scope", "calls"]).expect("calls parses");
         assert!(matches!(cli.command, Command::Calls { limit: 100, .. }));
         assert!(Cli::try_parse_from(["scope", "detach", "--all"]).is_ok());

@@ -32,7 +32,8 @@ pub(crate) fn write_to(
     out.flush()
 }
 
-/// One line; the fields of scope-cli's `SpanJson`, plus `trace_id`.
+/// One line: the fields of scope-cli's `SpanJson` but `links`, which only `scope show` fills
+/// (a reply link is found by assembling a whole trace; an export streams spans).
 #[derive(Serialize)]
 struct SpanLine<'a> {
     pid: u32,
@@ -55,6 +56,8 @@ struct SpanLine<'a> {
     inlined_into: &'a str,
     caller: Vec<FrameLine<'a>>,
     trace_id: String,
+    /// How `parent_id` (on another thread or process) caused this call: fork, wakeup, io.
+    link_kind: &'static str,
 }
 
 #[derive(Serialize)]
@@ -97,6 +100,7 @@ impl<'a> SpanLine<'a> {
                 })
                 .collect(),
             trace_id: span.trace_id.to_string(),
+            link_kind: span.link_kind(),
         }
     }
 }
@@ -109,8 +113,8 @@ mod tests {
     use crate::export::fixtures::{T0, TRACE, probe, span};
     use scope_common::span_flags;
 
-    /// The keys of `scope calls --json` (scope-cli/src/render.rs `SpanJson`) and trace_id.
-    const KEYS: [&str; 20] = [
+    /// The keys of `scope calls --json` (scope-cli/src/render.rs `SpanJson`) but `links`.
+    const KEYS: [&str; 21] = [
         "pid",
         "tid",
         "function",
@@ -131,6 +135,7 @@ mod tests {
         "inlined_into",
         "caller",
         "trace_id",
+        "link_kind",
     ];
 
     fn lines(spans: &[Span], caller: Option<&CallerFrames<'_>>) -> Vec<Value> {

@@ -252,24 +252,6 @@ fn on_one_cpu<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
-/// Pins process `pid` (its main thread; the fixture has no others) to `cpu`.
-fn pin(pid: u32, cpu: usize) {
-    // SAFETY: cpu_set_t is plain data; sched_setaffinity only reads the set we pass.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(
-                pid as libc::pid_t,
-                std::mem::size_of::<libc::cpu_set_t>(),
-                &set
-            ),
-            0,
-            "pinning {pid} to CPU {cpu}"
-        );
-    }
-}
-
 /// CPU seconds of this process and of its thread named `name`.
 fn cpu_seconds(name: &str) -> (f64, f64) {
     // SAFETY: sysconf has no preconditions.
@@ -565,8 +547,8 @@ fn ipc(config: CorrelationConfig) -> Vec<IpcMeasurement> {
     // Both on one CPU: the loop then measures CPU spent per request, not how long an idle
     // virtual CPU takes to wake up (which dwarfs it here and varies with the neighbours).
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    pin(server.pid(), cpus - 1);
-    pin(client.pid(), cpus - 1);
+    super::pin(server.pid(), std::iter::once(cpus - 1));
+    super::pin(client.pid(), std::iter::once(cpus - 1));
     let timeout = Duration::from_secs(300);
     let go = |client: &mut Target| -> f64 {
         client.send(&format!("go {}", config.requests));

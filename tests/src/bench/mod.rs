@@ -35,3 +35,23 @@ pub(crate) fn machine() -> String {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!("{cpu}, {cores} CPUs, Linux {}", kernel.trim())
 }
+
+/// Restricts `pid` to `cpus` (benchmarks pin the traced program and its load apart).
+pub(crate) fn pin(pid: u32, cpus: impl Iterator<Item = usize>) {
+    // SAFETY: cpu_set_t is plain data; sched_setaffinity only reads the set we pass.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for cpu in cpus {
+            libc::CPU_SET(cpu, &mut set);
+        }
+        assert_eq!(
+            libc::sched_setaffinity(
+                pid as libc::pid_t,
+                std::mem::size_of::<libc::cpu_set_t>(),
+                &set
+            ),
+            0,
+            "pinning {pid}"
+        );
+    }
+}

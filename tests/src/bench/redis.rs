@@ -121,25 +121,6 @@ impl RedisReport {
     }
 }
 
-fn pin(pid: u32, cpus: impl Iterator<Item = usize>) {
-    // SAFETY: cpu_set_t is plain data; sched_setaffinity only reads the set we pass.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        for cpu in cpus {
-            libc::CPU_SET(cpu, &mut set);
-        }
-        assert_eq!(
-            libc::sched_setaffinity(
-                pid as libc::pid_t,
-                std::mem::size_of::<libc::cpu_set_t>(),
-                &set
-            ),
-            0,
-            "pinning {pid}"
-        );
-    }
-}
-
 /// One redis-benchmark run: (SET ops/s, GET ops/s).
 fn benchmark(port: u16, requests: u64, cpus: usize) -> (f64, f64) {
     let mut command = Command::new("redis-benchmark");
@@ -160,7 +141,7 @@ fn benchmark(port: u16, requests: u64, cpus: usize) -> (f64, f64) {
         .spawn()
         .expect("redis-benchmark runs (installed by `cargo xtask setup`)");
     if cpus > 1 {
-        pin(child.id(), 0..cpus - 1);
+        super::pin(child.id(), 0..cpus - 1);
     }
     let out = child.wait_with_output().expect("redis-benchmark output");
     assert!(out.status.success(), "redis-benchmark failed");
@@ -196,7 +177,7 @@ const CONFIGS: [(&str, &str); 5] = [
 pub fn run(config: RedisConfig) -> RedisReport {
     let redis = Redis::start();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    pin(redis.pid(), std::iter::once(cpus - 1));
+    super::pin(redis.pid(), std::iter::once(cpus - 1));
     let exe = std::fs::read_link(format!("/proc/{}/exe", redis.pid()))
         .expect("redis-server's executable");
     let exe = exe.to_str().expect("UTF-8 path").to_owned();
