@@ -45,6 +45,28 @@ pub struct AttachTarget {
     /// exec is traced with the same globs).
     #[arg(long = "no-follow", action = clap::ArgAction::SetFalse)]
     pub follow: bool,
+    /// Record 1 call in N per probe (per CPU); the rest are counted as sampled out.
+    #[arg(long = "sample", value_name = "N", default_value_t = 1)]
+    pub sample_every: u32,
+    /// Record at most N calls a second per probe; the rest are counted as rate limited.
+    #[arg(long, value_name = "N")]
+    pub max_rate: Option<u32>,
+    /// The share of one CPU the session's probes may cost, e.g. `1%`. scoped measures each
+    /// probe's call rate and cost, and samples or detaches the most expensive probes to stay
+    /// under it (`scope sessions` and `scope status` say which and why).
+    #[arg(long, value_name = "PERCENT", value_parser = parse_percent)]
+    pub budget: Option<f64>,
+}
+
+/// `1%`, `0.5%` or `2` (percent either way).
+fn parse_percent(text: &str) -> std::result::Result<f64, String> {
+    let number = text.trim().trim_end_matches('%').trim();
+    match number.parse::<f64>() {
+        Ok(value) if value.is_finite() && value > 0.0 => Ok(value),
+        _ => Err(format!(
+            "{text:?} is not a budget: give a percentage of one CPU above 0, like 1% or 0.5%"
+        )),
+    }
 }
 
 /// Attaches and returns the new session (shared with `scope trace`).
@@ -57,6 +79,9 @@ pub async fn attach_session(client: &Client, target: &AttachTarget) -> Result<Se
             functions: target.functions.clone(),
             binary: target.binary.clone().unwrap_or_default(),
             no_follow: !target.follow,
+            sample_every: target.sample_every,
+            max_rate: target.max_rate.unwrap_or(0),
+            budget_percent: target.budget.unwrap_or(0.0),
         })
         .await
         .map_err(|status| client.error(status))?

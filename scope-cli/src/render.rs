@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use scope_proto::v1::{DetachResponse, Frame, Probe, Session, Span, StatusResponse};
+use scope_proto::v1::{DetachResponse, Frame, Probe, Session, Span, StatusResponse, Throttle};
 use serde::Serialize;
 
 use crate::duration::format_duration_ns;
@@ -304,7 +304,7 @@ pub fn sessions_lines(sessions: &[Session]) -> Vec<String> {
             ]
         })
         .collect();
-    Table::new(&[
+    let mut lines = Table::new(&[
         ("ID", true),
         ("PID", true),
         ("COMM", false),
@@ -315,7 +315,33 @@ pub fn sessions_lines(sessions: &[Session]) -> Vec<String> {
         ("DROPPED", true),
         ("PATTERNS", false),
     ])
-    .render(&rows)
+    .render(&rows);
+    for s in sessions {
+        let mut limits = Vec::new();
+        if s.sample_every > 1 {
+            limits.push(format!("1 call in {} sampled", s.sample_every));
+        }
+        if s.max_rate > 0 {
+            limits.push(format!("at most {} calls/s per probe", s.max_rate));
+        }
+        if s.budget_percent > 0.0 {
+            limits.push(format!(
+                "budget {}% of a CPU, estimated cost {:.2}%",
+                s.budget_percent, s.overhead_percent
+            ));
+        }
+        if s.sampled_out + s.rate_limited > 0 {
+            limits.push(format!(
+                "{} calls sampled out, {} rate limited",
+                s.sampled_out, s.rate_limited
+            ));
+        }
+        if !limits.is_empty() {
+            lines.push(format!("session {}: {}", s.id, limits.join("; ")));
+        }
+        lines.extend(s.throttled.iter().map(throttle_line));
+    }
+    lines
 }
 
 /// `scope attach`: the session and what was probed.
@@ -455,7 +481,17 @@ pub fn status_lines(status: &StatusResponse) -> Vec<String> {
     }
     let mut table = Table::new(&[("", false), ("", false)]);
     table.fit(&rows);
-    rows.iter().map(|r| table.line(r)).collect()
+    let mut lines: Vec<String> = rows.iter().map(|r| table.line(r)).collect();
+    if !status.throttled.is_empty() {
+        lines.push("throttled by overhead budgets:".to_owned());
+        lines.extend(
+            status
+                .throttled
+                .iter()
+                .map(|t| format!("  {}", throttle_line(t))),
+        );
+    }
+    lines
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -572,6 +608,9 @@ pub struct ProbeJson<'a> {
     pub inlined_into: &'a str,
     pub calls: u64,
     pub spans_dropped: u64,
+    pub sampled_out: u64,
+    pub rate_limited: u64,
+    pub sample_every: u32,
 }
 
 impl<'a> From<&'a Probe> for ProbeJson<'a> {
@@ -588,6 +627,9 @@ impl<'a> From<&'a Probe> for ProbeJson<'a> {
             inlined_into: &p.inlined_into,
             calls: p.calls,
             spans_dropped: p.spans_dropped,
+            sampled_out: p.sampled_out,
+            rate_limited: p.rate_limited,
+            sample_every: p.sample_every,
         }
     }
 }
@@ -604,7 +646,58 @@ pub struct SessionJson<'a> {
     pub target_alive: bool,
     pub spans_received: u64,
     pub spans_dropped: u64,
+    pub sampled_out: u64,
+    pub rate_limited: u64,
+    pub sample_every: u32,
+    pub max_rate: u32,
+    pub budget_percent: f64,
+    pub overhead_percent: f64,
+    pub throttled: Vec<ThrottleJson<'a>>,
     pub probes: Vec<ProbeJson<'a>>,
+}
+
+/// A probe the overhead budget sampled or detached.
+#[derive(Serialize)]
+pub struct ThrottleJson<'a> {
+    pub session_id: u64,
+    pub probe_id: u32,
+    pub function: &'a str,
+    pub pid: u32,
+    pub action: &'a str,
+    pub sample_every: u32,
+    pub calls_per_second: f64,
+    pub cost_percent: f64,
+    pub reason: &'a str,
+    pub at_unix_ns: u64,
+}
+
+impl<'a> From<&'a Throttle> for ThrottleJson<'a> {
+    fn from(t: &'a Throttle) -> Self {
+        Self {
+            session_id: t.session_id,
+            probe_id: t.probe_id,
+            function: &t.function,
+            pid: t.pid,
+            action: &t.action,
+            sample_every: t.sample_every,
+            calls_per_second: t.calls_per_second,
+            cost_percent: t.cost_percent,
+            reason: &t.reason,
+            at_unix_ns: t.at_unix_ns,
+        }
+    }
+}
+
+/// `session 3: work (pid 812) detached by the overhead budget: ...`.
+pub fn throttle_line(t: &Throttle) -> String {
+    let what = match t.action.as_str() {
+        "sampled" => format!("sampled to 1 call in {}", t.sample_every),
+        other => other.to_owned(),
+    };
+    format!(
+        "session {}: {} (pid {}) {what} by the overhead budget: {}",
+        t.session_id, t.function, t.pid, t.reason
+    )
 }
 
 impl<'a> From<&'a Session> for SessionJson<'a> {
@@ -619,6 +712,13 @@ impl<'a> From<&'a Session> for SessionJson<'a> {
             target_alive: s.target_alive,
             spans_received: s.spans_received,
             spans_dropped: s.spans_dropped,
+            sampled_out: s.sampled_out,
+            rate_limited: s.rate_limited,
+            sample_every: s.sample_every,
+            max_rate: s.max_rate,
+            budget_percent: s.budget_percent,
+            overhead_percent: s.overhead_percent,
+            throttled: s.throttled.iter().map(ThrottleJson::from).collect(),
             probes: s.probes.iter().map(ProbeJson::from).collect(),
         }
     }
@@ -656,6 +756,7 @@ pub struct StatusJson<'a> {
     pub cpus: u32,
     pub io_capture: bool,
     pub counters: BTreeMap<&'a str, u64>,
+    pub throttled: Vec<ThrottleJson<'a>>,
 }
 
 impl<'a> From<&'a StatusResponse> for StatusJson<'a> {
@@ -677,6 +778,7 @@ impl<'a> From<&'a StatusResponse> for StatusJson<'a> {
             cpus: s.cpus,
             io_capture: s.io_capture,
             counters: s.counters.iter().map(|(k, v)| (k.as_str(), *v)).collect(),
+            throttled: s.throttled.iter().map(ThrottleJson::from).collect(),
         }
     }
 }

@@ -287,6 +287,11 @@ impl Live {
 
     fn take_batch(&mut self, out: &mut impl Write, batch: SpanBatch) -> std::io::Result<()> {
         self.dropped = self.dropped.saturating_add(batch.dropped);
+        // Warnings name their session; the early stream may carry other sessions' too.
+        let ours = format!("session {}:", self.session_id);
+        for warning in batch.warnings.iter().filter(|w| w.starts_with(&ours)) {
+            eprintln!("scope: warning: {warning}");
+        }
         let now = Instant::now();
         for span in batch.spans {
             // The early stream is per pid: leave out other sessions' spans.

@@ -16,7 +16,7 @@ use scope_proto::v1::{
     GetTraceRequest, ListProcessesRequest, ListProcessesResponse, ListSessionsRequest,
     ListSessionsResponse, ListTracesRequest, ListTracesResponse, Probe, Process, QuerySpansRequest,
     Session, Span, SpanBatch, SpanFilter, StatsRequest, StatsResponse, StatusRequest,
-    StatusResponse, TraceIoResponse, TraceSummary, WatchRequest, detach_request::Target,
+    StatusResponse, Throttle, TraceIoResponse, TraceSummary, WatchRequest, detach_request::Target,
     export_request, flame_request,
 };
 use serde_json::Value;
@@ -98,6 +98,7 @@ fn probe(id: u32, function: &str, file: &str, line: u32, inlined_into: &str) -> 
         inlined_into: inlined_into.into(),
         calls: 3,
         spans_dropped: 0,
+        ..Default::default()
     }
 }
 
@@ -118,6 +119,7 @@ fn session(alive: bool) -> Session {
         spans_dropped: 5,
         follow: true,
         pids: vec![PID],
+        ..Default::default()
     }
 }
 
@@ -276,6 +278,7 @@ impl Scope for Fake {
                 SpanBatch {
                     spans: vec![span(1, 0, 1235, 0, "processCommand", 1_000, 12_345), child],
                     dropped: 0,
+                    warnings: Vec::new(),
                 },
             ),
             (
@@ -283,6 +286,7 @@ impl Scope for Fake {
                 SpanBatch {
                     spans: vec![exited],
                     dropped: 0,
+                    warnings: Vec::new(),
                 },
             ),
         ];
@@ -327,6 +331,7 @@ impl Scope for Fake {
         let batch = SpanBatch {
             spans: vec![root, handler],
             dropped: 0,
+            warnings: Vec::new(),
         };
         Ok(Response::new(stream_of(
             vec![(Duration::ZERO, batch)],
@@ -393,6 +398,17 @@ impl Scope for Fake {
             store_retain_bytes: 2 << 30,
             store_retain_age_ns: 0,
             io_capture: true,
+            throttled: vec![Throttle {
+                probe_id: 1,
+                function: "processCommand".into(),
+                pid: PID,
+                action: "detached".into(),
+                calls_per_second: 512_000.0,
+                cost_percent: 750.0,
+                reason: "512000 calls/s cost 750% of a CPU, over its budget of 1%".into(),
+                session_id: SESSION,
+                ..Default::default()
+            }],
         }))
     }
 
@@ -966,6 +982,12 @@ fn status_human_and_json() {
     );
     assert!(text.contains("io capture"), "{text}");
     assert!(text.contains("on (reads and writes"), "{text}");
+    assert!(
+        text.contains(
+            "throttled by overhead budgets:\n  session 7: processCommand (pid 1234) detached by the overhead budget: 512000 calls/s"
+        ),
+        "{text}"
+    );
     let out = daemon.run(&["status", "--json"]);
     assert_ok(&out);
     let v: Value = serde_json::from_str(&stdout(&out)).expect("JSON");
@@ -975,6 +997,8 @@ fn status_human_and_json() {
     assert_eq!(v["store_bytes"], 3 << 20);
     assert_eq!(v["store_path"], "/var/lib/scope/scope.db");
     assert_eq!(v["io_capture"], true);
+    assert_eq!(v["throttled"][0]["function"], "processCommand");
+    assert_eq!(v["throttled"][0]["action"], "detached");
 }
 
 /// Two threads' calls, children before parents, one root's child arriving after the root,
@@ -995,6 +1019,7 @@ fn live_script() -> Vec<(Duration, SpanBatch)> {
                     abandoned,
                 ],
                 dropped: 0,
+                warnings: Vec::new(),
             },
         ),
         (
@@ -1006,6 +1031,12 @@ fn live_script() -> Vec<(Duration, SpanBatch)> {
                     other_session,
                 ],
                 dropped: 3,
+                warnings: vec![
+                    format!(
+                        "session {SESSION}: probe 1 on processCommand (pid {PID}) detached by the overhead budget: too hot"
+                    ),
+                    "session 999: another session's warning".into(),
+                ],
             },
         ),
         (
@@ -1014,6 +1045,7 @@ fn live_script() -> Vec<(Duration, SpanBatch)> {
                 // Ended before the root but came through a slower CPU ring.
                 spans: vec![span(2, 1, 1234, 1, "lookupKey", 2_000, 1_000)],
                 dropped: 0,
+                warnings: Vec::new(),
             },
         ),
     ]
@@ -1079,6 +1111,15 @@ fn trace_prints_trees_and_detaches_when_the_duration_elapses() {
         "session 7: 6 spans received, 3 dropped on the way to this client (it fell behind), \
          5 dropped by scoped for this session (see `scope status`); detached in 1.23ms"
     );
+    // Warnings about this session reach the user, others' do not.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "scope: warning: session 7: probe 1 on processCommand (pid 1234) detached by the overhead budget: too hot"
+        ),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("session 999"), "{stderr}");
     daemon.seen(|seen| {
         assert_eq!(seen.attach[0].functions, ["processCommand", "lookupKey*"]);
         assert_eq!(seen.detach.len(), 1);
@@ -1177,6 +1218,7 @@ fn trace_prints_late_and_unfinished_calls() {
                 SpanBatch {
                     spans: vec![span(1, 0, 1234, 0, "processCommand", 1_000, 10_000)],
                     dropped: 0,
+                    warnings: Vec::new(),
                 },
             ),
             // Far past the grace period.
@@ -1189,6 +1231,7 @@ fn trace_prints_late_and_unfinished_calls() {
                         span(51, 50, 1234, 1, "dictFind", 20_000, 1_000),
                     ],
                     dropped: 0,
+                    warnings: Vec::new(),
                 },
             ),
         ],
@@ -1292,7 +1335,15 @@ fn trace_reports_a_failed_stream_and_still_detaches() {
         ..Script::default()
     });
     let out = daemon.run(&["trace", "--pid", "1234", "--func", "*"]);
-    assert_clean_error(&out, "the span reader stopped: ring buffer gone");
+    // The live script's warning comes first, then the error.
+    let err = stderr(&out);
+    let (warning, error) = err.split_once('\n').expect("two lines");
+    assert!(warning.starts_with("scope: warning: session 7:"), "{err}");
+    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
+    assert_eq!(
+        error,
+        "scope: error: the span reader stopped: ring buffer gone\n"
+    );
     let text = stdout(&out);
     // What arrived before the failure is still printed, and the summary too.
     assert_live_trees(&text);

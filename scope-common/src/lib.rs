@@ -20,6 +20,8 @@ pub mod maps {
     pub const COUNTERS: &str = "COUNTERS";
     /// Per-CPU array indexed by probe id: [`super::ProbeCounters`].
     pub const PROBE_COUNTERS: &str = "PROBE_COUNTERS";
+    /// Array indexed by probe id: [`super::ProbeControl`], what share of calls to keep.
+    pub const PROBE_CONTROL: &str = "PROBE_CONTROL";
     /// Per-CPU array with one [`super::CpuState`] (span id sequence).
     pub const CPU_STATE: &str = "CPU_STATE";
     /// LRU hash: tid → [`super::Link`] from the span that forked/cloned the thread. Applies to
@@ -197,8 +199,9 @@ pub struct Frame {
 pub struct ThreadStack {
     /// Frames in use in `frames`.
     pub depth: u32,
-    /// Calls entered while `frames` was full; their exits are ignored.
-    pub overflow: u32,
+    /// Calls entered above the stored frames but not stored (`frames` was full, or sampling
+    /// or a rate limit left them out); their exits are ignored.
+    pub unstored: u32,
     pub frames: [Frame; MAX_DEPTH],
 }
 
@@ -220,6 +223,8 @@ pub struct CpuState {
 }
 
 /// What a probe has seen. The value of [`maps::PROBE_COUNTERS`] (per CPU; userspace sums).
+/// Every call is exactly one of: a span sent to userspace, `dropped`, `sampled_out` or
+/// `rate_limited`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ProbeCounters {
@@ -227,6 +232,42 @@ pub struct ProbeCounters {
     pub calls: u64,
     /// Spans of this probe that were lost (ring full, stack full, depth overflow).
     pub dropped: u64,
+    /// Calls not recorded because sampling kept only 1 in [`ProbeControl::sample_every`].
+    pub sampled_out: u64,
+    /// Calls not recorded because the probe was over [`ProbeControl::max_rate`].
+    pub rate_limited: u64,
+}
+
+/// How much of a probe's calls to record, set by the daemon (`--sample`, `--max-rate`, and
+/// the overhead budget). The value of [`maps::PROBE_CONTROL`]; all zeros records every call.
+///
+/// The rate limit is a token bucket shared by all CPUs: `tokens` and `refilled_ns` are the
+/// kernel's state (the daemon writes zeros). Its updates are not atomic across CPUs, so under
+/// contention slightly more than `max_rate` calls a second may pass; every call that does not
+/// is counted in `rate_limited`, exactly.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeControl {
+    /// Record 1 call in this many, per CPU (0 or 1: every call).
+    pub sample_every: u32,
+    /// Record at most this many calls per second (0: no limit).
+    pub max_rate: u32,
+    /// Tokens in the bucket, in billionths of a call (a call costs 10^9).
+    pub tokens: u64,
+    /// When the bucket was last refilled (`bpf_ktime_get_ns`).
+    pub refilled_ns: u64,
+}
+
+impl ProbeControl {
+    /// One call's worth of tokens.
+    pub const TOKEN: u64 = 1_000_000_000;
+
+    /// A bucket holds a tenth of a second's calls (at least one): a burst above the rate is
+    /// short, and the long-run rate is `max_rate`.
+    pub const fn burst_tokens(max_rate: u32) -> u64 {
+        let calls = max_rate as u64 / 10;
+        (if calls == 0 { 1 } else { calls }) * Self::TOKEN
+    }
 }
 
 /// What happened to a traced process. The record of [`RecordKind::Process`].
@@ -431,11 +472,15 @@ pub enum Counter {
     Abandoned = 6,
     /// Open calls flushed because their thread exited or exec'd.
     Unfinished = 7,
+    /// Calls left out by sampling (`--sample`, or the budget).
+    SampledOut = 8,
+    /// Calls left out by a probe's rate limit (`--max-rate`).
+    RateLimited = 9,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 8] = [
+    pub const ALL: [Counter; 10] = [
         Counter::SpansEmitted,
         Counter::RingFull,
         Counter::NoRing,
@@ -444,6 +489,8 @@ impl Counter {
         Counter::UnmatchedExit,
         Counter::Abandoned,
         Counter::Unfinished,
+        Counter::SampledOut,
+        Counter::RateLimited,
     ];
     /// Size of the [`maps::COUNTERS`] array.
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -459,10 +506,13 @@ impl Counter {
             Counter::UnmatchedExit => "unmatched_exit",
             Counter::Abandoned => "abandoned",
             Counter::Unfinished => "unfinished",
+            Counter::SampledOut => "sampled_out",
+            Counter::RateLimited => "rate_limited",
         }
     }
 
-    /// Whether this counter counts spans that were lost.
+    /// Whether this counter counts spans that were lost. Calls left out on purpose
+    /// (sampling, rate limits) are counted, but are not losses.
     pub const fn is_loss(self) -> bool {
         matches!(
             self,
@@ -481,7 +531,8 @@ const _: () = assert!(size_of::<IoEvent>() == 128);
 const _: () = assert!(size_of::<StreamState>() == 24 + 32 * STREAM_WRITES);
 const _: () = assert!(size_of::<Target>() == 8);
 const _: () = assert!(size_of::<CpuState>() == 8);
-const _: () = assert!(size_of::<ProbeCounters>() == 16);
+const _: () = assert!(size_of::<ProbeCounters>() == 32);
+const _: () = assert!(size_of::<ProbeControl>() == 24);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -493,6 +544,7 @@ mod pod {
     unsafe impl aya::Pod for super::Target {}
     unsafe impl aya::Pod for super::CpuState {}
     unsafe impl aya::Pod for super::ProbeCounters {}
+    unsafe impl aya::Pod for super::ProbeControl {}
     unsafe impl aya::Pod for super::ProcessEvent {}
     unsafe impl aya::Pod for super::Link {}
     unsafe impl aya::Pod for super::KernelOffsets {}

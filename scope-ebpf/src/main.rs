@@ -22,7 +22,7 @@ use aya_ebpf::{
     bindings::{
         BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
     },
-    btf_maps::{ArrayOfMaps, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    btf_maps::{Array, ArrayOfMaps, HashMap, LruHashMap, PerCpuArray, RingBuf},
     helpers::{
         bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_current_task,
         bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
@@ -35,8 +35,8 @@ use aya_log_ebpf::{debug, info, warn};
 use scope_common::{
     Counter, CpuState, Frame, IoEvent, KernelOffsets, Link, MAX_CPUS, MAX_DEPTH, MAX_PROBES,
     MAX_STREAMS, MAX_TARGETS, MAX_THREADS, MAX_UNWIND, PROVISIONAL_WRITE_BYTES, PendingIo,
-    ProbeCounters, ProcessEvent, RecordKind, STREAM_WRITES, Span, StreamState, StreamWrite, Target,
-    ThreadStack, cookie, io_op, process_event, span_flags, stream_kind,
+    ProbeControl, ProbeCounters, ProcessEvent, RecordKind, STREAM_WRITES, Span, StreamState,
+    StreamWrite, Target, ThreadStack, cookie, io_op, process_event, span_flags, stream_kind,
 };
 
 /// Size of the template ring in the object. The daemon creates the real per-CPU rings (of the
@@ -68,6 +68,9 @@ static COUNTERS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::ne
 
 #[btf_map]
 static PROBE_COUNTERS: PerCpuArray<ProbeCounters, { MAX_PROBES as usize }> = PerCpuArray::new();
+
+#[btf_map]
+static PROBE_CONTROL: Array<ProbeControl, { MAX_PROBES as usize }> = Array::new();
 
 #[btf_map]
 static CPU_STATE: PerCpuArray<CpuState, 1> = PerCpuArray::new();
@@ -307,6 +310,18 @@ fn on_entry(ctx: &ProbeContext) {
     // thread), so there is no concurrent writer.
     let stack = unsafe { &mut *stack };
     drop_dead_frames(stack, sp, caller, probe_id, pid, tid, now);
+    if let Some(reason) = left_out(probe_id, now) {
+        probe_count(probe_id, reason);
+        count(match reason {
+            ProbeField::RateLimited => Counter::RateLimited,
+            _ => Counter::SampledOut,
+        });
+        if cookie & cookie::INSTANT == 0 {
+            // Its exit will come, and must not be taken for a stored frame's.
+            stack.unstored += 1;
+        }
+        return;
+    }
     let depth = stack.depth as usize;
     let span_id = next_span_id();
     let (parent_id, root_id, trace_id, link) = if depth == 0 {
@@ -352,7 +367,7 @@ fn on_entry(ctx: &ProbeContext) {
     }
 
     if depth >= MAX_DEPTH {
-        stack.overflow += 1;
+        stack.unstored += 1;
         count(Counter::DepthOverflow);
         probe_count(probe_id, ProbeField::Dropped);
         return;
@@ -411,7 +426,7 @@ fn drop_dead_frames(
                 return;
             }
         }
-        stack.overflow = 0;
+        stack.unstored = 0;
         pop_reported(stack, top_index, pid, tid, now, 0, span_flags::ABANDONED);
         count(Counter::Abandoned);
     }
@@ -440,7 +455,12 @@ fn on_exit(ctx: &RetProbeContext) {
     for _ in 0..MAX_UNWIND {
         let depth = stack.depth as usize;
         if depth == 0 || depth > MAX_DEPTH {
-            count(Counter::UnmatchedExit);
+            if depth == 0 && stack.unstored > 0 {
+                // A root call left out by sampling or a rate limit.
+                stack.unstored -= 1;
+            } else {
+                count(Counter::UnmatchedExit);
+            }
             return;
         }
         let top_index = depth - 1;
@@ -454,13 +474,14 @@ fn on_exit(ctx: &RetProbeContext) {
             }
             pop_reported(stack, top_index, pid, tid, now, ret, 0);
             // Anything deeper has ended, whether we saw its exit or not.
-            stack.overflow = 0;
+            stack.unstored = 0;
             return;
         }
         if entry_sp < top.sp {
-            // A call deeper than every stored frame: one that overflowed MAX_DEPTH.
-            if stack.overflow > 0 {
-                stack.overflow -= 1;
+            // A call deeper than every stored frame: one that overflowed MAX_DEPTH, or was
+            // left out by sampling or a rate limit.
+            if stack.unstored > 0 {
+                stack.unstored -= 1;
             } else {
                 count(Counter::UnmatchedExit);
             }
@@ -468,7 +489,7 @@ fn on_exit(ctx: &RetProbeContext) {
         }
         // An enclosing call returned while `top` is still open: `top` was unwound by a
         // longjmp or an exception and will never return. Report it and keep looking.
-        stack.overflow = 0;
+        stack.unstored = 0;
         pop_reported(stack, top_index, pid, tid, now, 0, span_flags::ABANDONED);
         count(Counter::Abandoned);
     }
@@ -502,7 +523,12 @@ fn pop_same_call(
             return;
         }
     }
-    count(Counter::UnmatchedExit);
+    if stack.unstored > 0 {
+        // This probe's call was left out; the other probe's frame stays open.
+        stack.unstored -= 1;
+    } else {
+        count(Counter::UnmatchedExit);
+    }
 }
 
 /// Reports every open call of the current thread as unfinished and forgets the thread.
@@ -1117,6 +1143,41 @@ fn count(counter: Counter) {
 enum ProbeField {
     Calls,
     Dropped,
+    SampledOut,
+    RateLimited,
+}
+
+/// Whether to leave a call out, by the probe's sampling or rate limit (see
+/// [`ProbeControl`]), and which counter says so.
+#[inline(always)]
+fn left_out(probe_id: u32, now: u64) -> Option<ProbeField> {
+    let control = PROBE_CONTROL.get_ptr_mut(probe_id)?;
+    // SAFETY: a valid map value. Other CPUs may update the bucket at the same time; see
+    // ProbeControl for why that is tolerated.
+    let control = unsafe { &mut *control };
+    if control.sample_every > 1 {
+        let counters = PROBE_COUNTERS.get_ptr(probe_id)?;
+        // SAFETY: a valid per-CPU map value; this CPU's count of calls, this one included.
+        let calls = unsafe { (*counters).calls };
+        // checked_rem: a `%` that could panic would bring the panic machinery into the program.
+        if calls.checked_rem(u64::from(control.sample_every)) != Some(0) {
+            return Some(ProbeField::SampledOut);
+        }
+    }
+    if control.max_rate > 0 {
+        let elapsed = now
+            .saturating_sub(control.refilled_ns)
+            .min(ProbeControl::TOKEN);
+        let tokens = (control.tokens + elapsed * u64::from(control.max_rate))
+            .min(ProbeControl::burst_tokens(control.max_rate));
+        control.refilled_ns = now;
+        if tokens < ProbeControl::TOKEN {
+            control.tokens = tokens;
+            return Some(ProbeField::RateLimited);
+        }
+        control.tokens = tokens - ProbeControl::TOKEN;
+    }
+    None
 }
 
 #[inline(always)]
@@ -1127,6 +1188,8 @@ fn probe_count(probe_id: u32, field: ProbeField) {
             match field {
                 ProbeField::Calls => &raw mut (*counters).calls,
                 ProbeField::Dropped => &raw mut (*counters).dropped,
+                ProbeField::SampledOut => &raw mut (*counters).sampled_out,
+                ProbeField::RateLimited => &raw mut (*counters).rate_limited,
             }
         };
         // SAFETY: see above.

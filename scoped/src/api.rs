@@ -3,13 +3,14 @@
 
 use std::{path::PathBuf, pin::Pin, sync::Arc, time::UNIX_EPOCH};
 
-use scope_common::{io_op, stream_kind};
+use scope_common::{ProbeCounters, io_op, stream_kind};
 use scope_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status};
 
 use crate::{
+    budget::{Action, Throttle},
     daemon::{Daemon, SessionSnapshot, StatusSnapshot},
     error::ScopeError,
     export::{
@@ -20,7 +21,7 @@ use crate::{
     glob::Glob,
     model::{Io, Span, TraceId},
     pipeline::WatchFilter,
-    probes::ProbeInfo,
+    probes::{Limits, ProbeInfo},
     resolve::AttachSpec,
     store::{self, FunctionStats, SpanQuery, TraceQuery},
 };
@@ -59,6 +60,7 @@ impl ScopeService {
                 let message = pb::SpanBatch {
                     spans: chunk.iter().map(|s| span_to_wire(&daemon, s)).collect(),
                     dropped: 0,
+                    warnings: Vec::new(),
                 };
                 if tx.blocking_send(Ok(message)).is_err() {
                     break;
@@ -75,7 +77,7 @@ impl pb::scope_server::Scope for ScopeService {
         &self,
         request: Request<pb::AttachRequest>,
     ) -> Result<Response<pb::AttachResponse>, Status> {
-        let spec = AttachSpec::from(request.into_inner());
+        let spec = attach_spec(request.into_inner())?;
         let daemon = Arc::clone(&self.daemon);
         let session = blocking(move || daemon.attach(&spec)).await??;
         Ok(Response::new(pb::AttachResponse {
@@ -128,17 +130,40 @@ impl pb::scope_server::Scope for ScopeService {
             function: glob(&request.function)?,
         };
         let mut subscription = self.daemon.subscribe(filter);
+        let mut warnings = self.daemon.warnings();
         let (tx, rx) = mpsc::channel(STREAM_QUEUE_MESSAGES);
         let daemon = Arc::clone(&self.daemon);
         tokio::spawn(async move {
             let mut reported_drops = 0;
-            while let Some(batch) = subscription.rx.recv().await {
-                let dropped_total = subscription.dropped.get();
-                let message = pb::SpanBatch {
-                    spans: batch.iter().map(|s| span_to_wire(&daemon, s)).collect(),
-                    dropped: dropped_total - reported_drops,
+            loop {
+                let message = tokio::select! {
+                    batch = subscription.rx.recv() => {
+                        let Some(batch) = batch else { break };
+                        let dropped_total = subscription.dropped.get();
+                        let message = pb::SpanBatch {
+                            spans: batch.iter().map(|s| span_to_wire(&daemon, s)).collect(),
+                            dropped: dropped_total - reported_drops,
+                            warnings: Vec::new(),
+                        };
+                        reported_drops = dropped_total;
+                        message
+                    }
+                    warning = warnings.recv() => {
+                        let warning = match warning {
+                            Ok(warning) => warning,
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                                format!("{n} warnings were missed (this client read too slowly)")
+                            }
+                            // The daemon, held here, owns the sender.
+                            Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                        };
+                        pb::SpanBatch {
+                            spans: Vec::new(),
+                            dropped: 0,
+                            warnings: vec![warning],
+                        }
+                    }
                 };
-                reported_drops = dropped_total;
                 if tx.send(Ok(message)).await.is_err() {
                     break; // the client went away; dropping the subscription unsubscribes
                 }
@@ -368,6 +393,7 @@ impl pb::scope_server::Scope for ScopeService {
                 Ok(pb::SpanBatch {
                     spans: chunk.to_vec(),
                     dropped: 0,
+                    warnings: Vec::new(),
                 })
             })
             .collect();
@@ -603,19 +629,56 @@ impl From<FunctionStats> for pb::FunctionStats {
     }
 }
 
-impl From<pb::AttachRequest> for AttachSpec {
-    fn from(request: pb::AttachRequest) -> Self {
-        AttachSpec {
-            pid: request.pid,
-            patterns: request.functions,
-            binary: (!request.binary.is_empty()).then(|| PathBuf::from(request.binary)),
-            follow: !request.no_follow,
-            require_matches: true,
-        }
+/// The most a budget may be: every CPU of a large machine.
+const MAX_BUDGET_PERCENT: f64 = 100.0 * 1024.0;
+
+fn attach_spec(request: pb::AttachRequest) -> Result<AttachSpec, Status> {
+    let budget = request.budget_percent;
+    if !(budget.is_finite() && (0.0..=MAX_BUDGET_PERCENT).contains(&budget)) {
+        return Err(Status::invalid_argument(format!(
+            "budget_percent {budget} is not a share of CPU: give a percentage above 0 (e.g. 1 for 1% of one CPU), or 0 for no budget"
+        )));
+    }
+    Ok(AttachSpec {
+        pid: request.pid,
+        patterns: request.functions,
+        binary: (!request.binary.is_empty()).then(|| PathBuf::from(request.binary)),
+        follow: !request.no_follow,
+        require_matches: true,
+        limits: Limits {
+            sample_every: request.sample_every,
+            max_rate: request.max_rate,
+            budget: (budget > 0.0).then_some(budget / 100.0),
+        },
+    })
+}
+
+fn throttle_to_wire(throttle: &Throttle) -> pb::Throttle {
+    let (action, sample_every) = match throttle.action {
+        Action::Sample(every) => ("sampled", every),
+        Action::Detach => ("detached", 0),
+    };
+    pb::Throttle {
+        probe_id: throttle.slot,
+        function: throttle.function.clone(),
+        pid: throttle.pid,
+        action: action.to_owned(),
+        sample_every,
+        calls_per_second: throttle.calls_per_second,
+        cost_percent: throttle.cost * 100.0,
+        reason: throttle.reason.clone(),
+        at_unix_ns: unix_ns(throttle.at),
+        session_id: throttle.session_id,
     }
 }
 
-fn probe_to_wire(live: &ProbeInfo, calls: u64, dropped: u64) -> pb::Probe {
+fn unix_ns(time: std::time::SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn probe_to_wire(live: &ProbeInfo, counters: &ProbeCounters) -> pb::Probe {
     let probe = &live.probe;
     pb::Probe {
         probe_id: live.slot,
@@ -627,8 +690,11 @@ fn probe_to_wire(live: &ProbeInfo, calls: u64, dropped: u64) -> pb::Probe {
         file: probe.file.clone().unwrap_or_default(),
         line: probe.line.unwrap_or(0),
         inlined_into: probe.inlined_into.clone().unwrap_or_default(),
-        calls,
-        spans_dropped: dropped,
+        calls: counters.calls,
+        spans_dropped: counters.dropped,
+        sampled_out: counters.sampled_out,
+        rate_limited: counters.rate_limited,
+        sample_every: live.sample_every(),
     }
 }
 
@@ -643,18 +709,21 @@ impl From<SessionSnapshot> for pb::Session {
             probes: session
                 .probes
                 .iter()
-                .map(|(p, c)| probe_to_wire(p, c.calls, c.dropped))
+                .map(|(p, c)| probe_to_wire(p, c))
                 .collect(),
-            created_unix_ns: session
-                .created
-                .duration_since(UNIX_EPOCH)
-                .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-                .unwrap_or(0),
+            created_unix_ns: unix_ns(session.created),
             target_alive: session.alive,
             follow: session.follow,
             pids: session.pids,
             spans_received: session.spans_received,
             spans_dropped: session.spans_dropped,
+            sample_every: session.limits.sample_every,
+            max_rate: session.limits.max_rate,
+            budget_percent: session.limits.budget.map_or(0.0, |b| b * 100.0),
+            overhead_percent: session.overhead.map_or(0.0, |o| o * 100.0),
+            throttled: session.throttled.iter().map(throttle_to_wire).collect(),
+            sampled_out: session.sampled_out,
+            rate_limited: session.rate_limited,
         }
     }
 }
@@ -675,6 +744,7 @@ impl From<StatusSnapshot> for pb::StatusResponse {
             ring_bytes_per_cpu: status.ring_bytes_per_cpu,
             cpus: status.cpus,
             io_capture: status.io_capture,
+            throttled: status.throttled.iter().map(throttle_to_wire).collect(),
             store_path: status.store_path,
             store_retain_bytes: status.store_retain_bytes.unwrap_or(0),
             store_retain_age_ns: status

@@ -11,12 +11,13 @@ use scope_common::{ProbeCounters, ProcessEvent, process_event};
 use scope_symbolizer::{Frame, Module, ProcessMaps, Symbolizer};
 
 use crate::{
+    budget::{Budgets, Throttle},
     ebpf::ProgramPair,
     error::ScopeError,
     export::otlp::ExporterCounters,
     model::{IdScheme, Io, Probe, Span, TraceId, now_unix_ns},
     pipeline::{Pipeline, Subscription, WatchFilter},
-    probes::{ProbeInfo, ProbeManager, Session, release},
+    probes::{Limits, ProbeInfo, ProbeManager, Session, release},
     procfs::ProcessInfo,
     resolve::{self, AttachSpec, Plan},
     stats::DaemonStats,
@@ -37,10 +38,17 @@ pub struct SessionSnapshot {
     pub probes: Vec<(Arc<ProbeInfo>, ProbeCounters)>,
     pub spans_received: u64,
     pub spans_dropped: u64,
+    /// Calls left out on purpose, by sampling and by the rate limit.
+    pub sampled_out: u64,
+    pub rate_limited: u64,
+    pub limits: Limits,
+    /// Estimated cost, a share of one CPU (measured only under a budget).
+    pub overhead: Option<f64>,
+    pub throttled: Vec<Throttle>,
 }
 
 impl SessionSnapshot {
-    fn of(session: &Session, manager: &ProbeManager) -> SessionSnapshot {
+    fn of(session: &Session, manager: &ProbeManager, budgets: &Budgets) -> SessionSnapshot {
         let probes: Vec<(Arc<ProbeInfo>, ProbeCounters)> = session
             .probes()
             .map(|p| (Arc::clone(p), manager.probe_counters(p)))
@@ -55,7 +63,17 @@ impl SessionSnapshot {
             pids: session.members.keys().copied().collect(),
             spans_dropped: probes.iter().map(|(_, c)| c.dropped).sum(),
             spans_received: session.spans_received(),
+            sampled_out: probes.iter().map(|(_, c)| c.sampled_out).sum(),
+            rate_limited: probes.iter().map(|(_, c)| c.rate_limited).sum(),
             probes,
+            limits: session.limits,
+            overhead: budgets.overhead.get(&session.id).copied(),
+            throttled: budgets
+                .throttles
+                .iter()
+                .filter(|t| t.session_id == session.id)
+                .cloned()
+                .collect(),
         }
     }
 }
@@ -77,6 +95,7 @@ pub struct StatusSnapshot {
     pub ring_bytes_per_cpu: u32,
     pub cpus: u32,
     pub io_capture: bool,
+    pub throttled: Vec<Throttle>,
 }
 
 /// How the daemon treats requests.
@@ -100,6 +119,10 @@ pub struct Daemon {
     callers: CallerSymbolizer,
     started: Instant,
     settings: Settings,
+    /// Overhead budgets; locked after `manager` when both are needed.
+    budgets: Mutex<Budgets>,
+    /// Things Watch clients should hear about (a probe the budget throttled).
+    warnings: tokio::sync::broadcast::Sender<String>,
 }
 
 impl Daemon {
@@ -122,6 +145,30 @@ impl Daemon {
             exporter,
             started: Instant::now(),
             settings,
+            budgets: Mutex::new(Budgets::default()),
+            warnings: tokio::sync::broadcast::channel(64).0,
+        }
+    }
+
+    fn budgets(&self) -> MutexGuard<'_, Budgets> {
+        self.budgets
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Warnings for Watch clients, from now on.
+    pub fn warnings(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.warnings.subscribe()
+    }
+
+    /// Measures the sessions with an overhead budget and throttles what is over; scoped
+    /// runs this a few times a second. Blocking.
+    pub fn enforce_budgets(&self) {
+        let mut manager = self.manager();
+        let throttles = self.budgets().enforce(&mut manager, self.settings.programs);
+        for throttle in throttles {
+            // Nobody watching is fine.
+            let _ = self.warnings.send(throttle.describe());
         }
     }
 
@@ -134,13 +181,24 @@ impl Daemon {
     /// Resolves, records the session and its probes in the store, attaches. Blocking: call
     /// from a blocking thread.
     pub fn attach(&self, spec: &AttachSpec) -> Result<SessionSnapshot, ScopeError> {
+        if spec.limits.budget.is_some() {
+            let mut manager = self.manager();
+            self.budgets().prepare(manager.kernel_mut())?;
+        }
         let plan = resolve::plan(&self.symbolizer, spec, self.settings.max_session_probes)?;
         let id = self
             .store
             .create_session(&plan.process, &plan.patterns, now_unix_ns())?;
         let attached = self.stored_probes(id, &plan).and_then(|probes| {
             let mut manager = self.manager();
-            manager.attach(id, plan, probes, self.settings.programs, spec.follow)
+            manager.attach(
+                id,
+                plan,
+                probes,
+                self.settings.programs,
+                spec.follow,
+                spec.limits,
+            )
         });
         if let Err(error) = attached {
             self.store.end_session(id, now_unix_ns());
@@ -158,7 +216,7 @@ impl Daemon {
             patterns = ?session.patterns,
             "attached"
         );
-        Ok(SessionSnapshot::of(session, &manager))
+        Ok(SessionSnapshot::of(session, &manager, &self.budgets()))
     }
 
     /// Acts on a traced process's fork, exec or exit: follows new processes into the sessions
@@ -237,6 +295,7 @@ impl Daemon {
             binary: None,
             follow: true,
             require_matches: false,
+            limits: Limits::default(),
         };
         let attached = resolve::plan(&self.symbolizer, &spec, self.settings.max_session_probes)
             .and_then(|plan| {
@@ -347,9 +406,10 @@ impl Daemon {
 
     pub fn sessions(&self) -> Vec<SessionSnapshot> {
         let manager = self.manager();
+        let budgets = self.budgets();
         manager
             .sessions()
-            .map(|s| SessionSnapshot::of(s, &manager))
+            .map(|s| SessionSnapshot::of(s, &manager, &budgets))
             .collect()
     }
 
@@ -452,6 +512,7 @@ impl Daemon {
             ring_bytes_per_cpu: config.ring_bytes,
             cpus: kernel.cpus(),
             io_capture: config.io_capture,
+            throttled: self.budgets().throttles.clone(),
         }
     }
 

@@ -2,11 +2,11 @@
 //! lifecycle tracepoints. The probe manager attaches uprobes through [`Kernel`]; the reader
 //! owns the [`Rings`].
 
-use std::{num::NonZeroU32, path::Path};
+use std::{num::NonZeroU32, path::Path, time::Duration};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{ArrayOfMaps, HashMap, MapData, PerCpuArray, PerCpuValues, RingBuf},
+    maps::{Array, ArrayOfMaps, HashMap, MapData, PerCpuArray, PerCpuValues, RingBuf},
     programs::{
         RawTracePoint, TracePoint, UProbe,
         trace_point::TracePointLinkId,
@@ -14,7 +14,8 @@ use aya::{
     },
 };
 use scope_common::{
-    Counter, KernelOffsets, MAX_CPUS, MAX_PROBES, ProbeCounters, Target, globals, maps, programs,
+    Counter, KernelOffsets, MAX_CPUS, MAX_PROBES, ProbeControl, ProbeCounters, Target, globals,
+    maps, programs,
 };
 
 use crate::error::ScopeError;
@@ -109,6 +110,7 @@ pub struct Kernel {
     targets: HashMap<MapData, u32, Target>,
     counters: PerCpuArray<MapData, u64>,
     probe_counters: PerCpuArray<MapData, ProbeCounters>,
+    probe_control: Array<MapData, ProbeControl>,
     cpus: u32,
     config: KernelConfig,
     /// The syscall tracepoints of IO capture while attached: only while some process is
@@ -178,6 +180,7 @@ impl Kernel {
         let offsets = kernel_offsets()?;
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(maps::PROBE_COUNTERS, config.max_probes)
+            .map_max_entries(maps::PROBE_CONTROL, config.max_probes)
             .override_global(globals::OFFSETS, &offsets, true)
             .load(OBJECT)
             .map_err(LoadError::Load)?;
@@ -278,6 +281,7 @@ impl Kernel {
             targets: take_map(&mut ebpf, maps::TARGETS)?,
             counters: take_map(&mut ebpf, maps::COUNTERS)?,
             probe_counters: take_map(&mut ebpf, maps::PROBE_COUNTERS)?,
+            probe_control: take_map(&mut ebpf, maps::PROBE_CONTROL)?,
             ebpf,
             cpus,
             config,
@@ -420,13 +424,56 @@ impl Kernel {
             for value in values.iter() {
                 total.calls = total.calls.wrapping_add(value.calls);
                 total.dropped = total.dropped.wrapping_add(value.dropped);
+                total.sampled_out = total.sampled_out.wrapping_add(value.sampled_out);
+                total.rate_limited = total.rate_limited.wrapping_add(value.rate_limited);
             }
         }
         total
     }
 
-    /// Zeroes a probe slot's counters before it is reused.
+    /// Sets what share of a probe slot's calls the kernel records: 1 in `sample_every` (0 or
+    /// 1: all), at most `max_rate` a second (0: no limit). Starts the rate limit's bucket full.
+    pub fn set_probe_control(
+        &mut self,
+        slot: u32,
+        sample_every: u32,
+        max_rate: u32,
+    ) -> Result<(), ScopeError> {
+        let control = ProbeControl {
+            sample_every,
+            max_rate,
+            ..ProbeControl::default()
+        };
+        self.probe_control
+            .set(slot, &control, 0)
+            .map_err(|source| ScopeError::Map {
+                map: maps::PROBE_CONTROL,
+                source,
+            })
+    }
+
+    /// Run time and run count of the entry and the exit program, summed, since load. Counted
+    /// only while BPF run-time statistics are on (`budget::RunStats`).
+    pub fn program_runs(&self, pair: ProgramPair) -> (Duration, u64) {
+        let (entry, exit) = pair.names();
+        let mut total = (Duration::ZERO, 0);
+        for name in [entry, exit] {
+            let info = self
+                .ebpf
+                .program(name)
+                .and_then(|p| <&UProbe>::try_from(p).ok())
+                .and_then(|p| p.info().ok());
+            if let Some(info) = info {
+                total.0 += info.run_time();
+                total.1 += info.run_count();
+            }
+        }
+        total
+    }
+
+    /// Zeroes a probe slot's counters and control before it is reused.
     pub fn reset_probe_counters(&mut self, slot: u32) -> Result<(), ScopeError> {
+        self.set_probe_control(slot, 0, 0)?;
         let zeros = PerCpuValues::try_from(vec![ProbeCounters::default(); self.cpus as usize])
             .map_err(|source| ScopeError::Map {
                 map: maps::PROBE_COUNTERS,

@@ -91,6 +91,12 @@ pub enum ScopeError {
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
 
+    #[error("cannot measure what probes cost, so an overhead budget cannot be kept: {why}")]
+    Calibration { why: String },
+
+    #[error("invalid limits: {why}")]
+    BadLimits { why: String },
+
     #[error("kernel map {map} could not be updated")]
     Map {
         map: &'static str,
@@ -127,10 +133,12 @@ impl From<ScopeError> for tonic::Status {
             | Ifunc { .. }
             | TooManyMatches { .. }
             | NotElf { .. }
-            | BinaryNotMapped { .. } => tonic::Status::invalid_argument(message),
+            | BinaryNotMapped { .. }
+            | BadLimits { .. } => tonic::Status::invalid_argument(message),
             ProbeSlotsExhausted { .. } => tonic::Status::resource_exhausted(message),
             ProcessMaps { .. } => tonic::Status::failed_precondition(message),
             Attach { .. } | Map { .. } | Store(_) => tonic::Status::internal(message),
+            Calibration { .. } => tonic::Status::failed_precondition(message),
         }
     }
 }

@@ -3,11 +3,12 @@
 //! Data flow, one module per stage:
 //! `ebpf` (kernel programs and rings) → `reader` (epoll, decode) → `pipeline` (attribute to
 //! probes, fan out) → `store` → `export` (Chrome JSON, JSON Lines, flame graphs, OTLP);
-//! `probes` + `resolve` attach sessions; `daemon` is the domain API and `api` its gRPC face;
+//! `probes` + `resolve` attach sessions, `budget` keeps their overhead under a session's budget; `daemon` is the domain API and `api` its gRPC face;
 //! `model` holds the records everything passes around.
 
 pub mod api;
 pub mod btf;
+pub mod budget;
 pub mod daemon;
 pub mod ebpf;
 pub mod error;

@@ -32,6 +32,8 @@ use scoped::{
 
 /// Where the daemon listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/scope/scoped.sock";
+/// How often sessions with an overhead budget are measured and throttled.
+const BUDGET_INTERVAL: Duration = Duration::from_millis(250);
 /// Largest gRPC message the daemon sends or accepts.
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
@@ -182,6 +184,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     });
 
+    // Overhead budgets: measure and throttle a few times a second.
+    let budget_task = tokio::spawn({
+        let daemon = Arc::clone(&daemon);
+        async move {
+            let mut every = tokio::time::interval(BUDGET_INTERVAL);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                let daemon = Arc::clone(&daemon);
+                if let Err(error) =
+                    tokio::task::spawn_blocking(move || daemon.enforce_budgets()).await
+                {
+                    tracing::error!(%error, "enforcing overhead budgets failed");
+                }
+            }
+        }
+    });
+
     let listener = bind(&args.socket)?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ScopeServer<api::ScopeService>>().await;
@@ -221,6 +241,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     drop(reader);
     pipeline_task.abort();
     lifecycle_task.abort();
+    budget_task.abort();
     daemon.close_store();
     if let Err(error) = fs::remove_file(&args.socket) {
         tracing::debug!(%error, "removing the socket");

@@ -7,7 +7,11 @@
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
-    sync::{Arc, RwLock},
+    path::PathBuf,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU32, Ordering},
+    },
     time::{Duration, Instant, SystemTime},
 };
 
@@ -30,6 +34,35 @@ pub struct ProbeInfo {
     pub probe: Arc<Probe>,
     /// Spans of this probe that reached the pipeline.
     pub received: Count,
+    /// The kernel records 1 call in this many (1: every call): the session's `--sample`, or
+    /// what the overhead budget set.
+    pub sample_every: AtomicU32,
+}
+
+impl ProbeInfo {
+    pub fn new(slot: u32, probe: Arc<Probe>, sample_every: u32) -> ProbeInfo {
+        ProbeInfo {
+            slot,
+            probe,
+            received: Count::default(),
+            sample_every: AtomicU32::new(sample_every.max(1)),
+        }
+    }
+
+    pub fn sample_every(&self) -> u32 {
+        self.sample_every.load(Ordering::Relaxed)
+    }
+}
+
+/// What share of calls a session's probes record, and the overhead it may cost.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Limits {
+    /// Record 1 call in this many per probe (0 or 1: every call).
+    pub sample_every: u32,
+    /// Record at most this many calls per second per probe (0: no limit).
+    pub max_rate: u32,
+    /// The share of one CPU the session's probes may cost (0.01 for `--budget 1%`).
+    pub budget: Option<f64>,
 }
 
 /// Slot → probe, read by the pipeline once per batch.
@@ -75,7 +108,26 @@ impl Registry {
 pub struct Member {
     pub process: ProcessInfo,
     pub probes: Vec<Arc<ProbeInfo>>,
+    modules: Vec<AttachedModule>,
+}
+
+/// The probes of one member in one ELF file: what was attached, and the links holding it.
+#[derive(Debug)]
+struct AttachedModule {
+    open_path: PathBuf,
+    /// (file offset, cookie) of each entry and exit point.
+    entry_points: Vec<(u64, u64)>,
+    exit_points: Vec<(u64, u64)>,
     links: Vec<UProbeLink>,
+}
+
+impl Member {
+    fn take_links(&mut self) -> Vec<UProbeLink> {
+        self.modules
+            .iter_mut()
+            .flat_map(|m| std::mem::take(&mut m.links))
+            .collect()
+    }
 }
 
 /// An attach request that succeeded: the processes it traces, their probes and the links
@@ -89,6 +141,7 @@ pub struct Session {
     /// Whether processes the traced ones fork are traced too.
     pub follow: bool,
     pub created: SystemTime,
+    pub limits: Limits,
     /// Traced processes by pid (the root among them while it lives).
     pub members: BTreeMap<u32, Member>,
 }
@@ -151,6 +204,10 @@ impl ProbeManager {
         &self.kernel
     }
 
+    pub fn kernel_mut(&mut self) -> &mut Kernel {
+        &mut self.kernel
+    }
+
     pub fn sessions(&self) -> impl Iterator<Item = &Session> {
         self.sessions.values()
     }
@@ -181,10 +238,11 @@ impl ProbeManager {
         probes: Vec<Arc<Probe>>,
         pair: ProgramPair,
         follow: bool,
+        limits: Limits,
     ) -> Result<(), ScopeError> {
         let root = plan.process.clone();
         let patterns = plan.patterns.clone();
-        let member = self.member(plan, probes, pair)?;
+        let member = self.member(plan, probes, pair, limits)?;
         let mut members = BTreeMap::new();
         members.insert(root.pid, member);
         self.sessions.insert(
@@ -195,6 +253,7 @@ impl ProbeManager {
                 patterns,
                 follow,
                 created: SystemTime::now(),
+                limits,
                 members,
             },
         );
@@ -215,7 +274,8 @@ impl ProbeManager {
         }
         let pid = plan.process.pid;
         let replaced = self.remove_member(id, pid).map(|(links, _)| links);
-        let member = self.member(plan, probes, pair)?;
+        let limits = self.sessions.get(&id).map(|s| s.limits).unwrap_or_default();
+        let member = self.member(plan, probes, pair, limits)?;
         if let Some(session) = self.sessions.get_mut(&id) {
             session.members.insert(pid, member);
         }
@@ -225,13 +285,13 @@ impl ProbeManager {
     /// Takes `pid` out of session `id` (it exited, or exec'd into an image being re-resolved):
     /// its links to release, and the process it was.
     pub fn remove_member(&mut self, id: u64, pid: u32) -> Option<(Detached, ProcessInfo)> {
-        let member = self.sessions.get_mut(&id)?.members.remove(&pid)?;
+        let mut member = self.sessions.get_mut(&id)?.members.remove(&pid)?;
         self.untarget(pid);
         self.unregister(&member.probes);
         Some((
             Detached {
                 id,
-                links: member.links,
+                links: member.take_links(),
             },
             member.process,
         ))
@@ -243,6 +303,7 @@ impl ProbeManager {
         plan: Plan,
         probes: Vec<Arc<Probe>>,
         pair: ProgramPair,
+        limits: Limits,
     ) -> Result<Member, ScopeError> {
         let needed = plan.probe_count();
         if needed > self.free_slots.len() {
@@ -255,9 +316,9 @@ impl ProbeManager {
         let mut member = Member {
             process: plan.process,
             probes: Vec::with_capacity(needed),
-            links: Vec::new(),
+            modules: Vec::new(),
         };
-        if let Err(error) = self.place(&mut member, plan.modules, probes, pair) {
+        if let Err(error) = self.place(&mut member, plan.modules, probes, pair, limits) {
             self.unregister(&member.probes);
             return Err(error);
         }
@@ -307,6 +368,7 @@ impl ProbeManager {
         modules: Vec<crate::resolve::PlannedModule>,
         probes: Vec<Arc<Probe>>,
         pair: ProgramPair,
+        limits: Limits,
     ) -> Result<(), ScopeError> {
         let pid = member.process.pid;
         let mut probes = probes.into_iter();
@@ -334,11 +396,9 @@ impl ProbeManager {
                     return Err(ScopeError::ProbeSlotsExhausted { needed: 1, free: 0 });
                 };
                 self.kernel.reset_probe_counters(slot)?;
-                let info = Arc::new(ProbeInfo {
-                    slot,
-                    probe,
-                    received: Count::default(),
-                });
+                self.kernel
+                    .set_probe_control(slot, limits.sample_every, limits.max_rate)?;
+                let info = Arc::new(ProbeInfo::new(slot, probe, limits.sample_every));
                 self.registry.set(slot, Some(Arc::clone(&info)));
                 member.probes.push(info);
                 let flags = if instant { cookie::INSTANT } else { 0 };
@@ -357,9 +417,98 @@ impl ProbeManager {
                     count,
                     source,
                 })?;
-            member.links.extend(links);
+            member.modules.push(AttachedModule {
+                open_path: module.open_path,
+                entry_points,
+                exit_points,
+                links,
+            });
         }
         Ok(())
+    }
+
+    /// Records 1 call in `every` of a probe of session `id` from now on.
+    pub fn sample_probe(&mut self, id: u64, slot: u32, every: u32) -> Result<(), ScopeError> {
+        let session = self
+            .sessions
+            .get(&id)
+            .ok_or(ScopeError::NoSuchSession { id })?;
+        let Some(info) = session.probes().find(|p| p.slot == slot) else {
+            return Ok(());
+        };
+        info.sample_every.store(every.max(1), Ordering::Relaxed);
+        let max_rate = session.limits.max_rate;
+        self.kernel.set_probe_control(slot, every, max_rate)
+    }
+
+    /// Takes one probe out of session `id`: its module's links in that process are replaced by
+    /// links without it, so it no longer traps at all. Calls of the module's other probes that
+    /// enter during the swap are not seen; ones open across it are reported abandoned.
+    /// Whether the session had that probe.
+    pub fn remove_probe(
+        &mut self,
+        id: u64,
+        slot: u32,
+        pair: ProgramPair,
+    ) -> Result<bool, ScopeError> {
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return Err(ScopeError::NoSuchSession { id });
+        };
+        let cookie_of = |c: u64| (c & cookie::PROBE_ID_MASK) as u32;
+        let Some((&pid, member)) = session
+            .members
+            .iter_mut()
+            .find(|(_, m)| m.probes.iter().any(|p| p.slot == slot))
+        else {
+            return Ok(false);
+        };
+        let Some(module) = member.modules.iter_mut().find(|m| {
+            m.entry_points
+                .iter()
+                .any(|&(_, cookie)| cookie_of(cookie) == slot)
+        }) else {
+            return Ok(false);
+        };
+        module.entry_points.retain(|&(_, c)| cookie_of(c) != slot);
+        module.exit_points.retain(|&(_, c)| cookie_of(c) != slot);
+        // The old links go first: with both attached, each remaining call would trap twice.
+        let old = std::mem::take(&mut module.links);
+        let (_, took) = release(vec![Detached { id, links: old }]);
+        tracing::debug!(
+            session = id,
+            slot,
+            ms = took.as_secs_f64() * 1e3,
+            "released a module's links"
+        );
+        if !module.entry_points.is_empty() {
+            let links = self
+                .kernel
+                .attach(
+                    pair,
+                    &module.open_path,
+                    pid,
+                    &module.entry_points,
+                    &module.exit_points,
+                )
+                .map_err(|source| ScopeError::Attach {
+                    module: module.open_path.clone(),
+                    pid,
+                    count: module.entry_points.len(),
+                    source,
+                })?;
+            module.links = links;
+        }
+        let mut removed = Vec::new();
+        member.probes.retain(|p| {
+            if p.slot == slot {
+                removed.push(Arc::clone(p));
+                false
+            } else {
+                true
+            }
+        });
+        self.unregister(&removed);
+        Ok(true)
     }
 
     /// Frees the probes' slots. Their registry entries stay until a slot is reused, so
@@ -381,12 +530,12 @@ impl ProbeManager {
             let Some(session) = self.sessions.remove(&id) else {
                 continue;
             };
-            for (pid, member) in session.members {
+            for (pid, mut member) in session.members {
                 self.untarget(pid);
                 self.unregister(&member.probes);
                 detached.push(Detached {
                     id,
-                    links: member.links,
+                    links: member.take_links(),
                 });
             }
             if detached.last().is_none_or(|d| d.id != id) {

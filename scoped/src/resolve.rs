@@ -31,6 +31,8 @@ pub struct AttachSpec {
     /// A pattern that matches nothing is an error (an attach request); when following a
     /// fork or an exec into another program, it just places no probe.
     pub require_matches: bool,
+    /// Sampling, rate limit and overhead budget of the session's probes.
+    pub limits: crate::probes::Limits,
 }
 
 /// What will be attached.

@@ -86,7 +86,7 @@ async fn grpc_errors_carry_the_right_codes() {
         pid,
         functions: functions.iter().map(|f| (*f).to_owned()).collect(),
         binary: binary.to_owned(),
-        no_follow: false,
+        ..Default::default()
     };
     let status = client
         .attach(attach(999_999, &["main"], ""))
@@ -116,12 +116,22 @@ async fn grpc_errors_carry_the_right_codes() {
         .attach(pb::AttachRequest {
             pid: target.pid(),
             functions: many,
-            binary: String::new(),
-            no_follow: false,
+            ..Default::default()
         })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    for budget_percent in [-1.0, f64::NAN, f64::INFINITY] {
+        let status = client
+            .attach(pb::AttachRequest {
+                budget_percent,
+                ..attach(target.pid(), &["main"], "")
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("budget_percent"), "{status:?}");
+    }
     let status = client
         .detach(pb::DetachRequest { target: None })
         .await

@@ -26,7 +26,7 @@ use scoped::{
     probes::{ProbeInfo, Registry},
     procfs::ProcessInfo,
     reader::Batch,
-    stats::{Count, DaemonStats},
+    stats::DaemonStats,
     store::{NewProbe, SpanQuery, Store, StoreConfig, WRITE_QUEUE_ROWS},
 };
 
@@ -326,9 +326,9 @@ fn correlator(traces: u64) -> CorrelatorResult {
             .expect("probe")[0];
         registry.set(
             slot as u32,
-            Some(Arc::new(ProbeInfo {
-                slot: slot as u32,
-                probe: Arc::new(Probe {
+            Some(Arc::new(ProbeInfo::new(
+                slot as u32,
+                Arc::new(Probe {
                     id,
                     session_id: session,
                     pid,
@@ -343,8 +343,8 @@ fn correlator(traces: u64) -> CorrelatorResult {
                     comm: process.comm.clone(),
                     exe: process.exe.display().to_string(),
                 }),
-                received: Count::default(),
-            })),
+                1,
+            ))),
         );
     }
     let stats = Arc::new(DaemonStats::default());
