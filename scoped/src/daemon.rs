@@ -61,7 +61,10 @@ impl SessionSnapshot {
             alive: session.root.is_alive(),
             follow: session.follow,
             pids: session.members.keys().copied().collect(),
-            spans_dropped: probes.iter().map(|(_, c)| c.dropped).sum(),
+            spans_dropped: probes
+                .iter()
+                .map(|(p, c)| c.dropped + p.daemon_dropped.get())
+                .sum(),
             spans_received: session.spans_received(),
             sampled_out: probes.iter().map(|(_, c)| c.sampled_out).sum(),
             rate_limited: probes.iter().map(|(_, c)| c.rate_limited).sum(),

@@ -14,6 +14,7 @@ pub mod ebpf;
 pub mod error;
 pub mod export;
 pub mod glob;
+pub mod metrics;
 pub mod model;
 pub mod pipeline;
 pub mod probes;

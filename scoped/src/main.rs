@@ -78,6 +78,11 @@ struct Args {
     /// the floor cost of an uprobe + uretprobe pair. Spans are not produced.
     #[arg(long, hide = true)]
     bench_null_programs: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. `127.0.0.1:9464`): every
+    /// counter of `scope status`, per session and probe what was received, lost and left
+    /// out, and scoped's own CPU and memory. No authentication: bind it to a private address.
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
     /// Log filter, e.g. `info`, `scoped=debug`.
     #[arg(long, env = "SCOPED_LOG", default_value = "info")]
     log: String,
@@ -146,6 +151,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Outputs {
             spans: tx,
             events: events_tx,
+            registry: Arc::clone(&registry),
         },
         Arc::clone(&stats),
     )
@@ -202,6 +208,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     });
 
+    let metrics_task = match args.metrics_addr {
+        Some(addr) => {
+            let serve = scoped::metrics::serve(addr, Arc::clone(&daemon))
+                .await
+                .with_context(|| format!("--metrics-addr {addr}: cannot listen"))?;
+            tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+            Some(tokio::spawn(serve))
+        }
+        None => None,
+    };
+
     let listener = bind(&args.socket)?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ScopeServer<api::ScopeService>>().await;
@@ -242,6 +259,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     pipeline_task.abort();
     lifecycle_task.abort();
     budget_task.abort();
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
     daemon.close_store();
     if let Err(error) = fs::remove_file(&args.socket) {
         tracing::debug!(%error, "removing the socket");

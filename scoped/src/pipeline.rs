@@ -151,7 +151,9 @@ impl Pipeline {
             // Never blocks: what does not fit is counted in otlp.dropped.
             exporter.offer(spans.clone());
         }
-        self.store.append(spans);
+        if !self.store.append(spans) {
+            self.registry.count_lost(&batch);
+        }
     }
 
     fn fan_out(&self, spans: &[Span]) {

@@ -34,6 +34,9 @@ pub struct ProbeInfo {
     pub probe: Arc<Probe>,
     /// Spans of this probe that reached the pipeline.
     pub received: Count,
+    /// Spans of this probe lost in the daemon: its queues were full (to the pipeline, to the
+    /// store) or the store could not write them.
+    pub daemon_dropped: Count,
     /// The kernel records 1 call in this many (1: every call): the session's `--sample`, or
     /// what the overhead budget set.
     pub sample_every: AtomicU32,
@@ -45,6 +48,7 @@ impl ProbeInfo {
             slot,
             probe,
             received: Count::default(),
+            daemon_dropped: Count::default(),
             sample_every: AtomicU32::new(sample_every.max(1)),
         }
     }
@@ -88,6 +92,17 @@ impl Registry {
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         f(&|slot| slots.get(slot as usize)?.as_ref())
+    }
+
+    /// Counts kernel spans lost in the daemon against their probes.
+    pub fn count_lost(&self, spans: &[scope_common::Span]) {
+        self.with(|lookup| {
+            for span in spans {
+                if let Some(live) = lookup(span.probe_id).filter(|l| l.probe.pid == span.pid) {
+                    live.daemon_dropped.add(1);
+                }
+            }
+        });
     }
 
     /// Points `slot` at a probe (or at nothing). The probe manager does this on attach and

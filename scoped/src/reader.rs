@@ -21,7 +21,7 @@ use std::{
 use scope_common::{IoEvent, ProcessEvent, Record, Span};
 use tokio::sync::mpsc::{self, error::TrySendError};
 
-use crate::{ebpf::Rings, stats::DaemonStats};
+use crate::{ebpf::Rings, probes::Registry, stats::DaemonStats};
 
 /// Sweep interval while spans are arriving: the most a span waits below the watermark.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(10);
@@ -33,6 +33,8 @@ const QUIET_SWEEPS: u32 = 50;
 pub struct Outputs {
     pub spans: mpsc::Sender<Batch>,
     pub events: mpsc::Sender<ProcessEvent>,
+    /// Whose spans they are, to count spans lost on the way against their probes.
+    pub registry: Arc<Registry>,
 }
 
 /// Spans per batch handed to the pipeline.
@@ -175,13 +177,15 @@ fn send(tx: &Outputs, batch: Batch, stats: &DaemonStats) {
     stats.io_received.add(io);
     match tx.spans.try_send(batch) {
         Ok(()) => {}
-        Err(TrySendError::Full(_)) => {
+        Err(TrySendError::Full(batch)) => {
             stats.pipeline_full.add(spans);
             stats.io_dropped.add(io);
+            tx.registry.count_lost(&batch.spans);
         }
-        Err(TrySendError::Closed(_)) => {
+        Err(TrySendError::Closed(batch)) => {
             stats.pipeline_closed.add(spans);
             stats.io_dropped.add(io);
+            tx.registry.count_lost(&batch.spans);
         }
     }
 }

@@ -323,14 +323,16 @@ impl Store {
             .saturating_sub(self.counters.evicted.get())
     }
 
-    /// Queues spans for the writer; never blocks. Spans that do not fit are counted.
-    pub fn append(&self, spans: Vec<Span>) {
+    /// Queues spans for the writer; never blocks. Spans that do not fit are counted, and
+    /// `false` says they were lost.
+    pub fn append(&self, spans: Vec<Span>) -> bool {
         let count = spans.len();
         match self.enqueue(count, Command::Spans(spans)) {
-            Ok(()) => {}
+            Ok(()) => return true,
             Err(Lost::QueueFull) => self.counters.queue_full.add(count as u64),
             Err(Lost::WriterGone) => self.counters.write_failed.add(count as u64),
         }
+        false
     }
 
     /// Queues reads and writes; never blocks (what does not fit is counted as dropped).
