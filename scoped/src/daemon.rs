@@ -164,8 +164,14 @@ impl Daemon {
         self.warnings.subscribe()
     }
 
-    /// Measures the sessions with an overhead budget and throttles what is over; scoped
-    /// runs this a few times a second. Blocking.
+    /// Housekeeping scoped runs a few times a second: keeps overhead budgets, and releases
+    /// the IO tracepoints once nothing has been traced for a while. Blocking.
+    pub fn tick(&self) {
+        self.enforce_budgets();
+        self.manager().release_idle_io();
+    }
+
+    /// Measures the sessions with an overhead budget and throttles what is over.
     pub fn enforce_budgets(&self) {
         let mut manager = self.manager();
         let throttles = self.budgets().enforce(&mut manager, self.settings.programs);

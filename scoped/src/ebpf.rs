@@ -9,7 +9,7 @@ use aya::{
     maps::{Array, ArrayOfMaps, HashMap, MapData, PerCpuArray, PerCpuValues, RingBuf},
     programs::{
         RawTracePoint, TracePoint, UProbe,
-        trace_point::TracePointLinkId,
+        trace_point::TracePointLink,
         uprobe::{UProbeAttachPoint, UProbeLink, UProbeScope},
     },
 };
@@ -115,7 +115,7 @@ pub struct Kernel {
     config: KernelConfig,
     /// The syscall tracepoints of IO capture while attached: only while some process is
     /// traced, so an idle daemon costs other processes' reads and writes nothing.
-    io_links: Vec<(&'static str, TracePointLinkId)>,
+    io_links: Vec<(&'static str, TracePointLink)>,
 }
 
 /// The IO capture programs and the syscall tracepoints each serves.
@@ -345,13 +345,21 @@ impl Kernel {
             return Ok(());
         }
         if !on {
-            for (name, link) in self.io_links.drain(..) {
-                let detached = program_mut::<TracePoint>(&mut self.ebpf, name)
-                    .map_err(|error| error.to_string())
-                    .and_then(|program| program.detach(link).map_err(|error| error.to_string()));
-                if let Err(error) = detached {
-                    tracing::warn!(program = name, %error, "detaching an IO tracepoint failed");
-                }
+            // Each tracepoint's release waits for an RCU grace period (tens of ms, twelve
+            // of them): release them on their own threads, off the caller's path, which is
+            // a detach that should take milliseconds.
+            let links = std::mem::take(&mut self.io_links);
+            let released = std::thread::Builder::new()
+                .name("scoped-io-release".into())
+                .spawn(move || {
+                    std::thread::scope(|scope| {
+                        for (_, link) in links {
+                            scope.spawn(move || drop(link));
+                        }
+                    });
+                });
+            if let Err(error) = released {
+                tracing::warn!(%error, "no thread to release the IO tracepoints on; released them here");
             }
             return Ok(());
         }
@@ -368,7 +376,15 @@ impl Kernel {
                             }
                         })
                     });
-                match attached {
+                let owned = attached.and_then(|link| {
+                    program_mut::<TracePoint>(&mut self.ebpf, name)?
+                        .take_link(link)
+                        .map_err(|source| LoadError::Program {
+                            name,
+                            source: Box::new(source),
+                        })
+                });
+                match owned {
                     Ok(link) => self.io_links.push((name, link)),
                     Err(error) => {
                         self.capture_io(false)?;

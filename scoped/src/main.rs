@@ -32,8 +32,9 @@ use scoped::{
 
 /// Where the daemon listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/scope/scoped.sock";
-/// How often sessions with an overhead budget are measured and throttled.
-const BUDGET_INTERVAL: Duration = Duration::from_millis(250);
+/// How often sessions with an overhead budget are measured and throttled (and idle IO
+/// tracepoints released).
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(250);
 /// Largest gRPC message the daemon sends or accepts.
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
@@ -190,19 +191,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     });
 
-    // Overhead budgets: measure and throttle a few times a second.
-    let budget_task = tokio::spawn({
+    // Overhead budgets and idle IO tracepoints, a few times a second.
+    let housekeeping = tokio::spawn({
         let daemon = Arc::clone(&daemon);
         async move {
-            let mut every = tokio::time::interval(BUDGET_INTERVAL);
+            let mut every = tokio::time::interval(HOUSEKEEPING_INTERVAL);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 every.tick().await;
                 let daemon = Arc::clone(&daemon);
-                if let Err(error) =
-                    tokio::task::spawn_blocking(move || daemon.enforce_budgets()).await
-                {
-                    tracing::error!(%error, "enforcing overhead budgets failed");
+                if let Err(error) = tokio::task::spawn_blocking(move || daemon.tick()).await {
+                    tracing::error!(%error, "housekeeping failed");
                 }
             }
         }
@@ -258,7 +257,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     drop(reader);
     pipeline_task.abort();
     lifecycle_task.abort();
-    budget_task.abort();
+    housekeeping.abort();
     if let Some(task) = metrics_task {
         task.abort();
     }

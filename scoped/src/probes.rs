@@ -201,7 +201,14 @@ pub struct ProbeManager {
     free_slots: VecDeque<u32>,
     /// Session members per traced pid.
     targets: HashMap<u32, u32>,
+    /// Since when the IO tracepoints have been attached with nothing traced.
+    io_idle_since: Option<Instant>,
 }
+
+/// How long the IO tracepoints stay attached after the last traced process leaves: attaching
+/// and releasing them costs an RCU grace period each (about 0.5 s for the twelve), which a
+/// detach followed by an attach should not pay.
+pub const IO_LINGER: Duration = Duration::from_secs(5);
 
 impl ProbeManager {
     pub fn new(kernel: Kernel, registry: Arc<Registry>) -> ProbeManager {
@@ -212,6 +219,7 @@ impl ProbeManager {
             sessions: BTreeMap::new(),
             free_slots: (0..slots).collect(),
             targets: HashMap::new(),
+            io_idle_since: None,
         }
     }
 
@@ -360,7 +368,28 @@ impl ProbeManager {
 
     /// IO capture's syscall tracepoints stay attached exactly while some process is traced:
     /// they tax every read and write on the machine, traced or not (see BENCHMARKS.md).
+    /// Releases the IO tracepoints once nothing has been traced for [`IO_LINGER`]; scoped
+    /// calls this a few times a second.
+    pub fn release_idle_io(&mut self) {
+        let idle = self
+            .io_idle_since
+            .is_some_and(|since| since.elapsed() >= IO_LINGER);
+        if idle && self.targets.is_empty() {
+            self.io_idle_since = None;
+            if let Err(error) = self.kernel.capture_io(false) {
+                tracing::warn!(error = %error, "releasing the IO tracepoints failed");
+            }
+        }
+    }
+
     fn update_io_capture(&mut self) {
+        if self.targets.is_empty() {
+            if self.kernel.io_attached() && self.io_idle_since.is_none() {
+                self.io_idle_since = Some(Instant::now());
+            }
+            return;
+        }
+        self.io_idle_since = None;
         if let Err(error) = self.kernel.capture_io(!self.targets.is_empty()) {
             let error = anyhow::Error::from(error);
             tracing::warn!(

@@ -501,6 +501,164 @@ impl Redis {
     }
 }
 
+/// A throwaway PostgreSQL server (Debian's), run as the `postgres` user on a unix socket in
+/// its own temporary directory, with a pgbench database initialized at `scale`.
+pub struct Postgres {
+    pub proc: Proc,
+    pub port: u16,
+    /// Holds the data directory and the socket.
+    pub dir: tempfile::TempDir,
+    bin: PathBuf,
+}
+
+impl Postgres {
+    /// The newest installed server's bin directory (`/usr/lib/postgresql/N/bin`).
+    pub fn bin_dir() -> PathBuf {
+        let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL is installed (`cargo xtask setup` installs it)")
+            .flatten()
+            .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path())))
+            .collect();
+        versions.sort();
+        versions
+            .pop()
+            .map(|(_, path)| path.join("bin"))
+            .expect("a PostgreSQL server under /usr/lib/postgresql")
+    }
+
+    fn as_postgres(command: &mut Command) -> &mut Command {
+        use std::os::unix::process::CommandExt;
+        let user = users_entry("postgres").expect("the postgres user (from Debian's postgresql)");
+        command.uid(user.0).gid(user.1).env("PGUSER", "postgres")
+    }
+
+    /// Starts a server; `wrap` runs it under another program (e.g. `taskset -c 1`).
+    pub fn start(scale: u32, wrap: &[&str]) -> Postgres {
+        let bin = Self::bin_dir();
+        let dir = tempfile::Builder::new()
+            .prefix("scope-pg")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let owner = users_entry("postgres").expect("the postgres user");
+        std::os::unix::fs::chown(dir.path(), Some(owner.0), Some(owner.1)).unwrap();
+        let data = dir.path().join("data");
+        let initdb = Self::as_postgres(
+            Command::new(bin.join("initdb"))
+                .args([
+                    "-D",
+                    data.to_str().unwrap(),
+                    "-A",
+                    "trust",
+                    "-U",
+                    "postgres",
+                ])
+                .stdout(Stdio::null()),
+        )
+        .output()
+        .unwrap();
+        assert!(
+            initdb.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&initdb.stderr)
+        );
+        let port = free_port();
+        let mut command = Command::new(wrap.first().copied().unwrap_or("env"));
+        command.args(wrap.iter().skip(1));
+        command
+            .arg(bin.join("postgres"))
+            .args(["-D", data.to_str().unwrap(), "-p", &port.to_string()])
+            .args([
+                "-k",
+                dir.path().to_str().unwrap(),
+                "-c",
+                "listen_addresses=",
+            ])
+            .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let proc = Proc::spawn("postgres", Self::as_postgres(&mut command));
+        let server = Postgres {
+            proc,
+            port,
+            dir,
+            bin,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !server.psql("select 1").status.success() {
+            assert!(
+                Instant::now() < deadline,
+                "postgres did not start on port {port}"
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+        let init = server.pgbench(&["-i", "-q", "-s", &scale.to_string()]);
+        assert!(
+            init.status.success(),
+            "pgbench -i failed: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+        server
+    }
+
+    /// The postmaster: the process to attach to (it forks a backend per connection).
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// The `postgres` executable.
+    pub fn executable(&self) -> PathBuf {
+        self.bin.join("postgres")
+    }
+
+    fn client(&self, program: &str) -> Command {
+        let mut command = Command::new(self.bin.join(program));
+        command.args([
+            "-h",
+            self.dir.path().to_str().unwrap(),
+            "-p",
+            &self.port.to_string(),
+        ]);
+        Self::as_postgres(&mut command);
+        command
+    }
+
+    pub fn psql(&self, sql: &str) -> Output {
+        self.client("psql")
+            .args(["-X", "-q", "-t", "-A", "-c", sql, "postgres"])
+            .output()
+            .unwrap()
+    }
+
+    /// Runs pgbench against the `postgres` database.
+    pub fn pgbench(&self, args: &[&str]) -> Output {
+        self.client("pgbench")
+            .args(args)
+            .arg("postgres")
+            .output()
+            .unwrap()
+    }
+
+    /// A pgbench command to spawn (e.g. to pin it).
+    pub fn pgbench_command(&self, args: &[&str]) -> Command {
+        let mut command = self.client("pgbench");
+        command.args(args).arg("postgres");
+        command
+    }
+}
+
+/// (uid, gid) of a user from /etc/passwd.
+pub fn users_entry(name: &str) -> Option<(u32, u32)> {
+    std::fs::read_to_string("/etc/passwd")
+        .ok()?
+        .lines()
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split(':').collect();
+            (fields.first() == Some(&name))
+                .then(|| Some((fields.get(2)?.parse().ok()?, fields.get(3)?.parse().ok()?)))
+                .flatten()
+        })
+}
+
 /// Reads `len` bytes of a process's memory at `address`.
 pub fn read_memory(pid: u32, address: u64, len: usize) -> Vec<u8> {
     use std::os::unix::fs::FileExt;

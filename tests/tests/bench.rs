@@ -74,3 +74,24 @@ fn redis_bench_runs_scope_and_bpftrace_on_the_real_server() {
     assert_eq!(dropped, 0);
     assert!(report.markdown().contains("÷ bpftrace"));
 }
+
+#[test]
+fn pgbench_bench_runs_scope_and_bpftrace_on_a_real_postgres() {
+    let config = bench::pgbench::PgbenchConfig::QUICK;
+    let report = bench::pgbench::run(config);
+    for m in &report.results {
+        assert!(m.tps > 0.0, "{m:?}");
+    }
+    let scope = report.get("scope").expect("scope ran");
+    let (kept, dropped) = scope.spans.expect("scope counts its spans");
+    // Two spans (PortalRun and ExecutorRun) per select-only transaction, in the backends
+    // scope followed from the postmaster: each is traced from when scope hears of its fork,
+    // so the first transactions of a short run are not all seen.
+    let transactions = scope.tps * f64::from(config.seconds);
+    assert!(
+        kept > 0 && (kept as f64) <= 2.0 * transactions * 1.1,
+        "{kept} spans kept for about {transactions:.0} transactions"
+    );
+    assert_eq!(dropped, 0);
+    assert!(report.markdown().contains("÷ bpftrace"));
+}

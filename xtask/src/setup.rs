@@ -22,6 +22,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("binutils", "strip/objcopy for debug-link fixtures"),
     ("redis-server", "a real program to trace"),
     ("redis-tools", "redis-benchmark drives it"),
+    (
+        "postgresql",
+        "a real multi-process server to trace; pgbench drives it",
+    ),
     ("bpftrace", "benchmark peer"),
     ("linux-perf", "benchmark peer (perf probe)"),
     ("bpftool", "tests check which BPF programs and links exist"),

@@ -3,6 +3,7 @@
 
 pub mod correlation;
 pub mod per_call;
+pub mod pgbench;
 pub mod redis;
 pub mod rss;
 pub mod store;

@@ -1,14 +1,23 @@
 //! `cargo xtask bench` runs this: the benchmarks of `scope_tests::bench`, each written into
 //! its own section of BENCHMARKS.md (between markers, so the rest of the file stays).
 //!
-//! Usage: scope-bench [--quick] [--only per-call|redis|correlation|store|rss] [--out PATH]
+//! Usage: scope-bench [--quick] [--only per-call|redis|pgbench|correlation|store|rss] [--out PATH]
 
 use std::{path::Path, time::Duration};
 
 use anyhow::{Context, bail};
-use scope_tests::bench::{self, BenchConfig, correlation::CorrelationConfig, redis::RedisConfig};
+use scope_tests::bench::{
+    self, BenchConfig, correlation::CorrelationConfig, pgbench::PgbenchConfig, redis::RedisConfig,
+};
 
-const SECTIONS: [&str; 5] = ["per-call", "redis", "correlation", "store", "rss"];
+const SECTIONS: [&str; 6] = [
+    "per-call",
+    "redis",
+    "pgbench",
+    "correlation",
+    "store",
+    "rss",
+];
 
 fn main() -> anyhow::Result<()> {
     let mut quick = false;
@@ -21,7 +30,7 @@ fn main() -> anyhow::Result<()> {
             "--only" => only = Some(args.next().context("--only needs a section")?),
             "--out" => out = Some(args.next().context("--out needs a path")?.into()),
             other => bail!(
-                "unknown argument {other:?}; usage: scope-bench [--quick] [--only per-call|redis|correlation|store|rss] [--out PATH]"
+                "unknown argument {other:?}; usage: scope-bench [--quick] [--only per-call|redis|pgbench|correlation|store|rss] [--out PATH]"
             ),
         }
     }
@@ -66,6 +75,18 @@ fn main() -> anyhow::Result<()> {
             config.requests, config.rounds
         );
         write("redis", bench::redis::run(config).markdown())?;
+    }
+    if wanted("pgbench") {
+        let config = if quick {
+            PgbenchConfig::QUICK
+        } else {
+            PgbenchConfig::FULL
+        };
+        eprintln!(
+            "scope-bench: PostgreSQL under pgbench, {} s × {} rounds",
+            config.seconds, config.rounds
+        );
+        write("pgbench", bench::pgbench::run(config).markdown())?;
     }
     if wanted("correlation") {
         let config = if quick {
