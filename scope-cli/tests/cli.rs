@@ -118,6 +118,7 @@ fn session(alive: bool) -> Session {
         spans_dropped: 5,
         follow: true,
         pids: vec![PID],
+        owner_uid: 0,
     }
 }
 

@@ -15,6 +15,7 @@ use aya::programs::uprobe::UProbeLink;
 use scope_common::{ProbeCounters, cookie};
 
 use crate::{
+    access::Caller,
     ebpf::{Kernel, ProgramPair},
     error::ScopeError,
     model::Probe,
@@ -88,6 +89,8 @@ pub struct Session {
     pub patterns: Vec<String>,
     /// Whether processes the traced ones fork are traced too.
     pub follow: bool,
+    /// The uid that attached it (see `access.rs`).
+    pub owner_uid: u32,
     pub created: SystemTime,
     /// Traced processes by pid (the root among them while it lives).
     pub members: BTreeMap<u32, Member>,
@@ -101,6 +104,15 @@ impl Session {
     pub fn spans_received(&self) -> u64 {
         self.probes().map(|p| p.received.get()).sum()
     }
+}
+
+/// A session tracing a process, as the lifecycle handling needs it.
+#[derive(Clone, Debug)]
+pub struct Tracing {
+    pub id: u64,
+    pub patterns: Vec<String>,
+    pub follow: bool,
+    pub owner_uid: u32,
 }
 
 /// Links taken out of the manager, still to be dropped (which is what takes time).
@@ -163,13 +175,26 @@ impl ProbeManager {
         self.kernel.probe_counters(probe.slot)
     }
 
-    /// Sessions tracing `pid`, with their patterns and whether they follow forks.
-    pub fn sessions_of(&self, pid: u32) -> Vec<(u64, Vec<String>, bool)> {
+    /// Sessions tracing `pid`.
+    pub fn sessions_of(&self, pid: u32) -> Vec<Tracing> {
         self.sessions
             .values()
             .filter(|s| s.members.contains_key(&pid))
-            .map(|s| (s.id, s.patterns.clone(), s.follow))
+            .map(|s| Tracing {
+                id: s.id,
+                patterns: s.patterns.clone(),
+                follow: s.follow,
+                owner_uid: s.owner_uid,
+            })
             .collect()
+    }
+
+    /// Sessions `owner_uid` holds.
+    pub fn sessions_owned(&self, owner_uid: u32) -> usize {
+        self.sessions
+            .values()
+            .filter(|s| s.owner_uid == owner_uid)
+            .count()
     }
 
     /// Attaches a resolved plan as new session `id`. `probes` are the stored probes of the
@@ -181,6 +206,7 @@ impl ProbeManager {
         probes: Vec<Arc<Probe>>,
         pair: ProgramPair,
         follow: bool,
+        owner_uid: u32,
     ) -> Result<(), ScopeError> {
         let root = plan.process.clone();
         let patterns = plan.patterns.clone();
@@ -194,6 +220,7 @@ impl ProbeManager {
                 root,
                 patterns,
                 follow,
+                owner_uid,
                 created: SystemTime::now(),
                 members,
             },
@@ -368,13 +395,25 @@ impl ProbeManager {
         self.free_slots.extend(probes.iter().map(|p| p.slot));
     }
 
-    /// Removes one session (or all). The returned links detach the probes when dropped; call
-    /// [`release`] outside any lock.
-    pub fn detach(&mut self, id: Option<u64>) -> Result<Vec<Detached>, ScopeError> {
-        let ids: Vec<u64> = match id {
-            Some(id) if self.sessions.contains_key(&id) => vec![id],
-            Some(id) => return Err(ScopeError::NoSuchSession { id }),
-            None => self.sessions.keys().copied().collect(),
+    /// Removes one session, or all of those `caller` owns. The returned links detach the
+    /// probes when dropped; call [`release`] outside any lock.
+    pub fn detach(
+        &mut self,
+        id: Option<u64>,
+        caller: &Caller,
+    ) -> Result<Vec<Detached>, ScopeError> {
+        let ids: Vec<u64> = match id.map(|id| (id, self.sessions.get(&id))) {
+            Some((id, Some(session))) => {
+                caller.check_session(id, session.owner_uid)?;
+                vec![id]
+            }
+            Some((id, None)) => return Err(ScopeError::NoSuchSession { id }),
+            None => self
+                .sessions
+                .values()
+                .filter(|s| caller.owns(s.owner_uid))
+                .map(|s| s.id)
+                .collect(),
         };
         let mut detached = Vec::with_capacity(ids.len());
         for id in ids {
