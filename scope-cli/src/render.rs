@@ -604,6 +604,11 @@ pub struct SessionJson<'a> {
     pub target_alive: bool,
     pub spans_received: u64,
     pub spans_dropped: u64,
+    /// The uid that attached it.
+    pub owner_uid: u32,
+    /// Whether forked processes are traced too, and the processes traced now.
+    pub follow: bool,
+    pub pids: &'a [u32],
     pub probes: Vec<ProbeJson<'a>>,
 }
 
@@ -619,6 +624,9 @@ impl<'a> From<&'a Session> for SessionJson<'a> {
             target_alive: s.target_alive,
             spans_received: s.spans_received,
             spans_dropped: s.spans_dropped,
+            owner_uid: s.owner_uid,
+            follow: s.follow,
+            pids: &s.pids,
             probes: s.probes.iter().map(ProbeJson::from).collect(),
         }
     }

@@ -15,7 +15,7 @@ use aya::programs::uprobe::UProbeLink;
 use scope_common::{ProbeCounters, cookie};
 
 use crate::{
-    access::Caller,
+    access::{Caller, ROOT_UID},
     ebpf::{Kernel, ProgramPair},
     error::ScopeError,
     model::Probe,
@@ -77,6 +77,17 @@ pub struct Member {
     pub process: ProcessInfo,
     pub probes: Vec<Arc<ProbeInfo>>,
     links: Vec<UProbeLink>,
+    /// Whether its session is a non-root user's (see [`Traced`]).
+    restricted: bool,
+}
+
+/// How many sessions trace a process, and how many of them are users' other than root: the
+/// kernel stops tracing a process with such a session the moment it execs into a program
+/// that user could not ptrace.
+#[derive(Clone, Copy, Debug, Default)]
+struct Traced {
+    sessions: u32,
+    restricted: u32,
 }
 
 /// An attach request that succeeded: the processes it traces, their probes and the links
@@ -144,7 +155,7 @@ pub struct ProbeManager {
     /// Free slots, oldest-freed first.
     free_slots: VecDeque<u32>,
     /// Session members per traced pid.
-    targets: HashMap<u32, u32>,
+    targets: HashMap<u32, Traced>,
 }
 
 impl ProbeManager {
@@ -210,7 +221,7 @@ impl ProbeManager {
     ) -> Result<(), ScopeError> {
         let root = plan.process.clone();
         let patterns = plan.patterns.clone();
-        let member = self.member(plan, probes, pair)?;
+        let member = self.member(plan, probes, pair, owner_uid != ROOT_UID)?;
         let mut members = BTreeMap::new();
         members.insert(root.pid, member);
         self.sessions.insert(
@@ -237,12 +248,12 @@ impl ProbeManager {
         probes: Vec<Arc<Probe>>,
         pair: ProgramPair,
     ) -> Result<Option<Detached>, ScopeError> {
-        if !self.sessions.contains_key(&id) {
+        let Some(owner_uid) = self.sessions.get(&id).map(|s| s.owner_uid) else {
             return Err(ScopeError::NoSuchSession { id });
-        }
+        };
         let pid = plan.process.pid;
         let replaced = self.remove_member(id, pid).map(|(links, _)| links);
-        let member = self.member(plan, probes, pair)?;
+        let member = self.member(plan, probes, pair, owner_uid != ROOT_UID)?;
         if let Some(session) = self.sessions.get_mut(&id) {
             session.members.insert(pid, member);
         }
@@ -253,7 +264,7 @@ impl ProbeManager {
     /// its links to release, and the process it was.
     pub fn remove_member(&mut self, id: u64, pid: u32) -> Option<(Detached, ProcessInfo)> {
         let member = self.sessions.get_mut(&id)?.members.remove(&pid)?;
-        self.untarget(pid);
+        self.untarget(pid, member.restricted);
         self.unregister(&member.probes);
         Some((
             Detached {
@@ -270,6 +281,7 @@ impl ProbeManager {
         plan: Plan,
         probes: Vec<Arc<Probe>>,
         pair: ProgramPair,
+        restricted: bool,
     ) -> Result<Member, ScopeError> {
         let needed = plan.probe_count();
         if needed > self.free_slots.len() {
@@ -283,14 +295,21 @@ impl ProbeManager {
             process: plan.process,
             probes: Vec::with_capacity(needed),
             links: Vec::new(),
+            restricted,
         };
         if let Err(error) = self.place(&mut member, plan.modules, probes, pair) {
             self.unregister(&member.probes);
             return Err(error);
         }
-        *self.targets.entry(pid).or_insert(0) += 1;
-        if let Err(error) = self.kernel.add_target(pid, self.targets[&pid]) {
-            self.untarget(pid);
+        let traced = self.targets.entry(pid).or_default();
+        traced.sessions += 1;
+        traced.restricted += u32::from(restricted);
+        let traced = *traced;
+        if let Err(error) = self
+            .kernel
+            .add_target(pid, traced.sessions, traced.restricted != 0)
+        {
+            self.untarget(pid, restricted);
             self.unregister(&member.probes);
             return Err(error);
         }
@@ -298,12 +317,19 @@ impl ProbeManager {
         Ok(member)
     }
 
-    fn untarget(&mut self, pid: u32) {
-        if let Some(count) = self.targets.get_mut(&pid) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
+    fn untarget(&mut self, pid: u32, restricted: bool) {
+        if let Some(traced) = self.targets.get_mut(&pid) {
+            traced.sessions = traced.sessions.saturating_sub(1);
+            traced.restricted = traced.restricted.saturating_sub(u32::from(restricted));
+            let traced = *traced;
+            if traced.sessions == 0 {
                 self.targets.remove(&pid);
                 self.kernel.remove_target(pid);
+            } else if let Err(error) =
+                self.kernel
+                    .add_target(pid, traced.sessions, traced.restricted != 0)
+            {
+                tracing::warn!(pid, error = %error.chain(), "updating a traced process in the kernel failed");
             }
         }
         self.update_io_capture();
@@ -421,7 +447,7 @@ impl ProbeManager {
                 continue;
             };
             for (pid, member) in session.members {
-                self.untarget(pid);
+                self.untarget(pid, member.restricted);
                 self.unregister(&member.probes);
                 detached.push(Detached {
                     id,
