@@ -1,5 +1,6 @@
 //! `scope`: the command-line client of the `scoped` tracing daemon. Every command is one
-//! `scope.v1.Scope` gRPC call (or, for `trace`, Attach + Watch + Detach) over a unix socket.
+//! `scope.v1.Scope` gRPC call (or, for `trace`, Attach + Watch + Detach) over scoped's unix
+//! socket, or over its TCP listener with TLS.
 
 mod client;
 mod commands;
@@ -48,7 +49,8 @@ const DEFAULT_TOP_ROWS: usize = 20;
         scope flame --pid 1234 -o redis.svg\n  \
         scope export --format chrome --since 1m -o trace.json\n  \
         scope export --format otlp --endpoint http://localhost:4317\n  \
-        scope detach --all"
+        scope detach --all\n  \
+        scope --socket https://tracer:7443 --ca ca.pem --token-file token status"
 )]
 struct Cli {
     /// Where scoped is: its unix socket, or `https://HOST:PORT` for its TCP listener

@@ -144,6 +144,9 @@ impl Daemon {
         caller: &Caller,
         spec: &AttachSpec,
     ) -> Result<SessionSnapshot, ScopeError> {
+        if spec.pid == 0 {
+            return Err(ScopeError::PidZero);
+        }
         let limit = self.settings.max_sessions_per_caller;
         caller.check_session_limit(self.manager().sessions_owned(caller.uid), limit)?;
         // Before reading anything of the process: what resolving says (its libraries, its

@@ -590,4 +590,41 @@ mod tests {
         assert_eq!(parse_age("90s"), Ok(Duration::from_secs(90)));
         assert!(parse_age("soon").is_err());
     }
+
+    #[test]
+    fn a_tcp_listener_must_be_secured() {
+        let refusal = |extra: &[&str]| {
+            let args = Args::try_parse_from(
+                ["scoped", "--listen", "127.0.0.1:7443"]
+                    .iter()
+                    .chain(extra)
+                    .copied(),
+            )
+            .expect("the options parse");
+            match TcpSettings::from_args(&args) {
+                Ok(_) => panic!("{extra:?} is not enough to serve TCP"),
+                Err(error) => error.to_string(),
+            }
+        };
+        assert!(refusal(&[]).contains("needs TLS"));
+        let tls = ["--tls-cert", "c.pem", "--tls-key", "k.pem"];
+        assert!(refusal(&tls).contains("needs client authentication"));
+        let authenticated = [&tls[..], &["--token-file", "t"]].concat();
+        assert!(refusal(&authenticated).contains("needs --listen-uid"));
+        let complete = [&authenticated[..], &["--listen-uid", "0"]].concat();
+        assert!(
+            refusal(&complete).contains("reading --tls-cert c.pem"),
+            "the files are read before anything starts"
+        );
+        assert!(
+            Args::try_parse_from(["scoped", "--token-file", "t"]).is_err(),
+            "TLS options need --listen"
+        );
+        let plain = Args::try_parse_from(["scoped"]).expect("parses");
+        assert!(
+            TcpSettings::from_args(&plain)
+                .expect("no listener")
+                .is_none()
+        );
+    }
 }
