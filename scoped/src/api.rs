@@ -128,7 +128,7 @@ impl pb::scope_server::Scope for ScopeService {
         let caller = Caller::of(&request)?;
         let request = request.into_inner();
         let filter = WatchFilter {
-            owner: None,
+            owner: None, // the daemon narrows every read to what the caller may see
             session_id: nonzero(request.session_id),
             pid: nonzero(request.pid),
             function: glob(&request.function)?,
@@ -314,7 +314,7 @@ impl pb::scope_server::Scope for ScopeService {
             ));
         }
         let query = TraceQuery {
-            owner: None,
+            owner: None, // the daemon narrows every read to what the caller may see
             pid: nonzero(request.pid),
             since_ns: nonzero(request.since_unix_ns),
             until_ns: nonzero(request.until_unix_ns),
@@ -592,7 +592,7 @@ impl TryFrom<pb::SpanFilter> for SpanQuery {
             ));
         }
         Ok(SpanQuery {
-            owner: None,
+            owner: None, // the daemon narrows every read to what the caller may see
             session_id: nonzero(filter.session_id),
             pid: nonzero(filter.pid),
             function: glob(&filter.function)?,
