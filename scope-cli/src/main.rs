@@ -1,5 +1,6 @@
 //! `scope`: the command-line client of the `scoped` tracing daemon. Every command is one
-//! `scope.v1.Scope` gRPC call (or, for `trace`, Attach + Watch + Detach) over a unix socket.
+//! `scope.v1.Scope` gRPC call (or, for `trace`, Attach + Watch + Detach) over scoped's unix
+//! socket, or over its TCP listener with TLS.
 
 mod client;
 mod commands;
@@ -20,7 +21,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use crate::client::{Client, DEFAULT_SOCKET};
+use crate::client::{Address, Client, Credentials, DEFAULT_SOCKET};
 use crate::duration::parse_duration;
 use crate::export::ExportFormat;
 use crate::filter::{CallArgs, TargetArgs, TimeArgs, check_range, now_unix_ns, span_filter};
@@ -48,18 +49,47 @@ const DEFAULT_TOP_ROWS: usize = 20;
         scope flame --pid 1234 -o redis.svg\n  \
         scope export --format chrome --since 1m -o trace.json\n  \
         scope export --format otlp --endpoint http://localhost:4317\n  \
-        scope detach --all"
+        scope detach --all\n  \
+        scope --socket https://tracer:7443 --ca ca.pem --token-file token status"
 )]
 struct Cli {
-    /// The scoped socket.
+    /// Where scoped is: its unix socket, or `https://HOST:PORT` for its TCP listener
+    /// (`scoped --listen`, TLS only; see --ca, --cert, --key, --token-file).
     #[arg(
         long,
         global = true,
         env = "SCOPE_SOCKET",
         default_value = DEFAULT_SOCKET,
-        value_name = "PATH"
+        value_name = "PATH|URL",
+        value_parser = Address::parse
     )]
-    socket: PathBuf,
+    socket: Address,
+    /// For an https:// address: the CA certificate (PEM) that signed scoped's certificate.
+    #[arg(long, global = true, env = "SCOPE_CA", value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// For an https:// address: this client's certificate (PEM), when scoped wants one
+    /// (`scoped --client-ca`).
+    #[arg(
+        long,
+        global = true,
+        env = "SCOPE_CERT",
+        value_name = "FILE",
+        requires = "key"
+    )]
+    cert: Option<PathBuf>,
+    /// The private key (PEM) of --cert.
+    #[arg(
+        long,
+        global = true,
+        env = "SCOPE_KEY",
+        value_name = "FILE",
+        requires = "cert"
+    )]
+    key: Option<PathBuf>,
+    /// For an https:// address: a file holding the token scoped wants
+    /// (`scoped --token-file`), sent as `authorization: Bearer TOKEN`.
+    #[arg(long, global = true, env = "SCOPE_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<PathBuf>,
 
     #[command(subcommand)]
     command: Command,
@@ -191,11 +221,12 @@ enum Command {
         /// The trace (32 hex digits, from `scope traces`).
         #[arg(value_name = "TRACE_ID", value_parser = filter::parse_trace_id)]
         trace_id: String,
-        /// Also ask the scoped daemon on this socket (another host's, or another network
-        /// namespace's) for the calls the trace's TCP bytes reached there, and stitch them
-        /// in. Repeat for more daemons.
-        #[arg(long = "addr", value_name = "SOCKET")]
-        addrs: Vec<PathBuf>,
+        /// Also ask the scoped daemon at this socket or https:// URL (another host's, or
+        /// another network namespace's) for the calls the trace's TCP bytes reached there,
+        /// and stitch them in. Repeat for more daemons. An https:// daemon is reached with
+        /// the same --ca, --cert, --key and --token-file.
+        #[arg(long = "addr", value_name = "PATH|URL", value_parser = Address::parse)]
+        addrs: Vec<Address>,
         /// Print one JSON object per span (the fields of `scope calls --json`).
         #[arg(long)]
         json: bool,
@@ -281,7 +312,13 @@ async fn run(cli: Cli) -> Result<()> {
             .map_err(anyhow::Error::msg)?;
     }
     let now = now_unix_ns();
-    let client = Client::connect(&cli.socket).await?;
+    let credentials = Credentials {
+        ca: cli.ca,
+        cert: cli.cert,
+        key: cli.key,
+        token_file: cli.token_file,
+    };
+    let client = Client::connect(&cli.socket, &credentials).await?;
     let mut out = BufWriter::new(io::stdout());
     match cli.command {
         Command::Attach { target, json } => {
@@ -407,7 +444,7 @@ async fn run(cli: Cli) -> Result<()> {
             trace_id,
             addrs,
             json,
-        } => traces::show(&client, &addrs, &mut out, trace_id, json).await?,
+        } => traces::show(&client, &addrs, &credentials, &mut out, trace_id, json).await?,
         Command::Ps { json } => traces::ps(&client, &mut out, json).await?,
         Command::Status { json } => commands::status(&client, &mut out, json).await?,
     }
@@ -442,7 +479,7 @@ mod tests {
             "500ms",
         ])
         .expect("trace parses");
-        assert_eq!(cli.socket, PathBuf::from("/tmp/s"));
+        assert_eq!(cli.socket, Address::Unix(PathBuf::from("/tmp/s")));
         match cli.command {
             Command::Trace {
                 target,

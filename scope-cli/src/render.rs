@@ -657,6 +657,11 @@ pub struct SessionJson<'a> {
     pub budget_percent: f64,
     pub overhead_percent: f64,
     pub throttled: Vec<ThrottleJson<'a>>,
+    /// The uid that attached it.
+    pub owner_uid: u32,
+    /// Whether forked processes are traced too, and the processes traced now.
+    pub follow: bool,
+    pub pids: &'a [u32],
     pub probes: Vec<ProbeJson<'a>>,
 }
 
@@ -723,6 +728,9 @@ impl<'a> From<&'a Session> for SessionJson<'a> {
             budget_percent: s.budget_percent,
             overhead_percent: s.overhead_percent,
             throttled: s.throttled.iter().map(ThrottleJson::from).collect(),
+            owner_uid: s.owner_uid,
+            follow: s.follow,
+            pids: &s.pids,
             probes: s.probes.iter().map(ProbeJson::from).collect(),
         }
     }

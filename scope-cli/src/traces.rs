@@ -15,7 +15,7 @@ use serde::Serialize;
 use tokio_stream::StreamExt;
 
 use crate::{
-    client::Client,
+    client::{Address, Client, Credentials},
     commands::{print_json, print_lines},
     duration::format_duration_ns,
     render::{self, Table},
@@ -129,16 +129,17 @@ async fn stitch(clients: &[Client], trace_id: &str, spans: &mut Vec<Span>) -> Re
 
 pub async fn show(
     client: &Client,
-    others: &[std::path::PathBuf],
+    others: &[Address],
+    credentials: &Credentials,
     out: &mut impl Write,
     trace_id: String,
     json: bool,
 ) -> Result<()> {
     let mut spans = trace_spans(client, &trace_id).await?;
     if !others.is_empty() && !spans.is_empty() {
-        let mut clients = vec![Client::connect(&client.socket).await?];
-        for socket in others {
-            clients.push(Client::connect(socket).await?);
+        let mut clients = vec![client.clone()];
+        for address in others {
+            clients.push(Client::connect(address, credentials).await?);
         }
         stitch(&clients, &trace_id, &mut spans).await?;
         spans.sort_by_key(|s| (s.start_unix_ns, s.span_id));

@@ -211,7 +211,11 @@ pub struct ThreadStack {
 pub struct Target {
     /// Number of sessions tracing this process (informational; the key's presence is the filter).
     pub sessions: u32,
-    pub _pad: u32,
+    /// Non-zero while a session of a user other than root traces it. Such a process that
+    /// execs into a program it cannot be ptraced in (setuid, setgid, file capabilities: the
+    /// kernel makes it undumpable) stops being traced at once, in the kernel, before the new
+    /// program runs; the daemon then decides, session by session, who may follow it.
+    pub restricted: u32,
 }
 
 /// Per-CPU bookkeeping. The value of [`maps::CPU_STATE`].
@@ -448,7 +452,10 @@ pub struct KernelOffsets {
     pub tcp_write_seq: u32,
     pub tcp_copied_seq: u32,
     pub unix_peer: u32,
-    pub _pad: u32,
+    /// `task_struct.mm` and `mm_struct.flags` (its low bits say whether the process is
+    /// dumpable).
+    pub task_mm: u32,
+    pub mm_flags: u32,
 }
 
 /// Global counters, an index into [`maps::COUNTERS`]. Every place in the kernel that loses a
@@ -526,7 +533,7 @@ const _: () = assert!(size_of::<Frame>() == 112);
 const _: () = assert!(size_of::<ThreadStack>() == 8 + 112 * MAX_DEPTH);
 const _: () = assert!(size_of::<ProcessEvent>() == 64);
 const _: () = assert!(size_of::<Link>() == 24);
-const _: () = assert!(size_of::<KernelOffsets>() == 88);
+const _: () = assert!(size_of::<KernelOffsets>() == 92);
 const _: () = assert!(size_of::<IoEvent>() == 128);
 const _: () = assert!(size_of::<StreamState>() == 24 + 32 * STREAM_WRITES);
 const _: () = assert!(size_of::<Target>() == 8);

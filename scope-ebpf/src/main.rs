@@ -115,7 +115,8 @@ static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     tcp_write_seq: 0,
     tcp_copied_seq: 0,
     unix_peer: 0,
-    _pad: 0,
+    task_mm: 0,
+    mm_flags: 0,
 });
 
 #[uprobe(multi)]
@@ -149,11 +150,41 @@ pub fn scope_exec(_ctx: TracePointContext) -> u32 {
     flush_thread(span_flags::EXECED);
     let pid_tgid = bpf_get_current_pid_tgid();
     let (pid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    // SAFETY: only checked for presence.
-    if unsafe { TARGETS.get(&pid) }.is_some() {
-        process_event(process_event::EXEC, pid, tid, 0, 0, 0, 0);
+    // SAFETY: read once, copied.
+    let Some(target) = (unsafe { TARGETS.get(&pid) }).copied() else {
+        return 0;
+    };
+    process_event(process_event::EXEC, pid, tid, 0, 0, 0, 0);
+    // A user's session must not see a program that user could not ptrace: stop tracing the
+    // process before its new program runs. The daemon hears of the exec and re-attaches the
+    // sessions that may follow (root's).
+    if target.restricted != 0 && !current_dumpable() {
+        let _ = TARGETS.remove(&pid);
     }
     0
+}
+
+/// `SUID_DUMP_USER`: the dumpable state of a process that anyone with its uid may ptrace.
+const SUID_DUMP_USER: u64 = 1;
+/// The dumpable state's bits in `mm_struct.flags` (`MMF_DUMPABLE_MASK`).
+const MMF_DUMPABLE_MASK: u64 = 3;
+
+/// Whether the current process is dumpable (`get_dumpable(mm) == SUID_DUMP_USER`). An exec
+/// that gains privileges (setuid, setgid, file capabilities) makes it undumpable by anyone
+/// but root. Anything unreadable counts as undumpable.
+#[inline(always)]
+fn current_dumpable() -> bool {
+    let o = OFFSETS.load();
+    if o.task_mm == 0 {
+        return false;
+    }
+    // SAFETY: plain helper call.
+    let task = unsafe { bpf_get_current_task() };
+    let Some(mm) = kread::<u64>(task + u64::from(o.task_mm)) else {
+        return false;
+    };
+    kread::<u64>(mm + u64::from(o.mm_flags))
+        .is_some_and(|flags| flags & MMF_DUMPABLE_MASK == SUID_DUMP_USER)
 }
 
 /// A traced process forks or clones: the new thread's root calls hang under the span that
@@ -163,10 +194,10 @@ pub fn scope_exec(_ctx: TracePointContext) -> u32 {
 pub fn scope_fork(ctx: RawTracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (pid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    // SAFETY: only checked for presence.
-    if unsafe { TARGETS.get(&pid) }.is_none() {
+    // SAFETY: read once, copied.
+    let Some(parent) = (unsafe { TARGETS.get(&pid) }).copied() else {
         return 0;
-    }
+    };
     // TP_PROTO(struct task_struct *parent, struct task_struct *child)
     let child: u64 = ctx.arg(1);
     let (child_tid, child_pid) = task_ids(child);
@@ -188,7 +219,8 @@ pub fn scope_fork(ctx: RawTracePointContext) -> u32 {
             &child_pid,
             &Target {
                 sessions: 0,
-                _pad: 0,
+                // Until the daemon decides, a child is as restricted as its parent.
+                restricted: parent.restricted,
             },
             0,
         );

@@ -10,6 +10,7 @@ use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status};
 
 use crate::{
+    access::Caller,
     budget::{Action, Throttle},
     daemon::{Daemon, SessionSnapshot, StatusSnapshot},
     error::ScopeError,
@@ -44,12 +45,12 @@ impl ScopeService {
 type SpanStream = Pin<Box<dyn Stream<Item = Result<pb::SpanBatch, Status>> + Send>>;
 
 impl ScopeService {
-    /// Stored spans matching `query`, streamed in batches.
-    fn stream_spans(&self, query: SpanQuery, limit: usize) -> Response<SpanStream> {
+    /// Stored spans matching `query` that `caller` may see, streamed in batches.
+    fn stream_spans(&self, caller: Caller, query: SpanQuery, limit: usize) -> Response<SpanStream> {
         let daemon = Arc::clone(&self.daemon);
         let (tx, rx) = mpsc::channel(STREAM_QUEUE_MESSAGES);
         tokio::task::spawn_blocking(move || {
-            let spans = match daemon.query(&query, limit) {
+            let spans = match daemon.query(&caller, &query, limit) {
                 Ok(spans) => spans,
                 Err(error) => {
                     let _ = tx.blocking_send(Err(ScopeError::from(error).into()));
@@ -77,9 +78,10 @@ impl pb::scope_server::Scope for ScopeService {
         &self,
         request: Request<pb::AttachRequest>,
     ) -> Result<Response<pb::AttachResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let spec = attach_spec(request.into_inner())?;
         let daemon = Arc::clone(&self.daemon);
-        let session = blocking(move || daemon.attach(&spec)).await??;
+        let session = blocking(move || daemon.attach(&caller, &spec)).await??;
         Ok(Response::new(pb::AttachResponse {
             session: Some(session.into()),
         }))
@@ -89,6 +91,7 @@ impl pb::scope_server::Scope for ScopeService {
         &self,
         request: Request<pb::DetachRequest>,
     ) -> Result<Response<pb::DetachResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let id = match request.into_inner().target {
             Some(pb::detach_request::Target::SessionId(id)) => Some(id),
             Some(pb::detach_request::Target::All(true)) => None,
@@ -99,7 +102,7 @@ impl pb::scope_server::Scope for ScopeService {
             }
         };
         let daemon = Arc::clone(&self.daemon);
-        let (ids, took) = blocking(move || daemon.detach(id)).await??;
+        let (ids, took) = blocking(move || daemon.detach(&caller, id)).await??;
         Ok(Response::new(pb::DetachResponse {
             detached_session_ids: ids,
             detach_ns: u64::try_from(took.as_nanos()).unwrap_or(u64::MAX),
@@ -108,10 +111,11 @@ impl pb::scope_server::Scope for ScopeService {
 
     async fn list_sessions(
         &self,
-        _request: Request<pb::ListSessionsRequest>,
+        request: Request<pb::ListSessionsRequest>,
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let daemon = Arc::clone(&self.daemon);
-        let sessions = blocking(move || daemon.sessions()).await?;
+        let sessions = blocking(move || daemon.sessions(&caller)).await?;
         Ok(Response::new(pb::ListSessionsResponse {
             sessions: sessions.into_iter().map(Into::into).collect(),
         }))
@@ -123,13 +127,15 @@ impl pb::scope_server::Scope for ScopeService {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let caller = Caller::of(&request)?;
         let request = request.into_inner();
         let filter = WatchFilter {
+            owner: None, // the daemon narrows every read to what the caller may see
             session_id: nonzero(request.session_id),
             pid: nonzero(request.pid),
             function: glob(&request.function)?,
         };
-        let mut subscription = self.daemon.subscribe(filter);
+        let mut subscription = self.daemon.subscribe(&caller, filter);
         let mut warnings = self.daemon.warnings();
         let (tx, rx) = mpsc::channel(STREAM_QUEUE_MESSAGES);
         let daemon = Arc::clone(&self.daemon);
@@ -178,15 +184,17 @@ impl pb::scope_server::Scope for ScopeService {
         &self,
         request: Request<pb::QuerySpansRequest>,
     ) -> Result<Response<Self::QuerySpansStream>, Status> {
+        let caller = Caller::of(&request)?;
         let request = request.into_inner();
         let query = SpanQuery::try_from(request.filter.unwrap_or_default())?;
-        Ok(self.stream_spans(query, request.limit as usize))
+        Ok(self.stream_spans(caller, query, request.limit as usize))
     }
 
     async fn stats(
         &self,
         request: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::StatsResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let filter = request.into_inner().filter.unwrap_or_default();
         if filter.min_duration_ns != 0 || !filter.trace_id.is_empty() {
             return Err(Status::invalid_argument(
@@ -195,7 +203,7 @@ impl pb::scope_server::Scope for ScopeService {
         }
         let query = SpanQuery::try_from(filter)?;
         let daemon = Arc::clone(&self.daemon);
-        let stats = blocking(move || daemon.stats(&query))
+        let stats = blocking(move || daemon.stats(&caller, &query))
             .await?
             .map_err(ScopeError::from)?;
         Ok(Response::new(pb::StatsResponse {
@@ -208,6 +216,7 @@ impl pb::scope_server::Scope for ScopeService {
         &self,
         request: Request<pb::FlameRequest>,
     ) -> Result<Response<pb::FlameResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let request = request.into_inner();
         let query = SpanQuery::try_from(request.filter.unwrap_or_default())?;
         let format = match pb::flame_request::Format::try_from(request.format) {
@@ -230,7 +239,7 @@ impl pb::scope_server::Scope for ScopeService {
         };
         let daemon = Arc::clone(&self.daemon);
         let (data, spans) = blocking(move || -> Result<(Vec<u8>, usize), Status> {
-            let spans = daemon.query(&query, 0).map_err(ScopeError::from)?;
+            let spans = daemon.query(&caller, &query, 0).map_err(ScopeError::from)?;
             let data = flame::render(&spans, format, &options)
                 .map_err(|error| Status::new(error.code(), error.to_string()))?;
             Ok((data, spans.len()))
@@ -248,6 +257,7 @@ impl pb::scope_server::Scope for ScopeService {
         &self,
         request: Request<pb::ExportRequest>,
     ) -> Result<Response<Self::ExportStream>, Status> {
+        let caller = Caller::of(&request)?;
         let request = request.into_inner();
         let query = SpanQuery::try_from(request.filter.unwrap_or_default())?;
         let format = pb::export_request::Format::try_from(request.format).map_err(|_| {
@@ -264,7 +274,7 @@ impl pb::scope_server::Scope for ScopeService {
                 }
                 let endpoint = request.otlp_endpoint;
                 tokio::spawn(async move {
-                    let spans = match blocking(move || daemon.query(&query, 0)).await {
+                    let spans = match blocking(move || daemon.query(&caller, &query, 0)).await {
                         Ok(Ok(spans)) => spans,
                         Ok(Err(error)) => {
                             return tx.send(Err(ScopeError::from(error).into())).await;
@@ -288,7 +298,7 @@ impl pb::scope_server::Scope for ScopeService {
                     StreamFormat::JsonLines
                 };
                 tokio::task::spawn_blocking(move || {
-                    let spans = match daemon.query(&query, 0) {
+                    let spans = match daemon.query(&caller, &query, 0) {
                         Ok(spans) => spans,
                         Err(error) => {
                             let _ = tx.blocking_send(Err(ScopeError::from(error).into()));
@@ -321,6 +331,7 @@ impl pb::scope_server::Scope for ScopeService {
         &self,
         request: Request<pb::ListTracesRequest>,
     ) -> Result<Response<pb::ListTracesResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let request = request.into_inner();
         if request.until_unix_ns != 0 && request.until_unix_ns <= request.since_unix_ns {
             return Err(Status::invalid_argument(
@@ -328,6 +339,7 @@ impl pb::scope_server::Scope for ScopeService {
             ));
         }
         let query = TraceQuery {
+            owner: None, // the daemon narrows every read to what the caller may see
             pid: nonzero(request.pid),
             since_ns: nonzero(request.since_unix_ns),
             until_ns: nonzero(request.until_unix_ns),
@@ -336,7 +348,7 @@ impl pb::scope_server::Scope for ScopeService {
         let daemon = Arc::clone(&self.daemon);
         let traces = blocking(move || -> Result<Vec<pb::TraceSummary>, ScopeError> {
             Ok(daemon
-                .traces(&query)?
+                .traces(&caller, &query)?
                 .into_iter()
                 .map(|t| pb::TraceSummary {
                     trace_id: t.trace_id.to_string(),
@@ -358,6 +370,7 @@ impl pb::scope_server::Scope for ScopeService {
         &self,
         request: Request<pb::GetTraceRequest>,
     ) -> Result<Response<Self::GetTraceStream>, Status> {
+        let caller = Caller::of(&request)?;
         let trace = trace_id(&request.into_inner().trace_id)?;
         let daemon = Arc::clone(&self.daemon);
         let spans = blocking(move || -> Result<Vec<pb::Span>, ScopeError> {
@@ -365,9 +378,9 @@ impl pb::scope_server::Scope for ScopeService {
                 trace_id: Some(trace),
                 ..SpanQuery::default()
             };
-            let spans = daemon.query(&query, 0)?;
+            let spans = daemon.query(&caller, &query, 0)?;
             let ids: Vec<u64> = spans.iter().map(|s| s.id).collect();
-            let mut links = daemon.io_links(&ids)?;
+            let mut links = daemon.io_links(&caller, &ids)?;
             Ok(spans
                 .iter()
                 .map(|span| {
@@ -404,9 +417,10 @@ impl pb::scope_server::Scope for ScopeService {
         &self,
         request: Request<pb::GetTraceRequest>,
     ) -> Result<Response<pb::TraceIoResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let trace = trace_id(&request.into_inner().trace_id)?;
         let daemon = Arc::clone(&self.daemon);
-        let io = blocking(move || daemon.trace_io(trace))
+        let io = blocking(move || daemon.trace_io(&caller, trace))
             .await?
             .map_err(ScopeError::from)?;
         Ok(Response::new(pb::TraceIoResponse {
@@ -418,6 +432,7 @@ impl pb::scope_server::Scope for ScopeService {
         &self,
         request: Request<pb::FindIoPeersRequest>,
     ) -> Result<Response<pb::FindIoPeersResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let writes = request
             .into_inner()
             .writes
@@ -427,12 +442,12 @@ impl pb::scope_server::Scope for ScopeService {
         let daemon = Arc::clone(&self.daemon);
         let peers = blocking(move || -> Result<Vec<pb::IoPeer>, ScopeError> {
             let mut peers = Vec::new();
-            for (writer_span_id, caused) in daemon.io_peers(&writes)? {
+            for (writer_span_id, caused) in daemon.io_peers(&caller, &writes)? {
                 let query = SpanQuery {
                     trace_id: Some(caused.trace_id),
                     ..SpanQuery::default()
                 };
-                let trace = daemon.query(&query, 0)?;
+                let trace = daemon.query(&caller, &query, 0)?;
                 peers.push(pb::IoPeer {
                     writer_span_id,
                     caused: Some(span_to_wire(&daemon, &caused)),
@@ -447,10 +462,11 @@ impl pb::scope_server::Scope for ScopeService {
 
     async fn list_processes(
         &self,
-        _request: Request<pb::ListProcessesRequest>,
+        request: Request<pb::ListProcessesRequest>,
     ) -> Result<Response<pb::ListProcessesResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let daemon = Arc::clone(&self.daemon);
-        let processes = blocking(move || daemon.processes())
+        let processes = blocking(move || daemon.processes(&caller))
             .await?
             .map_err(ScopeError::from)?;
         Ok(Response::new(pb::ListProcessesResponse {
@@ -472,10 +488,11 @@ impl pb::scope_server::Scope for ScopeService {
 
     async fn status(
         &self,
-        _request: Request<pb::StatusRequest>,
+        request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let daemon = Arc::clone(&self.daemon);
-        let status = blocking(move || daemon.status()).await?;
+        let status = blocking(move || daemon.status(&caller)).await?;
         Ok(Response::new(status.into()))
     }
 }
@@ -601,6 +618,7 @@ impl TryFrom<pb::SpanFilter> for SpanQuery {
             ));
         }
         Ok(SpanQuery {
+            owner: None, // the daemon narrows every read to what the caller may see
             session_id: nonzero(filter.session_id),
             pid: nonzero(filter.pid),
             function: glob(&filter.function)?,
@@ -716,6 +734,7 @@ impl From<SessionSnapshot> for pb::Session {
             created_unix_ns: unix_ns(session.created),
             target_alive: session.alive,
             follow: session.follow,
+            owner_uid: session.owner_uid,
             pids: session.pids,
             spans_received: session.spans_received,
             spans_dropped: session.spans_dropped,

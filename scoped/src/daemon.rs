@@ -11,13 +11,14 @@ use scope_common::{ProbeCounters, ProcessEvent, process_event};
 use scope_symbolizer::{Frame, Module, ProcessMaps, Symbolizer};
 
 use crate::{
+    access::{self, Caller},
     budget::{Budgets, Throttle},
     ebpf::ProgramPair,
     error::ScopeError,
     export::otlp::ExporterCounters,
     model::{IdScheme, Io, Probe, Span, TraceId, now_unix_ns},
     pipeline::{Pipeline, Subscription, WatchFilter},
-    probes::{Limits, ProbeInfo, ProbeManager, Session, release},
+    probes::{Limits, ProbeInfo, ProbeManager, Session, Terms, Tracing, release},
     procfs::ProcessInfo,
     resolve::{self, AttachSpec, Plan},
     stats::DaemonStats,
@@ -34,6 +35,8 @@ pub struct SessionSnapshot {
     pub created: SystemTime,
     pub alive: bool,
     pub follow: bool,
+    /// The uid that attached it.
+    pub owner_uid: u32,
     pub pids: Vec<u32>,
     pub probes: Vec<(Arc<ProbeInfo>, ProbeCounters)>,
     pub spans_received: u64,
@@ -60,6 +63,7 @@ impl SessionSnapshot {
             created: session.created,
             alive: session.root.is_alive(),
             follow: session.follow,
+            owner_uid: session.owner_uid,
             pids: session.members.keys().copied().collect(),
             spans_dropped: probes
                 .iter()
@@ -106,6 +110,8 @@ pub struct StatusSnapshot {
 pub struct Settings {
     /// The most functions one session may probe.
     pub max_session_probes: usize,
+    /// The most sessions one non-root uid may hold at once.
+    pub max_sessions_per_caller: usize,
     /// The programs attached (the real ones, or the benchmark floor).
     pub programs: ProgramPair,
     /// How kernel span ids become store-wide ones (shared with the pipeline).
@@ -187,29 +193,64 @@ impl Daemon {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Resolves, records the session and its probes in the store, attaches. Blocking: call
-    /// from a blocking thread.
-    pub fn attach(&self, spec: &AttachSpec) -> Result<SessionSnapshot, ScopeError> {
+    /// Checks that `caller` may, resolves, records the session and its probes in the store,
+    /// attaches. Blocking: call from a blocking thread.
+    pub fn attach(
+        &self,
+        caller: &Caller,
+        spec: &AttachSpec,
+    ) -> Result<SessionSnapshot, ScopeError> {
+        if spec.pid == 0 {
+            return Err(ScopeError::PidZero);
+        }
+        let limit = self.settings.max_sessions_per_caller;
+        caller.check_session_limit(self.manager().sessions_owned(caller.uid), limit)?;
+        // Before reading anything of the process: what resolving says (its libraries, its
+        // functions) is not for a caller who may not trace it.
+        let checked = caller.check_trace(spec.pid)?;
+        if let Some(binary) = &spec.binary {
+            caller.check_binary(spec.pid, binary)?;
+        }
         if spec.limits.budget.is_some() {
             let mut manager = self.manager();
             self.budgets().prepare(manager.kernel_mut())?;
         }
         let plan = resolve::plan(&self.symbolizer, spec, self.settings.max_session_probes)?;
-        let id = self
-            .store
-            .create_session(&plan.process, &plan.patterns, now_unix_ns())?;
-        let attached = self.stored_probes(id, &plan).and_then(|probes| {
-            let mut manager = self.manager();
-            manager.attach(
-                id,
-                plan,
-                probes,
-                self.settings.programs,
-                spec.follow,
-                spec.limits,
-            )
-        });
+        if checked.is_some_and(|c| c.start_time != plan.process.start_time) {
+            // The pid was reused in between: not the process that was checked.
+            return Err(ScopeError::NoSuchProcess { pid: spec.pid });
+        }
+        let id =
+            self.store
+                .create_session(&plan.process, &plan.patterns, now_unix_ns(), caller.uid)?;
+        let attached = self
+            .stored_probes(id, caller.uid, &plan)
+            .and_then(|probes| {
+                let mut manager = self.manager();
+                caller.check_session_limit(manager.sessions_owned(caller.uid), limit)?;
+                manager.attach(
+                    id,
+                    plan,
+                    probes,
+                    self.settings.programs,
+                    Terms {
+                        follow: spec.follow,
+                        limits: spec.limits,
+                        owner_uid: caller.uid,
+                    },
+                )
+            });
         if let Err(error) = attached {
+            self.store.end_session(id, now_unix_ns());
+            return Err(error);
+        }
+        // Once more, now that the kernel reports the process's execs: one between the first
+        // check and the attach would have gone unseen.
+        if let Err(error) = caller.check_trace(spec.pid) {
+            let detached = self.manager().detach(Some(id), caller);
+            if let Ok(detached) = detached {
+                release(detached);
+            }
             self.store.end_session(id, now_unix_ns());
             return Err(error);
         }
@@ -223,6 +264,8 @@ impl Daemon {
             pid = session.root.pid,
             probes = session.probes().count(),
             patterns = ?session.patterns,
+            uid = caller.uid,
+            caller_pid = caller.pid,
             "attached"
         );
         Ok(SessionSnapshot::of(session, &manager, &self.budgets()))
@@ -262,13 +305,14 @@ impl Daemon {
 
     fn follow_fork(&self, event: &ProcessEvent) {
         let child = event.pid;
-        let following: Vec<(u64, Vec<String>)> = self
-            .manager()
-            .sessions_of(event.parent_pid)
-            .into_iter()
-            .filter(|(_, _, follow)| *follow)
-            .map(|(id, patterns, _)| (id, patterns))
-            .collect();
+        let (following, refused) = may_follow(
+            self.manager()
+                .sessions_of(event.parent_pid)
+                .into_iter()
+                .filter(|s| s.follow),
+            child,
+        );
+        log_refused(&refused, child, "fork");
         if following.is_empty() {
             self.manager().forget_unfollowed(child);
             return;
@@ -276,31 +320,41 @@ impl Daemon {
         let fork_span = (event.span_id != 0).then(|| self.settings.ids.span(event.span_id));
         self.record_process(
             &spec_process(child),
-            following.first().map(|(id, _)| *id),
+            following.first().map(|s| s.id),
             fork_span,
         );
-        for (id, patterns) in following {
-            self.trace_member(id, child, patterns, "fork");
+        for session in following {
+            self.trace_member(&session, child, "fork");
         }
     }
 
+    /// Re-resolves the sessions' globs in the program `pid` exec'd into; a session of a user
+    /// who could not ptrace the new program (a setuid one, say) lets go of the process.
     fn follow_exec(&self, pid: u32) {
-        let sessions = self.manager().sessions_of(pid);
-        self.record_process(
-            &spec_process(pid),
-            sessions.first().map(|(id, _, _)| *id),
-            None,
-        );
-        for (id, patterns, _) in sessions {
-            self.trace_member(id, pid, patterns, "exec");
+        let (following, refused) = may_follow(self.manager().sessions_of(pid), pid);
+        log_refused(&refused, pid, "exec");
+        let mut removed = Vec::new();
+        for session in &refused {
+            if let Some((member, _)) = self.manager().remove_member(session.id, pid) {
+                removed.push(member);
+            }
+        }
+        release(removed);
+        if following.is_empty() {
+            return;
+        }
+        self.record_process(&spec_process(pid), following.first().map(|s| s.id), None);
+        for session in following {
+            self.trace_member(&session, pid, "exec");
         }
     }
 
-    /// (Re)attaches session `id`'s globs in process `pid` as it is now.
-    fn trace_member(&self, id: u64, pid: u32, patterns: Vec<String>, why: &str) {
+    /// (Re)attaches a session's globs in process `pid` as it is now.
+    fn trace_member(&self, session: &Tracing, pid: u32, why: &str) {
+        let id = session.id;
         let spec = AttachSpec {
             pid,
-            patterns,
+            patterns: session.patterns.clone(),
             binary: None,
             follow: true,
             require_matches: false,
@@ -308,7 +362,7 @@ impl Daemon {
         };
         let attached = resolve::plan(&self.symbolizer, &spec, self.settings.max_session_probes)
             .and_then(|plan| {
-                let probes = self.stored_probes(id, &plan)?;
+                let probes = self.stored_probes(id, session.owner_uid, &plan)?;
                 let count = probes.len();
                 let replaced =
                     self.manager()
@@ -337,8 +391,8 @@ impl Daemon {
         let sessions = self.manager().sessions_of(pid);
         let mut detached = Vec::new();
         let mut started = None;
-        for (id, _, _) in sessions {
-            if let Some((member, process)) = self.manager().remove_member(id, pid) {
+        for session in sessions {
+            if let Some((member, process)) = self.manager().remove_member(session.id, pid) {
                 started = Some(process.start_unix_ns());
                 detached.push(member);
             }
@@ -353,7 +407,12 @@ impl Daemon {
     }
 
     /// The plan's probes, recorded in the store, in plan order.
-    fn stored_probes(&self, session_id: u64, plan: &Plan) -> Result<Vec<Arc<Probe>>, ScopeError> {
+    fn stored_probes(
+        &self,
+        session_id: u64,
+        owner_uid: u32,
+        plan: &Plan,
+    ) -> Result<Vec<Arc<Probe>>, ScopeError> {
         let planned: Vec<(String, &resolve::PlannedProbe)> = plan
             .modules
             .iter()
@@ -396,14 +455,19 @@ impl Daemon {
                     inlined_into: p.inlined_into,
                     comm: plan.process.comm.clone(),
                     exe: plan.process.exe.display().to_string(),
+                    owner_uid,
                 })
             })
             .collect())
     }
 
-    /// Detaches one session, or all of them. Blocking.
-    pub fn detach(&self, id: Option<u64>) -> Result<(Vec<u64>, Duration), ScopeError> {
-        let detached = self.manager().detach(id)?;
+    /// Detaches one session, or all `caller` owns (every session, for root). Blocking.
+    pub fn detach(
+        &self,
+        caller: &Caller,
+        id: Option<u64>,
+    ) -> Result<(Vec<u64>, Duration), ScopeError> {
+        let detached = self.manager().detach(id, caller)?;
         let (ids, took) = release(detached);
         let now = now_unix_ns();
         for id in &ids {
@@ -413,55 +477,79 @@ impl Daemon {
         Ok((ids, took))
     }
 
-    pub fn sessions(&self) -> Vec<SessionSnapshot> {
+    /// The sessions `caller` may see: its own (every one, for root).
+    pub fn sessions(&self, caller: &Caller) -> Vec<SessionSnapshot> {
         let manager = self.manager();
         let budgets = self.budgets();
         manager
             .sessions()
+            .filter(|s| caller.owns(s.owner_uid))
             .map(|s| SessionSnapshot::of(s, &manager, &budgets))
             .collect()
     }
 
-    /// Stored spans. Blocking.
-    pub fn query(&self, query: &SpanQuery, limit: usize) -> Result<Vec<Span>, StoreError> {
-        self.store.spans(query, limit)
+    /// Stored spans `caller` may see. Blocking.
+    pub fn query(
+        &self,
+        caller: &Caller,
+        query: &SpanQuery,
+        limit: usize,
+    ) -> Result<Vec<Span>, StoreError> {
+        self.store.spans(&visible(caller, query), limit)
     }
 
-    /// Per-function statistics. Blocking.
-    pub fn stats(&self, query: &SpanQuery) -> Result<Vec<FunctionStats>, StoreError> {
-        self.store.stats(query)
+    /// Per-function statistics of what `caller` may see. Blocking.
+    pub fn stats(
+        &self,
+        caller: &Caller,
+        query: &SpanQuery,
+    ) -> Result<Vec<FunctionStats>, StoreError> {
+        self.store.stats(&visible(caller, query))
     }
 
-    /// Trace summaries. Blocking.
-    pub fn traces(&self, query: &TraceQuery) -> Result<Vec<TraceSummary>, StoreError> {
-        self.store.traces(query)
+    /// Summaries of the traces `caller` has spans in, from those spans. Blocking.
+    pub fn traces(
+        &self,
+        caller: &Caller,
+        query: &TraceQuery,
+    ) -> Result<Vec<TraceSummary>, StoreError> {
+        let query = TraceQuery {
+            owner: caller.visible_owner(),
+            ..query.clone()
+        };
+        self.store.traces(&query)
     }
 
-    /// Calls whose bytes each of `spans` read while it ran. Blocking.
+    /// Calls `caller` may see whose bytes each of `spans` read while it ran. Blocking.
     pub fn io_links(
         &self,
+        caller: &Caller,
         spans: &[u64],
     ) -> Result<std::collections::HashMap<u64, Vec<(u64, TraceId)>>, StoreError> {
-        self.store.io_links(spans)
+        self.store.io_links(spans, caller.visible_owner())
     }
 
-    /// The TCP reads and writes of a trace's calls. Blocking.
-    pub fn trace_io(&self, trace: TraceId) -> Result<Vec<Io>, StoreError> {
-        self.store.trace_io(trace)
+    /// The TCP reads and writes of a trace's calls that `caller` may see. Blocking.
+    pub fn trace_io(&self, caller: &Caller, trace: TraceId) -> Result<Vec<Io>, StoreError> {
+        self.store.trace_io(trace, caller.visible_owner())
     }
 
-    /// Calls here caused by another host's TCP writes. Blocking.
-    pub fn io_peers(&self, writes: &[Io]) -> Result<Vec<(u64, Span)>, StoreError> {
-        self.store.io_peers(writes)
+    /// Calls here, of those `caller` may see, caused by another host's TCP writes. Blocking.
+    pub fn io_peers(&self, caller: &Caller, writes: &[Io]) -> Result<Vec<(u64, Span)>, StoreError> {
+        self.store.io_peers(writes, caller.visible_owner())
     }
 
-    /// Traced processes. Blocking.
-    pub fn processes(&self) -> Result<Vec<ProcessRow>, StoreError> {
-        self.store.processes()
+    /// Traced processes of the sessions `caller` may see. Blocking.
+    pub fn processes(&self, caller: &Caller) -> Result<Vec<ProcessRow>, StoreError> {
+        self.store.processes(caller.visible_owner())
     }
 
-    pub fn subscribe(&self, filter: WatchFilter) -> Subscription {
-        self.pipeline.subscribe(filter)
+    /// Live spans, of those `caller` may see.
+    pub fn subscribe(&self, caller: &Caller, filter: WatchFilter) -> Subscription {
+        self.pipeline.subscribe(WatchFilter {
+            owner: caller.visible_owner(),
+            ..filter
+        })
     }
 
     /// Commits everything queued for the store and stops its writer (shutdown).
@@ -469,7 +557,8 @@ impl Daemon {
         self.store.close();
     }
 
-    pub fn status(&self) -> StatusSnapshot {
+    /// Daemon-wide counters; sessions and probes are counted of those `caller` may see.
+    pub fn status(&self, caller: &Caller) -> StatusSnapshot {
         let manager = self.manager();
         let kernel = manager.kernel();
         let kernel_counters = kernel.counters();
@@ -510,8 +599,15 @@ impl Daemon {
             spans_received: self.stats.spans_received.get(),
             spans_dropped: kernel_lost + self.stats.lost() + store_lost,
             counters,
-            sessions: manager.sessions().count(),
-            probes: manager.sessions().map(|s| s.probes().count()).sum(),
+            sessions: manager
+                .sessions()
+                .filter(|s| caller.owns(s.owner_uid))
+                .count(),
+            probes: manager
+                .sessions()
+                .filter(|s| caller.owns(s.owner_uid))
+                .map(|s| s.probes().count())
+                .sum(),
             stored_spans: self.store.stored_spans(),
             store_path: self.store.path().display().to_string(),
             store_bytes: self.store.file_bytes(),
@@ -636,6 +732,41 @@ impl CallerSymbolizer {
         } else {
             vaddr
         })
+    }
+}
+
+/// `query` narrowed to what `caller` may see.
+fn visible(caller: &Caller, query: &SpanQuery) -> SpanQuery {
+    SpanQuery {
+        owner: caller.visible_owner(),
+        ..query.clone()
+    }
+}
+
+/// Splits the sessions tracing a process into those whose owner may follow it into `pid` (a
+/// child, or the program it exec'd) and those whose owner could not ptrace it there.
+fn may_follow(
+    sessions: impl IntoIterator<Item = Tracing>,
+    pid: u32,
+) -> (Vec<Tracing>, Vec<Tracing>) {
+    sessions.into_iter().partition(|s| {
+        s.owner_uid == access::ROOT_UID || access::may_trace(s.owner_uid, pid).is_ok()
+    })
+}
+
+fn log_refused(refused: &[Tracing], pid: u32, why: &str) {
+    for session in refused {
+        let reason = access::may_trace(session.owner_uid, pid)
+            .err()
+            .map(|error| error.to_string())
+            .unwrap_or_default();
+        tracing::info!(
+            session = session.id,
+            pid,
+            uid = session.owner_uid,
+            %reason,
+            "not following a process after {why}: its session's owner may not trace it"
+        );
     }
 }
 

@@ -401,10 +401,20 @@ impl Kernel {
         !self.io_links.is_empty()
     }
 
-    /// Adds `pid` to the set of traced processes.
-    pub fn add_target(&mut self, pid: u32, sessions: u32) -> Result<(), ScopeError> {
+    /// Adds `pid` to the set of traced processes (or updates it); `restricted` while a
+    /// session of a user other than root traces it (see [`Target::restricted`]).
+    pub fn add_target(
+        &mut self,
+        pid: u32,
+        sessions: u32,
+        restricted: bool,
+    ) -> Result<(), ScopeError> {
+        let target = Target {
+            sessions,
+            restricted: u32::from(restricted),
+        };
         self.targets
-            .insert(&pid, &Target { sessions, _pad: 0 }, 0)
+            .insert(&pid, &target, 0)
             .map_err(|source| ScopeError::Map {
                 map: maps::TARGETS,
                 source,
@@ -557,6 +567,7 @@ fn kernel_offsets() -> Result<KernelOffsets, LoadError> {
         tcp_write_seq: at("tcp_sock", "write_seq")?,
         tcp_copied_seq: at("tcp_sock", "copied_seq")?,
         unix_peer: at("unix_sock", "peer")?,
-        _pad: 0,
+        task_mm: at("task_struct", "mm")?,
+        mm_flags: at("mm_struct", "flags")?,
     })
 }

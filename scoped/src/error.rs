@@ -79,6 +79,23 @@ pub enum ScopeError {
     #[error("no session {id} (see `scope sessions`)")]
     NoSuchSession { id: u64 },
 
+    #[error("permission denied: uid {uid} may not trace pid {pid}: {reason}")]
+    NotTraceable {
+        uid: u32,
+        pid: u32,
+        reason: crate::access::Denial,
+    },
+
+    #[error(
+        "permission denied: session {id} is another user's; uid {uid} may detach only its own sessions (see `scope sessions`)"
+    )]
+    NotYourSession { id: u64, uid: u32 },
+
+    #[error(
+        "uid {uid} already has {limit} sessions, the most one user may hold (scoped --max-sessions-per-caller); detach one first"
+    )]
+    TooManySessions { uid: u32, limit: usize },
+
     #[error("attaching {count} probes to {} in pid {pid} failed", module.display())]
     Attach {
         module: PathBuf,
@@ -135,7 +152,12 @@ impl From<ScopeError> for tonic::Status {
             | NotElf { .. }
             | BinaryNotMapped { .. }
             | BadLimits { .. } => tonic::Status::invalid_argument(message),
-            ProbeSlotsExhausted { .. } => tonic::Status::resource_exhausted(message),
+            NotTraceable { .. } | NotYourSession { .. } => {
+                tonic::Status::permission_denied(message)
+            }
+            ProbeSlotsExhausted { .. } | TooManySessions { .. } => {
+                tonic::Status::resource_exhausted(message)
+            }
             ProcessMaps { .. } => tonic::Status::failed_precondition(message),
             Attach { .. } | Map { .. } | Store(_) => tonic::Status::internal(message),
             Calibration { .. } => tonic::Status::failed_precondition(message),

@@ -6,6 +6,7 @@
 //! `probes` + `resolve` attach sessions, `budget` keeps their overhead under a session's budget; `daemon` is the domain API and `api` its gRPC face;
 //! `model` holds the records everything passes around.
 
+pub mod access;
 pub mod api;
 pub mod btf;
 pub mod budget;

@@ -1,9 +1,11 @@
 //! scoped: the scope tracing daemon. See the library (`lib.rs`) for the data flow.
 
 use std::{
+    ffi::CString,
     fs,
     io::ErrorKind,
-    os::unix::fs::PermissionsExt,
+    net::SocketAddr,
+    os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -13,10 +15,19 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use scope_proto::v1::scope_server::ScopeServer;
 use scope_symbolizer::Symbolizer;
-use tokio::{net::UnixListener, signal::unix::SignalKind, sync::mpsc};
+use tokio::{
+    net::{TcpListener, UnixListener},
+    signal::unix::SignalKind,
+    sync::{mpsc, watch},
+};
 use tokio_stream::wrappers::UnixListenerStream;
+use tonic::{
+    service::InterceptorLayer,
+    transport::{Certificate, Identity, ServerTlsConfig, server::TcpIncoming},
+};
 
 use scoped::{
+    access::{self, DEFAULT_MAX_SESSIONS_PER_CALLER, TcpCaller},
     api,
     daemon::{Daemon, Settings},
     ebpf::{DEFAULT_MAX_PROBES, DEFAULT_RING_BYTES, Kernel, KernelConfig, ProgramPair},
@@ -35,17 +46,48 @@ pub const DEFAULT_SOCKET: &str = "/run/scope/scoped.sock";
 /// How often sessions with an overhead budget are measured and throttled (and idle IO
 /// tracepoints released).
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(250);
+/// The group whose members may use the socket (besides root).
+pub const SOCKET_GROUP: &str = "scope";
 /// Largest gRPC message the daemon sends or accepts.
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
 /// The scope tracing daemon: attaches eBPF probes to live processes and serves what they
 /// report over gRPC (`scope.v1.Scope`) on a unix socket.
+///
+/// Root sees and does everything. Members of the `scope` group may use the socket too, as
+/// themselves: they trace only processes they could ptrace and see only their own sessions.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Unix socket to serve gRPC on.
+    /// Unix socket to serve gRPC on. It is made mode 0660, owned by root and the `scope`
+    /// group (only root can use it if that group does not exist).
     #[arg(long, env = "SCOPE_SOCKET", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// Sessions one user other than root may hold at once.
+    #[arg(long, default_value_t = DEFAULT_MAX_SESSIONS_PER_CALLER)]
+    max_sessions_per_caller: usize,
+    /// Also serve gRPC over TCP on this address (e.g. `0.0.0.0:7443`). Off by default; needs
+    /// TLS (--tls-cert, --tls-key), client authentication (--client-ca and/or --token-file)
+    /// and --listen-uid.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// The TCP listener's certificate chain (PEM).
+    #[arg(long, value_name = "FILE", requires = "listen")]
+    tls_cert: Option<PathBuf>,
+    /// The TCP listener's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "listen")]
+    tls_key: Option<PathBuf>,
+    /// Require TCP clients to present a certificate signed by this CA (PEM): mutual TLS.
+    #[arg(long, value_name = "FILE", requires = "listen")]
+    client_ca: Option<PathBuf>,
+    /// Require TCP clients to send `authorization: Bearer TOKEN`, TOKEN being this file's
+    /// content (surrounding whitespace ignored). With --client-ca too, both are required.
+    #[arg(long, value_name = "FILE", requires = "listen")]
+    token_file: Option<PathBuf>,
+    /// The uid authenticated TCP clients act as: they trace what that user could ptrace and
+    /// see that user's sessions. `0` gives them root's access to everything.
+    #[arg(long, value_name = "UID", requires = "listen")]
+    listen_uid: Option<u32>,
     /// Bytes of span ring buffer per CPU (a power of two, a multiple of the page size).
     #[arg(long, default_value_t = DEFAULT_RING_BYTES)]
     ring_bytes: u32,
@@ -107,6 +149,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    // Wrong listener options are refused before anything is loaded.
+    let tcp = TcpSettings::from_args(&args)?;
     ensure_tracefs()?;
     let stats = Arc::new(DaemonStats::default());
     let (kernel, rings) = Kernel::load(KernelConfig {
@@ -168,6 +212,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         exporter_counters,
         Settings {
             max_session_probes: args.max_session_probes,
+            max_sessions_per_caller: args.max_sessions_per_caller,
             programs: if args.bench_null_programs {
                 ProgramPair::Null
             } else {
@@ -230,18 +275,60 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
 
+    // Both listeners stop on the first SIGTERM/SIGINT.
+    let (stop_tx, stop) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut stop: watch::Receiver<bool>| async move {
+        let _ = stop.wait_for(|stopped| *stopped).await;
+    };
+    let tcp_server = match tcp {
+        Some(tcp) => {
+            let listener = TcpListener::bind(tcp.address)
+                .await
+                .with_context(|| format!("binding --listen {}", tcp.address))?;
+            tracing::info!(
+                address = %tcp.address,
+                uid = tcp.caller.uid,
+                mutual_tls = tcp.mutual_tls,
+                token = tcp.caller.token.is_some(),
+                "serving gRPC over TCP with TLS"
+            );
+            let server = tonic::transport::Server::builder()
+                .tls_config(tcp.tls)
+                .context("--tls-cert/--tls-key/--client-ca")?
+                .layer(InterceptorLayer::new(tcp.caller))
+                .add_service(health_service.clone())
+                .add_service(reflection.clone())
+                .add_service(scope.clone())
+                .serve_with_incoming_shutdown(
+                    TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    stopped(stop.clone()),
+                );
+            Some(tokio::spawn(server))
+        }
+        None => None,
+    };
+
     tracing::info!(socket = %args.socket.display(), cpus, ring_bytes = args.ring_bytes, "scoped is serving");
     let served = tonic::transport::Server::builder()
+        .layer(InterceptorLayer::new(access::unix_caller))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(scope)
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopped(stop))
         .await;
+    let tcp_served = match tcp_server {
+        Some(server) => server.await.context("the TCP listener's task failed")?,
+        None => Ok(()),
+    };
 
     // Leave no probe behind: detach everything before the process goes.
     let detach = {
         let daemon = Arc::clone(&daemon);
-        tokio::task::spawn_blocking(move || daemon.detach(None)).await
+        tokio::task::spawn_blocking(move || daemon.detach(&access::Caller::DAEMON, None)).await
     };
     match detach {
         Ok(Ok((ids, took))) if !ids.is_empty() => {
@@ -266,6 +353,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tracing::debug!(%error, "removing the socket");
     }
     served.context("the gRPC server failed")?;
+    tcp_served.context("the TCP gRPC server failed")?;
     tracing::info!("scoped stopped");
     Ok(())
 }
@@ -286,10 +374,110 @@ async fn shutdown_signal() {
     }
 }
 
-/// Binds the unix socket, replacing a stale one but never a live daemon's.
+/// What the TCP listener needs, checked before the daemon starts.
+struct TcpSettings {
+    address: SocketAddr,
+    tls: ServerTlsConfig,
+    mutual_tls: bool,
+    caller: TcpCaller,
+}
+
+impl TcpSettings {
+    /// `None` without --listen; an error naming what is missing when it is not secured.
+    fn from_args(args: &Args) -> anyhow::Result<Option<TcpSettings>> {
+        let Some(address) = args.listen else {
+            return Ok(None);
+        };
+        let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+            bail!(
+                "--listen {address} serves the API over TCP, which needs TLS: give --tls-cert FILE and --tls-key FILE (PEM)"
+            );
+        };
+        if args.client_ca.is_none() && args.token_file.is_none() {
+            bail!(
+                "--listen {address} needs client authentication: give --client-ca FILE (clients present a certificate it signed) and/or --token-file FILE (clients send `authorization: Bearer TOKEN`)"
+            );
+        }
+        let Some(uid) = args.listen_uid else {
+            bail!(
+                "--listen {address} needs --listen-uid UID: the user authenticated TCP clients act as (0 gives them root's access to every session)"
+            );
+        };
+        let read = |file: &PathBuf, what: &str| {
+            fs::read(file).with_context(|| format!("reading {what} {}", file.display()))
+        };
+        let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
+            read(cert, "--tls-cert")?,
+            read(key, "--tls-key")?,
+        ));
+        if let Some(ca) = &args.client_ca {
+            tls = tls.client_ca_root(Certificate::from_pem(read(ca, "--client-ca")?));
+        }
+        let token = match &args.token_file {
+            Some(file) => {
+                let token = read(file, "--token-file")?;
+                let token = token.trim_ascii();
+                if token.is_empty() {
+                    bail!("--token-file {} is empty", file.display());
+                }
+                if fs::metadata(file).is_ok_and(|meta| meta.mode() & 0o077 != 0) {
+                    tracing::warn!(
+                        file = %file.display(),
+                        "the token file is readable by other users; `chmod 600` it"
+                    );
+                }
+                Some(Arc::from(token))
+            }
+            None => None,
+        };
+        Ok(Some(TcpSettings {
+            address,
+            tls,
+            mutual_tls: args.client_ca.is_some(),
+            caller: TcpCaller { uid, token },
+        }))
+    }
+}
+
+/// The gid of the socket's group, or `None` if the system has no such group.
+fn socket_group() -> anyhow::Result<Option<u32>> {
+    let name = CString::new(SOCKET_GROUP).context("the group name")?;
+    // SAFETY: `group` is plain C data (integers and pointers); all zeroes is a valid value.
+    let mut group: libc::group = unsafe { std::mem::zeroed() };
+    let mut buffer = vec![0 as libc::c_char; 16 * 1024];
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call; getgrnam_r writes only into `group` and
+    // `buffer` (of the length given) and sets `found` to `&group` or null.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            name.as_ptr(),
+            &mut group,
+            buffer.as_mut_ptr(),
+            buffer.len(),
+            &mut found,
+        )
+    };
+    if rc != 0 {
+        bail!(
+            "looking up the group {SOCKET_GROUP}: {}",
+            std::io::Error::from_raw_os_error(rc)
+        );
+    }
+    Ok((!found.is_null()).then_some(group.gr_gid))
+}
+
+/// Binds the unix socket, replacing a stale one but never a live daemon's, and opens it to
+/// root and the `scope` group (mode 0660).
 fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
-    if let Some(dir) = socket.parent() {
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.exists()
+    {
+        // Searchable by everyone: the socket's own mode and group decide who connects.
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
     }
     match std::os::unix::net::UnixStream::connect(socket) {
         Ok(_) => bail!(
@@ -307,7 +495,39 @@ fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
         UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
     fs::set_permissions(socket, fs::Permissions::from_mode(0o660))
         .with_context(|| format!("setting the mode of {}", socket.display()))?;
+    match socket_group()? {
+        Some(gid) => {
+            std::os::unix::fs::chown(socket, Some(access::ROOT_UID), Some(gid))
+                .with_context(|| format!("giving {} to group {SOCKET_GROUP}", socket.display()))?;
+            warn_if_unreachable(socket, gid);
+        }
+        None => tracing::warn!(
+            socket = %socket.display(),
+            "there is no group {SOCKET_GROUP}: only root can use the socket; create it with \
+             `groupadd --system {SOCKET_GROUP}` (cargo xtask setup does) and add users to it"
+        ),
+    }
     Ok(listener)
+}
+
+/// Warns when a directory above the socket keeps the `scope` group from reaching it.
+fn warn_if_unreachable(socket: &Path, gid: u32) {
+    for dir in socket.ancestors().skip(1) {
+        let Ok(meta) = fs::metadata(dir) else {
+            continue;
+        };
+        let mode = meta.mode();
+        let searchable = mode & 0o001 != 0 || (meta.gid() == gid && mode & 0o010 != 0);
+        if !searchable {
+            tracing::warn!(
+                directory = %dir.display(),
+                mode = format!("{:o}", mode & 0o7777),
+                "members of group {SOCKET_GROUP} cannot reach the socket through this directory; \
+                 make it searchable (chmod o+x, or give it to the group with g+x)"
+            );
+            return;
+        }
+    }
 }
 
 /// Tracepoints need tracefs; a fresh machine may not have it mounted.
@@ -409,5 +629,42 @@ mod tests {
         assert_eq!(parse_age("7d"), Ok(Duration::from_secs(7 * 86_400)));
         assert_eq!(parse_age("90s"), Ok(Duration::from_secs(90)));
         assert!(parse_age("soon").is_err());
+    }
+
+    #[test]
+    fn a_tcp_listener_must_be_secured() {
+        let refusal = |extra: &[&str]| {
+            let args = Args::try_parse_from(
+                ["scoped", "--listen", "127.0.0.1:7443"]
+                    .iter()
+                    .chain(extra)
+                    .copied(),
+            )
+            .expect("the options parse");
+            match TcpSettings::from_args(&args) {
+                Ok(_) => panic!("{extra:?} is not enough to serve TCP"),
+                Err(error) => error.to_string(),
+            }
+        };
+        assert!(refusal(&[]).contains("needs TLS"));
+        let tls = ["--tls-cert", "c.pem", "--tls-key", "k.pem"];
+        assert!(refusal(&tls).contains("needs client authentication"));
+        let authenticated = [&tls[..], &["--token-file", "t"]].concat();
+        assert!(refusal(&authenticated).contains("needs --listen-uid"));
+        let complete = [&authenticated[..], &["--listen-uid", "0"]].concat();
+        assert!(
+            refusal(&complete).contains("reading --tls-cert c.pem"),
+            "the files are read before anything starts"
+        );
+        assert!(
+            Args::try_parse_from(["scoped", "--token-file", "t"]).is_err(),
+            "TLS options need --listen"
+        );
+        let plain = Args::try_parse_from(["scoped"]).expect("parses");
+        assert!(
+            TcpSettings::from_args(&plain)
+                .expect("no listener")
+                .is_none()
+        );
     }
 }

@@ -12,7 +12,10 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use crate::daemon::{Daemon, SessionSnapshot, StatusSnapshot};
+use crate::{
+    access::Caller,
+    daemon::{Daemon, SessionSnapshot, StatusSnapshot},
+};
 
 /// The most of a request read before answering.
 const MAX_REQUEST_BYTES: usize = 8 * 1024;
@@ -122,8 +125,10 @@ async fn respond(
 
 /// The whole exposition: one scrape.
 pub fn render(daemon: &Daemon) -> String {
-    let status = daemon.status();
-    let sessions = daemon.sessions();
+    // Everything, as root sees it: the endpoint has no authentication of its own (bind it to
+    // a private address).
+    let status = daemon.status(&Caller::DAEMON);
+    let sessions = daemon.sessions(&Caller::DAEMON);
     let mut out = Exposition::default();
     daemon_metrics(&mut out, &status);
     session_metrics(&mut out, &sessions);

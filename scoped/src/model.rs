@@ -30,6 +30,8 @@ pub struct Probe {
     /// The traced process's command name and executable.
     pub comm: String,
     pub exe: String,
+    /// The uid whose session placed the probe: only it and root see its spans.
+    pub owner_uid: u32,
 }
 
 /// A 128-bit trace id: the host/run half and the root span's id.

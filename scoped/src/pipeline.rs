@@ -29,6 +29,8 @@ pub const WATCH_QUEUE_BATCHES: usize = 64;
 /// Which live spans a watcher wants. `None` matches everything.
 #[derive(Clone, Debug, Default)]
 pub struct WatchFilter {
+    /// Only spans of sessions this uid owns (what a non-root caller may see).
+    pub owner: Option<u32>,
     pub session_id: Option<u64>,
     pub pid: Option<u32>,
     pub function: Option<Glob>,
@@ -36,7 +38,8 @@ pub struct WatchFilter {
 
 impl WatchFilter {
     pub fn matches(&self, span: &Span) -> bool {
-        self.session_id.is_none_or(|id| span.probe.session_id == id)
+        self.owner.is_none_or(|uid| span.probe.owner_uid == uid)
+            && self.session_id.is_none_or(|id| span.probe.session_id == id)
             && self.pid.is_none_or(|pid| span.pid == pid)
             && self.function.as_ref().is_none_or(|glob| {
                 glob.matches(&span.probe.function) || glob.matches(&span.probe.symbol)

@@ -19,6 +19,7 @@ use aya::programs::uprobe::UProbeLink;
 use scope_common::{ProbeCounters, cookie};
 
 use crate::{
+    access::{Caller, ROOT_UID},
     ebpf::{Kernel, ProgramPair},
     error::ScopeError,
     model::Probe,
@@ -56,6 +57,16 @@ impl ProbeInfo {
     pub fn sample_every(&self) -> u32 {
         self.sample_every.load(Ordering::Relaxed)
     }
+}
+
+/// What a new session is asked to do, and for whom.
+#[derive(Clone, Copy, Debug)]
+pub struct Terms {
+    /// Trace the processes the traced ones fork, too.
+    pub follow: bool,
+    pub limits: Limits,
+    /// The uid that attached it.
+    pub owner_uid: u32,
 }
 
 /// What share of calls a session's probes record, and the overhead it may cost.
@@ -124,6 +135,8 @@ pub struct Member {
     pub process: ProcessInfo,
     pub probes: Vec<Arc<ProbeInfo>>,
     modules: Vec<AttachedModule>,
+    /// Whether its session is a non-root user's (see [`Traced`]).
+    restricted: bool,
 }
 
 /// The probes of one member in one ELF file: what was attached, and the links holding it.
@@ -134,6 +147,15 @@ struct AttachedModule {
     entry_points: Vec<(u64, u64)>,
     exit_points: Vec<(u64, u64)>,
     links: Vec<UProbeLink>,
+}
+
+/// How many sessions trace a process, and how many of them are users' other than root: the
+/// kernel stops tracing a process with such a session the moment it execs into a program
+/// that user could not ptrace.
+#[derive(Clone, Copy, Debug, Default)]
+struct Traced {
+    sessions: u32,
+    restricted: u32,
 }
 
 impl Member {
@@ -155,6 +177,8 @@ pub struct Session {
     pub patterns: Vec<String>,
     /// Whether processes the traced ones fork are traced too.
     pub follow: bool,
+    /// The uid that attached it (see `access.rs`).
+    pub owner_uid: u32,
     pub created: SystemTime,
     pub limits: Limits,
     /// Traced processes by pid (the root among them while it lives).
@@ -169,6 +193,15 @@ impl Session {
     pub fn spans_received(&self) -> u64 {
         self.probes().map(|p| p.received.get()).sum()
     }
+}
+
+/// A session tracing a process, as the lifecycle handling needs it.
+#[derive(Clone, Debug)]
+pub struct Tracing {
+    pub id: u64,
+    pub patterns: Vec<String>,
+    pub follow: bool,
+    pub owner_uid: u32,
 }
 
 /// Links taken out of the manager, still to be dropped (which is what takes time).
@@ -200,7 +233,7 @@ pub struct ProbeManager {
     /// Free slots, oldest-freed first.
     free_slots: VecDeque<u32>,
     /// Session members per traced pid.
-    targets: HashMap<u32, u32>,
+    targets: HashMap<u32, Traced>,
     /// Since when the IO tracepoints have been attached with nothing traced.
     io_idle_since: Option<Instant>,
 }
@@ -243,13 +276,26 @@ impl ProbeManager {
         self.kernel.probe_counters(probe.slot)
     }
 
-    /// Sessions tracing `pid`, with their patterns and whether they follow forks.
-    pub fn sessions_of(&self, pid: u32) -> Vec<(u64, Vec<String>, bool)> {
+    /// Sessions tracing `pid`.
+    pub fn sessions_of(&self, pid: u32) -> Vec<Tracing> {
         self.sessions
             .values()
             .filter(|s| s.members.contains_key(&pid))
-            .map(|s| (s.id, s.patterns.clone(), s.follow))
+            .map(|s| Tracing {
+                id: s.id,
+                patterns: s.patterns.clone(),
+                follow: s.follow,
+                owner_uid: s.owner_uid,
+            })
             .collect()
+    }
+
+    /// Sessions `owner_uid` holds.
+    pub fn sessions_owned(&self, owner_uid: u32) -> usize {
+        self.sessions
+            .values()
+            .filter(|s| s.owner_uid == owner_uid)
+            .count()
     }
 
     /// Attaches a resolved plan as new session `id`. `probes` are the stored probes of the
@@ -260,12 +306,16 @@ impl ProbeManager {
         plan: Plan,
         probes: Vec<Arc<Probe>>,
         pair: ProgramPair,
-        follow: bool,
-        limits: Limits,
+        terms: Terms,
     ) -> Result<(), ScopeError> {
+        let Terms {
+            follow,
+            limits,
+            owner_uid,
+        } = terms;
         let root = plan.process.clone();
         let patterns = plan.patterns.clone();
-        let member = self.member(plan, probes, pair, limits)?;
+        let member = self.member(plan, probes, pair, limits, owner_uid != ROOT_UID)?;
         let mut members = BTreeMap::new();
         members.insert(root.pid, member);
         self.sessions.insert(
@@ -275,6 +325,7 @@ impl ProbeManager {
                 root,
                 patterns,
                 follow,
+                owner_uid,
                 created: SystemTime::now(),
                 limits,
                 members,
@@ -292,13 +343,13 @@ impl ProbeManager {
         probes: Vec<Arc<Probe>>,
         pair: ProgramPair,
     ) -> Result<Option<Detached>, ScopeError> {
-        if !self.sessions.contains_key(&id) {
+        let Some(owner_uid) = self.sessions.get(&id).map(|s| s.owner_uid) else {
             return Err(ScopeError::NoSuchSession { id });
-        }
+        };
         let pid = plan.process.pid;
         let replaced = self.remove_member(id, pid).map(|(links, _)| links);
         let limits = self.sessions.get(&id).map(|s| s.limits).unwrap_or_default();
-        let member = self.member(plan, probes, pair, limits)?;
+        let member = self.member(plan, probes, pair, limits, owner_uid != ROOT_UID)?;
         if let Some(session) = self.sessions.get_mut(&id) {
             session.members.insert(pid, member);
         }
@@ -309,7 +360,7 @@ impl ProbeManager {
     /// its links to release, and the process it was.
     pub fn remove_member(&mut self, id: u64, pid: u32) -> Option<(Detached, ProcessInfo)> {
         let mut member = self.sessions.get_mut(&id)?.members.remove(&pid)?;
-        self.untarget(pid);
+        self.untarget(pid, member.restricted);
         self.unregister(&member.probes);
         Some((
             Detached {
@@ -327,6 +378,7 @@ impl ProbeManager {
         probes: Vec<Arc<Probe>>,
         pair: ProgramPair,
         limits: Limits,
+        restricted: bool,
     ) -> Result<Member, ScopeError> {
         let needed = plan.probe_count();
         if needed > self.free_slots.len() {
@@ -340,14 +392,21 @@ impl ProbeManager {
             process: plan.process,
             probes: Vec::with_capacity(needed),
             modules: Vec::new(),
+            restricted,
         };
         if let Err(error) = self.place(&mut member, plan.modules, probes, pair, limits) {
             self.unregister(&member.probes);
             return Err(error);
         }
-        *self.targets.entry(pid).or_insert(0) += 1;
-        if let Err(error) = self.kernel.add_target(pid, self.targets[&pid]) {
-            self.untarget(pid);
+        let traced = self.targets.entry(pid).or_default();
+        traced.sessions += 1;
+        traced.restricted += u32::from(restricted);
+        let traced = *traced;
+        if let Err(error) = self
+            .kernel
+            .add_target(pid, traced.sessions, traced.restricted != 0)
+        {
+            self.untarget(pid, restricted);
             self.unregister(&member.probes);
             return Err(error);
         }
@@ -355,19 +414,24 @@ impl ProbeManager {
         Ok(member)
     }
 
-    fn untarget(&mut self, pid: u32) {
-        if let Some(count) = self.targets.get_mut(&pid) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
+    fn untarget(&mut self, pid: u32, restricted: bool) {
+        if let Some(traced) = self.targets.get_mut(&pid) {
+            traced.sessions = traced.sessions.saturating_sub(1);
+            traced.restricted = traced.restricted.saturating_sub(u32::from(restricted));
+            let traced = *traced;
+            if traced.sessions == 0 {
                 self.targets.remove(&pid);
                 self.kernel.remove_target(pid);
+            } else if let Err(error) =
+                self.kernel
+                    .add_target(pid, traced.sessions, traced.restricted != 0)
+            {
+                tracing::warn!(pid, error = %error.chain(), "updating a traced process in the kernel failed");
             }
         }
         self.update_io_capture();
     }
 
-    /// IO capture's syscall tracepoints stay attached exactly while some process is traced:
-    /// they tax every read and write on the machine, traced or not (see BENCHMARKS.md).
     /// Releases the IO tracepoints once nothing has been traced for [`IO_LINGER`]; scoped
     /// calls this a few times a second.
     pub fn release_idle_io(&mut self) {
@@ -382,6 +446,9 @@ impl ProbeManager {
         }
     }
 
+    /// IO capture's syscall tracepoints stay attached while some process is traced (and
+    /// [`IO_LINGER`] after): they tax every read and write on the machine, traced or not (see
+    /// BENCHMARKS.md).
     fn update_io_capture(&mut self) {
         if self.targets.is_empty() {
             if self.kernel.io_attached() && self.io_idle_since.is_none() {
@@ -561,13 +628,25 @@ impl ProbeManager {
         self.free_slots.extend(probes.iter().map(|p| p.slot));
     }
 
-    /// Removes one session (or all). The returned links detach the probes when dropped; call
-    /// [`release`] outside any lock.
-    pub fn detach(&mut self, id: Option<u64>) -> Result<Vec<Detached>, ScopeError> {
-        let ids: Vec<u64> = match id {
-            Some(id) if self.sessions.contains_key(&id) => vec![id],
-            Some(id) => return Err(ScopeError::NoSuchSession { id }),
-            None => self.sessions.keys().copied().collect(),
+    /// Removes one session, or all of those `caller` owns. The returned links detach the
+    /// probes when dropped; call [`release`] outside any lock.
+    pub fn detach(
+        &mut self,
+        id: Option<u64>,
+        caller: &Caller,
+    ) -> Result<Vec<Detached>, ScopeError> {
+        let ids: Vec<u64> = match id.map(|id| (id, self.sessions.get(&id))) {
+            Some((id, Some(session))) => {
+                caller.check_session(id, session.owner_uid)?;
+                vec![id]
+            }
+            Some((id, None)) => return Err(ScopeError::NoSuchSession { id }),
+            None => self
+                .sessions
+                .values()
+                .filter(|s| caller.owns(s.owner_uid))
+                .map(|s| s.id)
+                .collect(),
         };
         let mut detached = Vec::with_capacity(ids.len());
         for id in ids {
@@ -575,7 +654,7 @@ impl ProbeManager {
                 continue;
             };
             for (pid, mut member) in session.members {
-                self.untarget(pid);
+                self.untarget(pid, member.restricted);
                 self.unregister(&member.probes);
                 detached.push(Detached {
                     id,

@@ -1,7 +1,7 @@
 //! What `/proc` says about a process: whether it exists, its name, executable and start time
-//! (the start time tells a reused pid from the process we attached to).
+//! (the start time tells a reused pid from the process we attached to), and whose it is.
 
-use std::{fs, path::PathBuf};
+use std::{fs, os::unix::fs::MetadataExt, path::PathBuf};
 
 /// Identity and names of a live process.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -81,6 +81,50 @@ impl ProcessInfo {
     }
 }
 
+/// Whose a process is, as far as the ptrace rules care (see `access.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Credentials {
+    /// Real, effective and saved user ids (`Uid:` of /proc/PID/status).
+    pub uid: u32,
+    pub euid: u32,
+    pub suid: u32,
+    /// The owner of /proc/PID/status. The kernel gives the files under /proc/PID the
+    /// process's effective uid while the process is dumpable and root otherwise
+    /// (`task_dump_owner`; the /proc/PID directory itself keeps the effective uid): a setuid,
+    /// setgid or file-capability exec, a change of credentials, or
+    /// `prctl(PR_SET_DUMPABLE, 0)` makes them root's.
+    pub proc_owner: u32,
+    /// The process's start time (field 22 of /proc/PID/stat): which process these are, if
+    /// the pid is reused.
+    pub start_time: u64,
+}
+
+impl Credentials {
+    /// Reads them, or `None` if the process does not exist.
+    pub fn read(pid: u32) -> Option<Credentials> {
+        let path = format!("/proc/{pid}/status");
+        let before = fs::metadata(&path).ok()?.uid();
+        let start_time = parse_start_time(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)?;
+        let [uid, euid, suid] = parse_uids(&fs::read_to_string(&path).ok()?)?;
+        // Again after reading: credentials that changed in between count as root's.
+        let after = fs::metadata(&path).ok()?.uid();
+        Some(Credentials {
+            uid,
+            euid,
+            suid,
+            proc_owner: if after == before { after } else { 0 },
+            start_time,
+        })
+    }
+}
+
+/// Real, effective and saved uid from the `Uid:` line of /proc/PID/status.
+fn parse_uids(status: &str) -> Option<[u32; 3]> {
+    let line = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+    let mut ids = line.split_whitespace().map(|id| id.parse::<u32>().ok());
+    Some([ids.next()??, ids.next()??, ids.next()??])
+}
+
 /// Field 22 of /proc/PID/stat. The command name (field 2) may contain spaces and parentheses,
 /// so fields are counted after the last ')'.
 fn parse_start_time(stat: &str) -> Option<u64> {
@@ -117,5 +161,28 @@ mod tests {
     #[test]
     fn missing_pid() {
         assert_eq!(ProcessInfo::read(u32::MAX), None);
+        assert_eq!(Credentials::read(u32::MAX), None);
+    }
+
+    #[test]
+    fn uids_come_from_the_status_file() {
+        let status = "Name:\tsu\nUmask:\t0022\nUid:\t1000\t0\t0\t0\nGid:\t1000\t1000\t1000\t1000\n";
+        assert_eq!(parse_uids(status), Some([1000, 0, 0]));
+        assert_eq!(parse_uids("Name:\tx\n"), None);
+        assert_eq!(parse_uids("Uid:\t1000\n"), None);
+    }
+
+    #[test]
+    fn reads_this_process_credentials() {
+        let me = Credentials::read(std::process::id()).expect("this process exists");
+        // SAFETY: getuid and geteuid have no preconditions.
+        let (uid, euid) = unsafe { (libc::getuid(), libc::geteuid()) };
+        assert_eq!((me.uid, me.euid), (uid, euid));
+        assert_eq!(
+            me.start_time,
+            ProcessInfo::read(std::process::id())
+                .expect("exists")
+                .start_time
+        );
     }
 }

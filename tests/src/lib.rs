@@ -196,6 +196,52 @@ impl Scoped {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Lets users other than root reach the socket (its directory is root's alone while
+    /// the daemon runs as tests start it): the socket's own mode and group decide, as under
+    /// /run/scope. The store's file stays root's alone (scoped makes it 0600).
+    pub fn open_to_users(&self) {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = self.socket.parent().unwrap();
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+    }
+
+    /// Runs `scope --socket S ARGS...` as `user`.
+    pub fn scope_as(&self, user: &TestUser, args: &[&str]) -> Output {
+        user.command(&bin("scope"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs `scope` as `user` and returns stdout, panicking with stderr and the daemon log on
+    /// failure.
+    pub fn scope_as_ok(&self, user: &TestUser, args: &[&str]) -> String {
+        let out = self.scope_as(user, args);
+        assert!(
+            out.status.success(),
+            "scope {args:?} as {} failed ({}):\nstdout: {}\nstderr: {}\nscoped log:\n{}",
+            user.name,
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs `scope ... --json` as `user` and parses its JSON Lines (or one document).
+    pub fn json_lines_as(&self, user: &TestUser, args: &[&str]) -> Vec<Value> {
+        self.scope_as_ok(user, args)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("invalid JSON line ({e}): {l}"))
+            })
+            .collect()
+    }
+
     /// Runs `scope --socket S ARGS...`.
     pub fn scope(&self, args: &[&str]) -> Output {
         Command::new(bin("scope"))
@@ -353,6 +399,121 @@ impl Scoped {
             .await
             .unwrap()
     }
+}
+
+/// A user the test creates (not root), in the `scope` group so it may use scoped's socket,
+/// and deletes when dropped (also when the test fails). Drop its processes first.
+pub struct TestUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl TestUser {
+    /// Creates user `scopetest-TAG-PID` (no home directory, no login shell) in the `scope`
+    /// group.
+    pub fn create(tag: &str) -> TestUser {
+        TestUser::create_in(tag, Some("scope"))
+    }
+
+    /// Creates a user outside the `scope` group.
+    pub fn create_outside_group(tag: &str) -> TestUser {
+        TestUser::create_in(tag, None)
+    }
+
+    fn create_in(tag: &str, group: Option<&str>) -> TestUser {
+        assert!(
+            is_root(),
+            "creating test users needs root: run `sudo cargo xtask test`"
+        );
+        let exists = Command::new("getent")
+            .args(["group", "scope"])
+            .output()
+            .unwrap();
+        assert!(
+            exists.status.success(),
+            "there is no group `scope` (scoped opens its socket to it); `cargo xtask setup` creates it"
+        );
+        let name = format!("scopetest-{tag}-{}", std::process::id());
+        let _ = Command::new("userdel").arg(&name).output();
+        let out = Command::new("useradd")
+            .args([
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                "--user-group",
+            ])
+            .args(group.map(|group| ["--groups", group]).into_iter().flatten())
+            .arg(&name)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("running useradd failed ({e}); `cargo xtask setup` installs it")
+            });
+        assert!(
+            out.status.success(),
+            "useradd {name} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let id = |flag: &str| -> u32 {
+            let out = Command::new("id").args([flag, &name]).output().unwrap();
+            String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+        };
+        let user = TestUser {
+            uid: id("-u"),
+            gid: id("-g"),
+            name,
+        };
+        // Everything the user runs must be reachable by it.
+        let scope = bin("scope");
+        let out = user.command(&scope).arg("--version").output().unwrap();
+        assert!(
+            out.status.success(),
+            "test user {} cannot run {}: every directory above it must be searchable by others (chmod o+x): {}",
+            user.name,
+            scope.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        user
+    }
+
+    /// A command that runs `program` as this user (its uid, gid and groups).
+    pub fn command(&self, program: &Path) -> Command {
+        let mut command = Command::new("setpriv");
+        command
+            .args(["--reuid", &self.uid.to_string()])
+            .args(["--regid", &self.gid.to_string()])
+            .args(["--init-groups", "--"])
+            .arg(program);
+        command
+    }
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        let out = Command::new("userdel")
+            .args(["--force", &self.name])
+            .output();
+        match out {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => eprintln!(
+                "userdel {} failed: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(error) => eprintln!("running userdel {} failed: {error}", self.name),
+        }
+    }
+}
+
+/// A directory anyone may read and run files from (fixtures that test users run).
+pub fn shared_dir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .prefix("scope-shared")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
 }
 
 /// A target program that prints lines and reads commands on stdin.

@@ -32,7 +32,19 @@ const PACKAGES: &[(&str, &str)] = &[
     ("procps", "ps, pgrep in tests"),
     ("iproute2", "netns pairs stand in for two hosts"),
     ("sqlite3", "the tests open the span store as users do"),
+    (
+        "openssl",
+        "the access tests make a CA and certificates for the TLS listener",
+    ),
+    ("passwd", "the access tests create users (useradd, userdel)"),
+    (
+        "util-linux",
+        "the access tests run the CLI as those users (setpriv)",
+    ),
 ];
+
+/// The group whose members may use scoped's socket (`scoped` gives the socket to it).
+const SOCKET_GROUP: &str = "scope";
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -41,6 +53,7 @@ pub fn setup() -> anyhow::Result<()> {
     link_bpf_toolchain()?;
     install_bpf_linker()?;
     python_venv()?;
+    socket_group()?;
     mount_if_missing(
         "tracefs",
         "/sys/kernel/tracing",
@@ -163,6 +176,26 @@ fn python_venv() -> anyhow::Result<()> {
     run(Command::new(&python)
         .args(["-m", "pip", "install", "--quiet"])
         .args(PYTHON_PACKAGES))
+}
+
+/// Creates the system group `scope`: scoped opens its socket to it, and its members trace as
+/// themselves (see README, "Access control").
+fn socket_group() -> anyhow::Result<()> {
+    let exists = Command::new("getent")
+        .args(["group", SOCKET_GROUP])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if exists {
+        return Ok(());
+    }
+    if !is_root() {
+        eprintln!(
+            "xtask setup: there is no group {SOCKET_GROUP}; as root: groupadd --system {SOCKET_GROUP}"
+        );
+        return Ok(());
+    }
+    eprintln!("xtask setup: creating the system group {SOCKET_GROUP}");
+    run(Command::new("groupadd").args(["--system", SOCKET_GROUP]))
 }
 
 fn mount_if_missing(fstype: &str, target: &str, probe: &str) -> anyhow::Result<()> {

@@ -170,6 +170,7 @@ pub(crate) mod fixtures {
             inlined_into: None,
             comm: "redis-server".to_owned(),
             exe: "/usr/bin/redis-server".to_owned(),
+            owner_uid: 0,
         })
     }
 

@@ -12,6 +12,7 @@ mod writer;
 
 use std::{
     collections::HashMap,
+    os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex, MutexGuard,
@@ -80,6 +81,12 @@ pub enum StoreError {
         #[source]
         source: schema::SchemaError,
     },
+    #[error("making {} readable by root alone", path.display())]
+    Permissions {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("--retain-bytes {bytes} is below the minimum of {MIN_RETAIN_BYTES} bytes")]
     RetainTooSmall { bytes: u64 },
     #[error("the span store failed to {what}")]
@@ -119,6 +126,8 @@ pub struct StoredSession {
     pub patterns: Vec<String>,
     pub started_ns: u64,
     pub ended_ns: Option<u64>,
+    /// The uid that attached it: only it and root see the session's spans.
+    pub owner_uid: u32,
 }
 
 /// A traced process as the store keeps it: (pid, start) names it, so a reused pid is
@@ -169,6 +178,7 @@ pub(crate) enum Command {
         process: ProcessInfo,
         patterns: Vec<String>,
         started_ns: u64,
+        owner_uid: u32,
         reply: SyncSender<Result<u64, StoreError>>,
     },
     Probes {
@@ -224,12 +234,20 @@ impl Store {
         }
         let path = config.path.clone();
         let (retain_bytes, retain_age) = (config.retain_bytes, config.retain_age);
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| StoreError::Directory {
-                dir: dir.to_owned(),
-                source,
-            })?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+            && !dir.exists()
+        {
+            // Root's alone, like the file: it holds every user's spans.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|source| StoreError::Directory {
+                    dir: dir.to_owned(),
+                    source,
+                })?;
         }
+        private_files(&path)?;
         let mut conn = Connection::open(&path).map_err(|source| StoreError::Open {
             path: path.clone(),
             source,
@@ -396,17 +414,20 @@ impl Store {
         answer.recv().map_err(|_| StoreError::WriterStopped)
     }
 
-    /// Records a new session and returns its id (unique across daemon runs).
+    /// Records a new session of user `owner_uid` and returns its id (unique across daemon
+    /// runs).
     pub fn create_session(
         &self,
         process: &ProcessInfo,
         patterns: &[String],
         started_ns: u64,
+        owner_uid: u32,
     ) -> Result<u64, StoreError> {
         self.call(|reply| Command::Session {
             process: process.clone(),
             patterns: patterns.to_vec(),
             started_ns,
+            owner_uid,
             reply,
         })?
     }
@@ -475,6 +496,37 @@ impl Drop for Store {
     fn drop(&mut self) {
         self.close();
     }
+}
+
+/// Creates the store's file readable and writable by its owner (root) alone, and takes
+/// group and other access from an existing one and its WAL: the file holds every user's
+/// spans, and the daemon decides who sees which. SQLite gives the WAL and shared-memory files
+/// it creates the database file's mode.
+fn private_files(path: &Path) -> Result<(), StoreError> {
+    let denied = |path: &Path| {
+        let path = path.to_owned();
+        move |source| StoreError::Permissions { path, source }
+    };
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(denied(path))?;
+    for file in [
+        path.to_owned(),
+        writer::wal_path(path),
+        PathBuf::from(format!("{}-shm", path.display())),
+    ] {
+        match std::fs::metadata(&file) {
+            Ok(meta) if meta.permissions().mode() & 0o077 != 0 => {
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+                    .map_err(denied(&file))?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -580,8 +632,18 @@ mod tests {
 
     /// A session with probes `functions`, returned as the probes the pipeline would hold.
     fn session(store: &Store, pid: u32, functions: &[&str]) -> Vec<Arc<Probe>> {
+        owned_session(store, pid, functions, 0)
+    }
+
+    /// A session of user `owner_uid`.
+    fn owned_session(
+        store: &Store,
+        pid: u32,
+        functions: &[&str],
+        owner_uid: u32,
+    ) -> Vec<Arc<Probe>> {
         let session = store
-            .create_session(&process(pid), &["*".to_owned()], 1)
+            .create_session(&process(pid), &["*".to_owned()], 1, owner_uid)
             .expect("session");
         let ids = store
             .create_probes(session, functions.iter().map(|f| new_probe(f)).collect())
@@ -603,6 +665,7 @@ mod tests {
                     inlined_into: None,
                     comm: "demo".into(),
                     exe: "/usr/bin/demo".into(),
+                    owner_uid,
                 })
             })
             .collect()
@@ -741,6 +804,119 @@ mod tests {
             "a session of a previous run is closed"
         );
         assert_eq!(sessions[0].patterns, vec!["*".to_owned()]);
+    }
+
+    #[test]
+    fn a_user_reads_only_its_own_sessions_also_after_a_reopen() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = open(dir.path(), None, None);
+        let user = owned_session(&store, 100, &["client"], 1000);
+        let root = session(&store, 200, &["server"]);
+        // One trace through both: the user's client call and root's server handling it.
+        let trace = TraceId { high: 9, low: 1 };
+        let mut client = span(&user[0], 1, T0, 100);
+        client.trace_id = trace;
+        let mut server = span(&root[0], 2, T0 + 10, 50);
+        server.trace_id = trace;
+        server.parent_id = 1;
+        store.append(vec![client.clone(), server.clone()]);
+        for (pid, session_id) in [(100, user[0].session_id), (200, root[0].session_id)] {
+            store.record_process(ProcessRow {
+                pid,
+                start_ns: T0,
+                parent_pid: None,
+                session_id: Some(session_id),
+                comm: "demo".into(),
+                exe: "/usr/bin/demo".into(),
+                fork_span: None,
+                exited_ns: None,
+            });
+        }
+        store.flush().expect("flush");
+        drop(store);
+
+        let db = dir.path().join("scope.db");
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let store = open(dir.path(), None, None);
+        for file in [db.clone(), writer::wal_path(&db)] {
+            let mode = std::fs::metadata(&file)
+                .expect("the file")
+                .permissions()
+                .mode();
+            assert_eq!(
+                mode & 0o777,
+                0o600,
+                "{} holds every user's spans: root's alone",
+                file.display()
+            );
+        }
+        let mine = |owner: Option<u32>| SpanQuery {
+            owner,
+            ..SpanQuery::default()
+        };
+        let ids = |spans: Vec<Span>| spans.iter().map(|s| s.id).collect::<Vec<_>>();
+        assert_eq!(ids(store.spans(&mine(None), 0).expect("query")), [1, 2]);
+        assert_eq!(ids(store.spans(&mine(Some(1000)), 0).expect("query")), [1]);
+        assert!(store.spans(&mine(Some(1001)), 0).expect("query").is_empty());
+        let root_session = SpanQuery {
+            session_id: Some(root[0].session_id),
+            ..mine(Some(1000))
+        };
+        assert!(
+            store.spans(&root_session, 0).expect("query").is_empty(),
+            "naming root's session does not show its spans"
+        );
+        let stats = store.stats(&mine(Some(1000))).expect("stats");
+        assert_eq!(
+            stats
+                .iter()
+                .map(|s| s.function.as_str())
+                .collect::<Vec<_>>(),
+            ["client"]
+        );
+
+        let traces = |owner| {
+            store
+                .traces(&TraceQuery {
+                    owner,
+                    ..TraceQuery::default()
+                })
+                .expect("traces")
+        };
+        assert_eq!(
+            (traces(None)[0].spans, traces(None)[0].pids.clone()),
+            (2, vec![100, 200])
+        );
+        let users = traces(Some(1000));
+        assert_eq!(users.len(), 1);
+        assert_eq!(
+            (users[0].spans, users[0].pids.clone(), users[0].end_ns),
+            (1, vec![100], T0 + 100),
+            "summarised from the user's own spans"
+        );
+        assert!(traces(Some(1001)).is_empty());
+
+        let pids = |owner| {
+            store
+                .processes(owner)
+                .expect("processes")
+                .iter()
+                .map(|p| p.pid)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(pids(None), [100, 200]);
+        assert_eq!(pids(Some(1000)), [100]);
+        let owners: Vec<u32> = store
+            .sessions()
+            .expect("sessions")
+            .iter()
+            .map(|s| s.owner_uid)
+            .collect();
+        assert_eq!(
+            owners,
+            [0, 1000],
+            "newest first, owners kept across a reopen"
+        );
     }
 
     #[test]

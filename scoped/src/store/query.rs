@@ -20,6 +20,8 @@ use crate::{
 /// Which spans. `None` matches everything.
 #[derive(Clone, Debug, Default)]
 pub struct SpanQuery {
+    /// Only spans of sessions this uid owns (what a non-root caller may see).
+    pub owner: Option<u32>,
     pub session_id: Option<u64>,
     pub pid: Option<u32>,
     pub function: Option<Glob>,
@@ -47,6 +49,8 @@ pub struct FunctionStats {
 /// Which traces. `None` matches everything.
 #[derive(Clone, Debug, Default)]
 pub struct TraceQuery {
+    /// Only traces with spans of sessions this uid owns, summarised from those spans alone.
+    pub owner: Option<u32>,
     /// Traces with at least one span in this process.
     pub pid: Option<u32>,
     pub since_ns: Option<u64>,
@@ -95,7 +99,7 @@ const SPAN_COLUMNS: &str =
      arg0, arg1, arg2, arg3, arg4, arg5, ret, caller, flags";
 const PROBE_COLUMNS: &str =
     "p.id, p.session_id, s.pid, p.function, p.symbol, p.module, p.address, p.file_offset,
-     p.file, p.line, p.inlined_into, s.comm, s.exe";
+     p.file, p.line, p.inlined_into, s.comm, s.exe, s.owner_uid";
 
 fn probe_from_row(row: &Row<'_>) -> rusqlite::Result<Probe> {
     Ok(Probe {
@@ -112,6 +116,7 @@ fn probe_from_row(row: &Row<'_>) -> rusqlite::Result<Probe> {
         inlined_into: row.get(10)?,
         comm: row.get(11)?,
         exe: row.get(12)?,
+        owner_uid: row.get(13)?,
     })
 }
 
@@ -204,7 +209,8 @@ impl Store {
         let mut matching = Vec::new();
         for probe in rows {
             let probe = probe.map_err(sql)?;
-            let wanted = query.session_id.is_none_or(|id| probe.session_id == id)
+            let wanted = query.owner.is_none_or(|uid| probe.owner_uid == uid)
+                && query.session_id.is_none_or(|id| probe.session_id == id)
                 && query.pid.is_none_or(|pid| probe.pid == pid)
                 && query.function.as_ref().is_none_or(|glob| {
                     glob.matches(&probe.function) || glob.matches(&probe.symbol)
@@ -243,7 +249,7 @@ impl Store {
     pub fn spans(&self, query: &SpanQuery, limit: usize) -> Result<Vec<Span>, StoreError> {
         let conn = self.reader();
         let mut conditions: Vec<String> = Vec::new();
-        if query.session_id.is_some() || query.function.is_some() {
+        if query.owner.is_some() || query.session_id.is_some() || query.function.is_some() {
             let probes = self.probes_matching(&conn, query)?;
             if probes.is_empty() {
                 return Ok(Vec::new());
@@ -298,6 +304,28 @@ impl Store {
         Ok(spans)
     }
 
+    /// `AND probe_id IN (...)` restricting spans to those of `owner`'s sessions (empty for
+    /// no owner), or `None` when the owner has no probes at all.
+    fn owned_probes_sql(
+        &self,
+        conn: &Connection,
+        owner: Option<u32>,
+    ) -> Result<Option<String>, StoreError> {
+        let Some(owner) = owner else {
+            return Ok(Some(String::new()));
+        };
+        let query = SpanQuery {
+            owner: Some(owner),
+            ..SpanQuery::default()
+        };
+        let probes = self.probes_matching(conn, &query)?;
+        if probes.is_empty() {
+            return Ok(None);
+        }
+        let ids: Vec<String> = probes.iter().map(|p| to_sql(p.id).to_string()).collect();
+        Ok(Some(format!(" AND probe_id IN ({})", ids.join(","))))
+    }
+
     /// The most recent traces (by first start) matching `query`.
     pub fn traces(&self, query: &TraceQuery) -> Result<Vec<TraceSummary>, StoreError> {
         let conn = self.reader();
@@ -305,7 +333,15 @@ impl Store {
             what: "read traces",
             source,
         };
+        let Some(owned) = self.owned_probes_sql(&conn, query.owner)? else {
+            return Ok(Vec::new());
+        };
         let mut conditions = Vec::new();
+        if query.owner.is_some() {
+            conditions.push(format!(
+                "EXISTS (SELECT 1 FROM spans s WHERE s.trace_lo = t.trace_lo AND s.trace_hi = t.trace_hi{owned})"
+            ));
+        }
         let mut values: Vec<Value> = Vec::new();
         if let Some(since) = query.since_ns {
             values.push(Value::Integer(to_sql(since)));
@@ -354,20 +390,42 @@ impl Store {
             .collect::<Result<_, _>>()
             .map_err(read)?;
         let mut traces = Vec::with_capacity(found.len());
-        for (trace_id, start_ns, end_ns, spans) in found {
+        for (trace_id, mut start_ns, mut end_ns, mut spans) in found {
             let (high, low) = (to_sql(trace_id.high), to_sql(trace_id.low));
+            if query.owner.is_some() {
+                // Summarised from the caller's own spans: another user's part of the trace
+                // (a server it called, say) is not theirs to see, not even as a count.
+                (start_ns, end_ns, spans) = conn
+                    .query_row(
+                        &format!(
+                            "SELECT min(start_ns), max(start_ns + duration_ns), count(*) FROM spans
+                              WHERE trace_lo = ?1 AND trace_hi = ?2{owned}"
+                        ),
+                        [low, high],
+                        |row| {
+                            Ok((
+                                from_sql(row.get(0)?),
+                                from_sql(row.get(1)?),
+                                from_sql(row.get(2)?),
+                            ))
+                        },
+                    )
+                    .map_err(read)?;
+            }
             let root = self
                 .read_spans(
                     &conn,
                     &format!(
-                        "SELECT {SPAN_COLUMNS} FROM spans WHERE trace_lo = ?1 AND trace_hi = ?2
+                        "SELECT {SPAN_COLUMNS} FROM spans WHERE trace_lo = ?1 AND trace_hi = ?2{owned}
                           ORDER BY (span_id = trace_lo) DESC, start_ns LIMIT 1"
                     ),
                     [low, high],
                 )?
                 .pop();
             let mut pids = conn
-                .prepare_cached("SELECT DISTINCT pid FROM spans WHERE trace_lo = ?1 AND trace_hi = ?2 ORDER BY pid")
+                .prepare_cached(&format!(
+                    "SELECT DISTINCT pid FROM spans WHERE trace_lo = ?1 AND trace_hi = ?2{owned} ORDER BY pid"
+                ))
                 .map_err(read)?;
             let pids: Vec<u32> = pids
                 .query_map([low, high], |row| row.get(0))
@@ -387,13 +445,26 @@ impl Store {
     }
 
     /// For each of `spans` that read bytes while it ran, the calls that wrote them (a reply
-    /// to a request, say): span id → [(writer span id, writer trace)].
-    pub fn io_links(&self, spans: &[u64]) -> Result<HashMap<u64, Vec<(u64, TraceId)>>, StoreError> {
+    /// to a request, say): span id → [(writer span id, writer trace)]. With an `owner`, only
+    /// writers in that uid's sessions.
+    pub fn io_links(
+        &self,
+        spans: &[u64],
+        owner: Option<u32>,
+    ) -> Result<HashMap<u64, Vec<(u64, TraceId)>>, StoreError> {
         let conn = self.reader();
         let read = |source| StoreError::Sql {
             what: "read io links",
             source,
         };
+        let Some(owned) = self.owned_probes_sql(&conn, owner)? else {
+            return Ok(HashMap::new());
+        };
+        let mut visible = conn
+            .prepare_cached(&format!(
+                "SELECT 1 FROM spans WHERE trace_lo = ?1 AND trace_hi = ?2 AND span_id = ?3{owned} LIMIT 1"
+            ))
+            .map_err(read)?;
         let mut links: HashMap<u64, Vec<(u64, TraceId)>> = HashMap::new();
         let mut statement = conn.prepare_cached(IO_LINKS_SQL).map_err(read)?;
         for &span in spans {
@@ -410,6 +481,13 @@ impl Store {
                 .map_err(read)?;
             for row in rows {
                 let (peer, trace) = row.map_err(read)?;
+                if owner.is_some()
+                    && !visible
+                        .exists([to_sql(trace.low), to_sql(trace.high), to_sql(peer)])
+                        .map_err(read)?
+                {
+                    continue;
+                }
                 let entry = links.entry(span).or_default();
                 if !entry.iter().any(|(p, _)| *p == peer) {
                     entry.push((peer, trace));
@@ -420,24 +498,51 @@ impl Store {
     }
 
     /// The TCP reads and writes made by calls of a trace: what another host's daemon needs
-    /// to find the other half.
-    pub fn trace_io(&self, trace: TraceId) -> Result<Vec<Io>, StoreError> {
+    /// to find the other half. With an `owner`, only those of that uid's sessions' calls.
+    pub fn trace_io(&self, trace: TraceId, owner: Option<u32>) -> Result<Vec<Io>, StoreError> {
         let conn = self.reader();
         let read = |source| StoreError::Sql {
             what: "read a trace's io",
             source,
         };
+        let Some(owned) = self.owned_probes_sql(&conn, owner)? else {
+            return Ok(Vec::new());
+        };
         let mut statement = conn.prepare_cached(&trace_io_sql()).map_err(read)?;
         let rows = statement
             .query_map([to_sql(trace.low), to_sql(trace.high)], io_from_row)
             .map_err(read)?;
-        rows.collect::<Result<_, _>>().map_err(read)
+        let io: Vec<Io> = rows.collect::<Result<_, _>>().map_err(read)?;
+        if owner.is_none() {
+            return Ok(io);
+        }
+        let mut own_spans = conn
+            .prepare(&format!(
+                "SELECT span_id FROM spans WHERE trace_lo = ?1 AND trace_hi = ?2{owned}"
+            ))
+            .map_err(read)?;
+        let own_spans: std::collections::HashSet<u64> = own_spans
+            .query_map([to_sql(trace.low), to_sql(trace.high)], |row| {
+                row.get(0).map(from_sql)
+            })
+            .map_err(read)?
+            .collect::<Result<_, _>>()
+            .map_err(read)?;
+        Ok(io
+            .into_iter()
+            .filter(|io| own_spans.contains(&io.span_id))
+            .collect())
     }
 
     /// For TCP writes made on another host: the reads of the same bytes here, and the call
     /// each read caused (the reading thread's call that was open, or its next root call).
-    /// Returns (the write's span, the caused call).
-    pub fn io_peers(&self, writes: &[Io]) -> Result<Vec<(u64, Span)>, StoreError> {
+    /// Returns (the write's span, the caused call). With an `owner`, only calls of that uid's
+    /// sessions.
+    pub fn io_peers(
+        &self,
+        writes: &[Io],
+        owner: Option<u32>,
+    ) -> Result<Vec<(u64, Span)>, StoreError> {
         let conn = self.reader();
         let read = |source| StoreError::Sql {
             what: "match remote writes",
@@ -482,7 +587,11 @@ impl Store {
                         [i64::from(reading.pid), i64::from(reading.tid), to_sql(reading.time_ns)],
                     )?
                 };
-                if let Some(span) = caused.into_iter().next() {
+                if let Some(span) = caused
+                    .into_iter()
+                    .next()
+                    .filter(|span| owner.is_none_or(|uid| span.probe.owner_uid == uid))
+                {
                     found.push((write.span_id, span));
                 }
             }
@@ -490,8 +599,9 @@ impl Store {
         Ok(found)
     }
 
-    /// Every traced process the store knows, oldest first.
-    pub fn processes(&self) -> Result<Vec<ProcessRow>, StoreError> {
+    /// Every traced process the store knows (with an `owner`, those recorded for that uid's
+    /// sessions), oldest first.
+    pub fn processes(&self, owner: Option<u32>) -> Result<Vec<ProcessRow>, StoreError> {
         let conn = self.reader();
         let read = |source| StoreError::Sql {
             what: "read processes",
@@ -500,11 +610,14 @@ impl Store {
         let mut statement = conn
             .prepare(
                 "SELECT pid, start_ns, parent_pid, session_id, comm, exe, fork_span, exited_ns
-                   FROM processes ORDER BY start_ns, pid",
+                   FROM processes
+                  WHERE ?1 IS NULL
+                     OR session_id IN (SELECT id FROM sessions WHERE owner_uid = ?1)
+                  ORDER BY start_ns, pid",
             )
             .map_err(read)?;
         let rows = statement
-            .query_map([], |row| {
+            .query_map([owner], |row| {
                 Ok(ProcessRow {
                     pid: row.get(0)?,
                     start_ns: from_sql(row.get(1)?),
@@ -629,7 +742,7 @@ impl Store {
             source,
         };
         let mut statement = conn
-            .prepare("SELECT id, pid, comm, exe, patterns, started_ns, ended_ns FROM sessions ORDER BY id DESC")
+            .prepare("SELECT id, pid, comm, exe, patterns, started_ns, ended_ns, owner_uid FROM sessions ORDER BY id DESC")
             .map_err(read)?;
         let rows = statement
             .query_map([], |row| {
@@ -642,6 +755,7 @@ impl Store {
                     patterns: serde_json::from_str(&patterns).unwrap_or_default(),
                     started_ns: from_sql(row.get(5)?),
                     ended_ns: row.get::<_, Option<i64>>(6)?.map(from_sql),
+                    owner_uid: row.get(7)?,
                 })
             })
             .map_err(read)?;

@@ -5,7 +5,7 @@ use rusqlite::{Connection, OptionalExtension};
 
 /// The schema version this daemon writes. Each entry of [`MIGRATIONS`] moves the file one
 /// version up; a file newer than this is refused rather than misread.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// `MIGRATIONS[n]` takes a file from version `n` to `n + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -150,6 +150,12 @@ const MIGRATIONS: &[&str] = &[
     DROP INDEX io_tcp;
     CREATE INDEX io_tcp ON io(local_addr, remote_addr, start) WHERE stream = 3;
     "#,
+    // 4 → 5: who attached each session. Only that uid and root see its spans. Sessions of
+    // earlier versions were root's: until then the socket was open to root alone.
+    r#"
+    ALTER TABLE sessions ADD COLUMN owner_uid INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX sessions_owner ON sessions(owner_uid);
+    "#,
 ];
 
 /// Why the schema could not be brought up to date.
@@ -243,6 +249,40 @@ mod tests {
             )
             .expect("the trace summary was built from the spans");
         assert_eq!((start, end, spans), (1000, 1050, 2));
+    }
+
+    #[test]
+    fn a_version_4_file_is_migrated_and_its_sessions_are_roots() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut conn = Connection::open(dir.path().join("v4.db")).expect("open");
+        conn.execute_batch("CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;")
+            .expect("meta");
+        for sql in &MIGRATIONS[..4] {
+            conn.execute_batch(sql).expect("v4 schema");
+        }
+        conn.execute("INSERT INTO meta VALUES ('schema_version', 4)", [])
+            .expect("version");
+        conn.execute_batch(
+            "INSERT INTO sessions VALUES (3, 100, 'demo', '/usr/bin/demo', '[\"f\"]', 900, 950);",
+        )
+        .expect("a session");
+        prepare(&mut conn).expect("migrate");
+        let (id, owner): (i64, i64) = conn
+            .query_row("SELECT id, owner_uid FROM sessions", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .expect("the session is still there");
+        assert_eq!(
+            (id, owner),
+            (3, 0),
+            "sessions of earlier versions are root's"
+        );
+        conn.execute(
+            "INSERT INTO sessions (pid, comm, exe, patterns, started_ns, owner_uid)
+             VALUES (1, 'x', '/x', '[]', 1, 1000)",
+            [],
+        )
+        .expect("new sessions record their owner");
     }
 
     #[test]

@@ -79,10 +79,13 @@ pub(crate) fn run(
                 process,
                 patterns,
                 started_ns,
+                owner_uid,
                 reply,
             }) => {
                 commit(&mut conn, &mut batch, &config, &counters);
-                let _ = reply.send(insert_session(&conn, &process, &patterns, started_ns));
+                let _ = reply.send(insert_session(
+                    &conn, &process, &patterns, started_ns, owner_uid,
+                ));
             }
             Ok(Command::Probes {
                 session_id,
@@ -327,16 +330,19 @@ fn insert_session(
     process: &crate::procfs::ProcessInfo,
     patterns: &[String],
     started_ns: u64,
+    owner_uid: u32,
 ) -> Result<u64, StoreError> {
     let patterns = serde_json::to_string(patterns).unwrap_or_else(|_| "[]".to_owned());
     conn.execute(
-        "INSERT INTO sessions (pid, comm, exe, patterns, started_ns) VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO sessions (pid, comm, exe, patterns, started_ns, owner_uid)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         params![
             process.pid,
             process.comm,
             process.exe.display().to_string(),
             patterns,
-            to_sql(started_ns)
+            to_sql(started_ns),
+            owner_uid
         ],
     )
     .map_err(|source| StoreError::Sql {

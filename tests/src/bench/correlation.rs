@@ -308,7 +308,7 @@ fn correlator(traces: u64) -> CorrelatorResult {
             start_time: 1,
         };
         let session = store
-            .create_session(&process, &[function.to_owned()], 1)
+            .create_session(&process, &[function.to_owned()], 1, 0)
             .expect("session");
         let new = NewProbe {
             function: function.into(),
@@ -342,6 +342,7 @@ fn correlator(traces: u64) -> CorrelatorResult {
                     inlined_into: None,
                     comm: process.comm.clone(),
                     exe: process.exe.display().to_string(),
+                    owner_uid: 0,
                 }),
                 1,
             ))),
@@ -413,7 +414,7 @@ fn correlator(traces: u64) -> CorrelatorResult {
         let start = Instant::now();
         let found = store.spans(&query, 0).expect("trace query");
         let span_ids: Vec<u64> = found.iter().map(|s| s.id).collect();
-        let links = store.io_links(&span_ids).expect("io links");
+        let links = store.io_links(&span_ids, None).expect("io links");
         times.push(start.elapsed().as_secs_f64() * 1e3);
         assert_eq!(found.len() as u64, SPANS_PER_TRACE, "trace {run} complete");
         assert!(!links.is_empty(), "the reply links back in trace {run}");

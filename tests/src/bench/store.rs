@@ -127,7 +127,7 @@ pub fn run(spans: u64) -> StoreReport {
         start_time: 1,
     };
     let session = store
-        .create_session(&process, &["f*".to_owned()], 1)
+        .create_session(&process, &["f*".to_owned()], 1, 0)
         .expect("session");
     let new: Vec<NewProbe> = (0..PROBES)
         .map(|i| NewProbe {
@@ -161,6 +161,7 @@ pub fn run(spans: u64) -> StoreReport {
                 inlined_into: None,
                 comm: "bench".into(),
                 exe: "/usr/bin/bench".into(),
+                owner_uid: 0,
             })
         })
         .collect();
