@@ -497,6 +497,26 @@ impl pb::scope_server::Scope for ScopeService {
     }
 }
 
+/// tonic answers a request message it cannot decode with `internal`, as if the daemon were
+/// at fault; it is the caller's: this rewrites such answers to `invalid_argument`, keeping
+/// tonic's message ("failed to decode Protobuf message: ..."), which says what was wrong.
+pub fn malformed_is_invalid_argument<B>(mut response: http::Response<B>) -> http::Response<B> {
+    let headers = response.headers_mut();
+    let internal = headers
+        .get("grpc-status")
+        .is_some_and(|code| code.as_bytes() == b"13");
+    let undecodable = headers
+        .get("grpc-message")
+        .is_some_and(|message| message.as_bytes().starts_with(b"failed%20to%20decode"));
+    if internal && undecodable {
+        headers.insert(
+            "grpc-status",
+            http::HeaderValue::from_static("3"), // INVALID_ARGUMENT
+        );
+    }
+    response
+}
+
 /// Runs blocking domain work (ELF parsing, kernel attach/detach) off the async workers.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
     tokio::task::spawn_blocking(f)

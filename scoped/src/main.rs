@@ -25,6 +25,7 @@ use tonic::{
     service::InterceptorLayer,
     transport::{Certificate, Identity, ServerTlsConfig, server::TcpIncoming},
 };
+use tower::util::MapResponseLayer;
 
 use scoped::{
     access::{self, DEFAULT_MAX_SESSIONS_PER_CALLER, TcpCaller},
@@ -300,6 +301,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .tls_config(tcp.tls)
                 .context("--tls-cert/--tls-key/--client-ca")?
                 .layer(InterceptorLayer::new(tcp.caller))
+                .layer(MapResponseLayer::new(api::malformed_is_invalid_argument))
                 .add_service(health_service.clone())
                 .add_service(reflection.clone())
                 .add_service(scope.clone())
@@ -315,6 +317,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!(socket = %args.socket.display(), cpus, ring_bytes = args.ring_bytes, "scoped is serving");
     let served = tonic::transport::Server::builder()
         .layer(InterceptorLayer::new(access::unix_caller))
+        .layer(MapResponseLayer::new(api::malformed_is_invalid_argument))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(scope)
