@@ -360,13 +360,23 @@ impl Daemon {
             require_matches: false,
             limits: Limits::default(),
         };
+        let started = Instant::now();
         let attached = resolve::plan(&self.symbolizer, &spec, self.settings.max_session_probes)
             .and_then(|plan| {
+                let resolved = started.elapsed();
                 let probes = self.stored_probes(id, session.owner_uid, &plan)?;
+                let stored = started.elapsed();
                 let count = probes.len();
                 let replaced =
                     self.manager()
                         .add_member(id, plan, probes, self.settings.programs)?;
+                tracing::debug!(
+                    resolve_ms = resolved.as_secs_f64() * 1e3,
+                    store_ms = (stored - resolved).as_secs_f64() * 1e3,
+                    attach_ms = (started.elapsed() - stored).as_secs_f64() * 1e3,
+                    pid,
+                    "followed"
+                );
                 Ok((count, replaced))
             });
         match attached {

@@ -7,6 +7,13 @@
 pub struct Glob {
     source: String,
     tokens: Vec<Token>,
+    /// The literal characters the pattern starts and ends with (the whole pattern when it has
+    /// no wildcard): a name without them is rejected without running the matcher. Resolving
+    /// tries every pattern on every function name of every mapped library, hundreds of
+    /// thousands of names for a server like PostgreSQL.
+    prefix: String,
+    suffix: String,
+    literal: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -85,9 +92,28 @@ impl Glob {
                 c => tokens.push(Token::Literal(c)),
             }
         }
+        let literal_chars = |tokens: &mut dyn Iterator<Item = &Token>| -> String {
+            tokens
+                .map_while(|t| match t {
+                    Token::Literal(c) => Some(*c),
+                    _ => None,
+                })
+                .collect()
+        };
+        let prefix = literal_chars(&mut tokens.iter());
+        let literal = prefix.chars().count() == tokens.len();
+        let suffix = if literal {
+            String::new()
+        } else {
+            let reversed = literal_chars(&mut tokens.iter().rev());
+            reversed.chars().rev().collect()
+        };
         Ok(Glob {
             source: pattern.to_owned(),
             tokens,
+            prefix,
+            suffix,
+            literal,
         })
     }
 
@@ -96,6 +122,12 @@ impl Glob {
     }
 
     pub fn matches(&self, text: &str) -> bool {
+        if self.literal {
+            return text == self.prefix;
+        }
+        if !text.starts_with(&self.prefix) || !text.ends_with(&self.suffix) {
+            return false;
+        }
         let text: Vec<char> = text.chars().collect();
         // Iterative matcher with single-star backtracking: linear for patterns with one
         // star, O(n·m) worst case, never exponential.
@@ -147,6 +179,22 @@ mod tests {
 
     fn m(pattern: &str, text: &str) -> bool {
         Glob::new(pattern).expect("valid glob").matches(text)
+    }
+
+    #[test]
+    fn literal_prefix_and_suffix_shortcuts_agree_with_the_matcher() {
+        assert!(m("PortalRun", "PortalRun"));
+        assert!(!m("PortalRun", "PortalRunFetch"));
+        assert!(!m("PortalRun", "PortalRu"));
+        assert!(m("*Command", "processCommand"));
+        assert!(!m("*Command", "processCommands"));
+        assert!(m("demo::*", "demo::fib"));
+        assert!(!m("demo::*", "xdemo::fib"));
+        assert!(m("ab*ba", "abba"));
+        assert!(!m("ab*ba", "aba"), "prefix and suffix may not overlap");
+        assert!(m("a\\*b", "a*b"), "an escaped star is a literal");
+        assert!(!m("a\\*b", "axb"));
+        assert!(m("é*ü", "éxü"));
     }
 
     #[test]

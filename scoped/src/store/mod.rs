@@ -16,7 +16,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex, MutexGuard,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         mpsc::{self, SyncSender, TrySendError},
     },
     thread::JoinHandle,
@@ -181,10 +181,10 @@ pub(crate) enum Command {
         owner_uid: u32,
         reply: SyncSender<Result<u64, StoreError>>,
     },
+    /// Probes with the ids the store gave them: written in order before any span of them.
     Probes {
         session_id: u64,
-        probes: Vec<NewProbe>,
-        reply: SyncSender<Result<Vec<u64>, StoreError>>,
+        probes: Vec<(u64, NewProbe)>,
     },
     EndSession {
         session_id: u64,
@@ -219,6 +219,9 @@ pub struct Store {
     queued: Arc<AtomicUsize>,
     /// Spans in the file when it was opened.
     initial_spans: u64,
+    /// The next probe id: given out here, not by SQLite, so attaching (and following a fork)
+    /// never waits for the writer, which may be busy with a backlog of spans.
+    next_probe_id: AtomicU64,
     retain_bytes: Option<u64>,
     retain_age: Option<Duration>,
 }
@@ -276,6 +279,18 @@ impl Store {
                 what: "count the stored spans",
                 source,
             })?;
+        // Past every id ever given (AUTOINCREMENT's high-water mark survives deletions).
+        let last_probe_id: i64 = conn
+            .query_row(
+                "SELECT max(COALESCE((SELECT max(id) FROM probes), 0),
+                            COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'probes'), 0))",
+                [],
+                |row| row.get(0),
+            )
+            .map_err(|source| StoreError::Sql {
+                what: "find the last probe id",
+                source,
+            })?;
 
         let reader = Connection::open_with_flags(
             &path,
@@ -312,6 +327,7 @@ impl Store {
             counters,
             queued,
             initial_spans: initial_spans as u64,
+            next_probe_id: AtomicU64::new(last_probe_id as u64 + 1),
             retain_bytes,
             retain_age,
         })
@@ -438,11 +454,19 @@ impl Store {
         session_id: u64,
         probes: Vec<NewProbe>,
     ) -> Result<Vec<u64>, StoreError> {
-        self.call(|reply| Command::Probes {
+        let first = self
+            .next_probe_id
+            .fetch_add(probes.len() as u64, Ordering::Relaxed);
+        let ids: Vec<u64> = (first..first + probes.len() as u64).collect();
+        let tx = lock(&self.writer)
+            .clone()
+            .ok_or(StoreError::WriterStopped)?;
+        tx.send(Command::Probes {
             session_id,
-            probes,
-            reply,
-        })?
+            probes: ids.iter().copied().zip(probes).collect(),
+        })
+        .map_err(|_| StoreError::WriterStopped)?;
+        Ok(ids)
     }
 
     /// Marks a session ended (detached, or its attach failed).
@@ -598,6 +622,34 @@ mod tests {
             .expect("plan")
             .collect::<Result<_, _>>()
             .expect("plan rows")
+    }
+
+    #[test]
+    fn probe_ids_are_given_at_once_and_never_reused_across_runs() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = open(dir.path(), None, None);
+        let first = session(&store, 7, &["a", "b"]);
+        let second = session(&store, 7, &["c"]);
+        let ids: Vec<u64> = first.iter().chain(&second).map(|p| p.id).collect();
+        assert_eq!(ids, [1, 2, 3]);
+        // Spans of those probes store (their rows were written first, in order).
+        store.append(vec![span(&second[0], 1, 1_000, 10)]);
+        store.close();
+        let store = open(dir.path(), None, None);
+        assert_eq!(store.stored_spans(), 1);
+        let again = session(&store, 8, &["d"]);
+        assert_eq!(again[0].id, 4, "ids continue past the last run's");
+        let spans = store
+            .spans(
+                &SpanQuery {
+                    pid: Some(7),
+                    ..SpanQuery::default()
+                },
+                10,
+            )
+            .expect("query");
+        assert_eq!(spans.len(), 1);
+        assert_eq!(spans[0].probe.function, "c");
     }
 
     #[test]

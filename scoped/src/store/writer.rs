@@ -87,13 +87,12 @@ pub(crate) fn run(
                     &conn, &process, &patterns, started_ns, owner_uid,
                 ));
             }
-            Ok(Command::Probes {
-                session_id,
-                probes,
-                reply,
-            }) => {
+            Ok(Command::Probes { session_id, probes }) => {
                 commit(&mut conn, &mut batch, &config, &counters);
-                let _ = reply.send(insert_probes(&mut conn, session_id, &probes));
+                if let Err(error) = insert_probes(&mut conn, session_id, &probes) {
+                    // Their spans will fail to store too, and be counted (write_failed).
+                    tracing::error!(error = %error, session_id, "recording probes failed");
+                }
             }
             Ok(Command::EndSession {
                 session_id,
@@ -355,25 +354,25 @@ fn insert_session(
 fn insert_probes(
     conn: &mut Connection,
     session_id: u64,
-    probes: &[NewProbe],
-) -> Result<Vec<u64>, StoreError> {
+    probes: &[(u64, NewProbe)],
+) -> Result<(), StoreError> {
     let sql = |source| StoreError::Sql {
         what: "record probes",
         source,
     };
     let tx = conn.transaction().map_err(sql)?;
-    let mut ids = Vec::with_capacity(probes.len());
     {
         let mut insert = tx
             .prepare_cached(
-                "INSERT INTO probes (session_id, function, symbol, module, address, file_offset, file, line,
-                                     inlined_into, process_start_ns)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                "INSERT INTO probes (id, session_id, function, symbol, module, address, file_offset,
+                                     file, line, inlined_into, process_start_ns)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             )
             .map_err(sql)?;
-        for probe in probes {
+        for (id, probe) in probes {
             insert
                 .execute(params![
+                    to_sql(*id),
                     to_sql(session_id),
                     probe.function,
                     probe.symbol,
@@ -386,11 +385,9 @@ fn insert_probes(
                     to_sql(probe.process_start_ns),
                 ])
                 .map_err(sql)?;
-            ids.push(tx.last_insert_rowid() as u64);
         }
     }
-    tx.commit().map_err(sql)?;
-    Ok(ids)
+    tx.commit().map_err(sql)
 }
 
 fn write_io(conn: &mut Connection, io: &[crate::model::Io]) -> Result<(), rusqlite::Error> {
