@@ -95,3 +95,14 @@ fn pgbench_bench_runs_scope_and_bpftrace_on_a_real_postgres() {
     assert_eq!(dropped, 0);
     assert!(report.markdown().contains("÷ bpftrace"));
 }
+
+#[test]
+fn detach_bench_measures_the_emergency_stop() {
+    let report = bench::detach::run(3);
+    assert_eq!(report.cases.len(), 2);
+    for case in &report.cases {
+        assert_eq!(case.detach_ns.len(), 3);
+        assert!(case.detach_ns.iter().all(|&ns| ns > 0), "{case:?}");
+    }
+    assert!(report.markdown().contains("| 8 × 16 | 16 |"));
+}

@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::{Context, bail};
 
-const USAGE: &str = "usage: cargo xtask <setup | build-ebpf | build | demo | test [ARGS...] | bench [--quick] [--only per-call|redis|pgbench|correlation|store|rss] | ci>";
+const USAGE: &str = "usage: cargo xtask <setup | build-ebpf | build | demo | test [ARGS...] | bench [--quick] [--only per-call|redis|pgbench|correlation|store|rss|detach] | ci>";
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);

@@ -1,7 +1,7 @@
 //! `cargo xtask bench` runs this: the benchmarks of `scope_tests::bench`, each written into
 //! its own section of BENCHMARKS.md (between markers, so the rest of the file stays).
 //!
-//! Usage: scope-bench [--quick] [--only per-call|redis|pgbench|correlation|store|rss] [--out PATH]
+//! Usage: scope-bench [--quick] [--only per-call|redis|pgbench|correlation|store|rss|detach] [--out PATH]
 
 use std::{path::Path, time::Duration};
 
@@ -10,13 +10,14 @@ use scope_tests::bench::{
     self, BenchConfig, correlation::CorrelationConfig, pgbench::PgbenchConfig, redis::RedisConfig,
 };
 
-const SECTIONS: [&str; 6] = [
+const SECTIONS: [&str; 7] = [
     "per-call",
     "redis",
     "pgbench",
     "correlation",
     "store",
     "rss",
+    "detach",
 ];
 
 fn main() -> anyhow::Result<()> {
@@ -30,7 +31,7 @@ fn main() -> anyhow::Result<()> {
             "--only" => only = Some(args.next().context("--only needs a section")?),
             "--out" => out = Some(args.next().context("--out needs a path")?.into()),
             other => bail!(
-                "unknown argument {other:?}; usage: scope-bench [--quick] [--only per-call|redis|pgbench|correlation|store|rss] [--out PATH]"
+                "unknown argument {other:?}; usage: scope-bench [--quick] [--only per-call|redis|pgbench|correlation|store|rss|detach] [--out PATH]"
             ),
         }
     }
@@ -104,6 +105,11 @@ fn main() -> anyhow::Result<()> {
         let spans = if quick { 200_000 } else { 10_000_000 };
         eprintln!("scope-bench: store, {spans} spans");
         write("store", bench::store::run(spans).markdown())?;
+    }
+    if wanted("detach") {
+        let rounds = if quick { 3 } else { 30 };
+        eprintln!("scope-bench: detach --all, {rounds} rounds");
+        write("detach", bench::detach::run(rounds).markdown())?;
     }
     if wanted("rss") {
         let duration = if quick {
