@@ -17,9 +17,18 @@ const PACKAGES: &[(&str, &str)] = &[
     ("libpolly-22-dev", "bpf-linker links with LLVM 22"),
     ("libzstd-dev", "bpf-linker"),
     ("zlib1g-dev", "bpf-linker"),
-    ("gcc", "the tests build C fixtures"),
-    ("g++", "the tests build C++ fixtures"),
-    ("binutils", "strip/objcopy for debug-link fixtures"),
+    (
+        "gcc",
+        "the tests build C fixtures, `xtask fuzz-seeds` the ELF seeds",
+    ),
+    (
+        "g++",
+        "the tests build C++ fixtures; libfuzzer-sys compiles libFuzzer (C++) for the fuzz targets",
+    ),
+    (
+        "binutils",
+        "strip/objcopy for debug-link fixtures and the fuzz seeds",
+    ),
     ("redis-server", "a real program to trace"),
     ("redis-tools", "redis-benchmark drives it"),
     ("bpftrace", "benchmark peer"),
@@ -36,6 +45,7 @@ pub fn setup() -> anyhow::Result<()> {
     install_packages()?;
     link_bpf_toolchain()?;
     install_bpf_linker()?;
+    install_cargo_fuzz()?;
     python_venv()?;
     mount_if_missing(
         "tracefs",
@@ -127,6 +137,30 @@ fn install_bpf_linker() -> anyhow::Result<()> {
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO")
         .env_remove("RUSTUP_TOOLCHAIN"))
+}
+
+/// Installs cargo-fuzz (`cargo xtask fuzz`, and `cargo xtask test` after the tests) when
+/// `cargo fuzz` does not run. Any installed version is kept: the xtask uses only `build` and
+/// `run` with options every 0.1x release has.
+pub fn install_cargo_fuzz() -> anyhow::Result<()> {
+    let present = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if present {
+        return Ok(());
+    }
+    eprintln!("xtask setup: installing cargo-fuzz (about half a minute)");
+    // Outside the workspace, with the machine's stable toolchain, as for bpf-linker.
+    run(Command::new("cargo")
+        .current_dir("/")
+        .args(["install", "cargo-fuzz", "--locked"])
+        .env_remove("RUSTC_BOOTSTRAP")
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO")
+        .env_remove("RUSTUP_TOOLCHAIN"))
+    .context("installing cargo-fuzz from crates.io")
 }
 
 /// Python packages the tests use as independent peers (an OTLP receiver written with the
