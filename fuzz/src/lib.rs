@@ -86,17 +86,24 @@ fn scratch() -> &'static Mutex<Scratch> {
 /// daemon asks: functions, lookups by address and name, vaddr/offset translation, frames,
 /// source locations and inlined call sites. `addresses` are looked up too.
 pub fn symbolize(bytes: &[u8], addresses: &[u64]) {
+    with_module(bytes, |module| query(module, addresses));
+}
+
+/// Opens `bytes` as a module, as the daemon opens a file, and calls `f` with it; `None` when
+/// the symbolizer refuses the file.
+pub fn with_module<T>(bytes: &[u8], f: impl FnOnce(&Module) -> T) -> Option<T> {
     let mut scratch = scratch().lock().unwrap_or_else(PoisonError::into_inner);
     scratch.replace(bytes);
     // A fresh symbolizer: its cache is keyed by inode, size and mtime, which the reused
     // scratch file could repeat for a different input.
     let symbolizer = Symbolizer::with_capacity(1);
-    let Ok(module) = symbolizer.module_in_root(&scratch.path, Path::new(NO_DEBUG_ROOT)) else {
-        return;
-    };
-    query(&module, addresses);
+    let module = symbolizer
+        .module_in_root(&scratch.path, Path::new(NO_DEBUG_ROOT))
+        .ok()?;
+    let result = f(&module);
     // Unmapped before the scratch file is truncated for the next input.
     drop(module);
+    Some(result)
 }
 
 fn query(module: &Module, addresses: &[u64]) {
@@ -391,5 +398,45 @@ mod tests {
         let cut = &encoded[..encoded.len() - 15];
         let (_, parsed) = parse_replacements(cut).expect("base byte");
         assert_eq!(parsed[0].data, b"ab", "a cut record keeps what is there");
+    }
+
+    fn inline_names(bytes: &[u8]) -> Vec<String> {
+        with_module(bytes, |module| {
+            assert!(module.has_dwarf());
+            module
+                .inline_sites()
+                .iter()
+                .map(|site| format!("{} in {}", site.name, site.inlined_into))
+                .collect()
+        })
+        .expect("opens as a module")
+    }
+
+    /// The `dwarf` target reaches DWARF parsing: the base file's own sections spliced back in
+    /// (the `-all` seed) give the same answers as the base, garbage gives none.
+    #[test]
+    fn spliced_sections_are_what_the_symbolizer_reads() {
+        let base = include_bytes!("../seeds/dwarf5.elf");
+        let expected = inline_names(base);
+        assert!(
+            expected.iter().any(|site| site == "square in distance2"),
+            "{expected:?}"
+        );
+
+        let seed = include_bytes!("../corpus/dwarf/seed-dwarf5-all");
+        let (selector, sections) = parse_replacements(seed).expect("seed parses");
+        assert_eq!(selector, 0);
+        assert!(sections.len() >= 5, "{sections:?}");
+        let spliced = splice_sections(base, &sections).expect("base is well-formed");
+        assert!(spliced.len() > base.len(), "the sections were appended");
+        assert_eq!(inline_names(&spliced), expected);
+
+        let garbage = [Replacement {
+            name: b".debug_info",
+            compressed: false,
+            data: &[0xff; 64],
+        }];
+        let spliced = splice_sections(base, &garbage).expect("base is well-formed");
+        assert_eq!(inline_names(&spliced), Vec::<String>::new());
     }
 }

@@ -414,7 +414,8 @@ fn new_artifacts(dir: &Path, since: SystemTime) -> Vec<PathBuf> {
     found
 }
 
-/// `cargo xtask fuzz-seeds`: rebuilds the committed seeds from `fuzz/seeds/`.
+/// `cargo xtask fuzz-seeds`: rebuilds the committed seeds from `fuzz/seeds/`, then runs the
+/// fuzz crate's unit tests on them.
 ///
 /// Seed files are named `seed-*`; other files in a corpus directory (inputs kept because they
 /// once found a bug) are left alone. The ELF seeds depend on the compiler, so rebuilding them
@@ -460,7 +461,23 @@ pub fn seeds() -> anyhow::Result<()> {
         eprintln!("xtask fuzz-seeds: {target}: {} seeds", seeds.len());
     }
     eprintln!("xtask fuzz-seeds: {total} bytes in all");
-    Ok(())
+
+    // The harness's own tests: among them, that the new `dwarf` seeds spliced into the new
+    // base files still reach the symbolizer's DWARF reader.
+    let mut command = Command::new("cargo");
+    if Toolchain::detect() == Toolchain::Nightly {
+        command.arg("+nightly");
+    }
+    command
+        .current_dir(&fuzz)
+        .args(["test", "--lib", "--target-dir"])
+        .arg(target_dir())
+        .env("RUSTC_BOOTSTRAP", "1")
+        // Not the workspace's rustflags (for aya): the fuzz crate does not build aya.
+        .env("RUSTFLAGS", "")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO");
+    run(&mut command).context("the fuzz harness's tests failed on the new seeds")
 }
 
 /// How each ELF seed is built from `demo.c` / `demo.cpp`: name, compiler, flags.
