@@ -139,23 +139,31 @@ fn install_bpf_linker() -> anyhow::Result<()> {
         .env_remove("RUSTUP_TOOLCHAIN"))
 }
 
-/// Installs cargo-fuzz (`cargo xtask fuzz`, and `cargo xtask test` after the tests) when
-/// `cargo fuzz` does not run. Any installed version is kept: the xtask uses only `build` and
-/// `run` with options every 0.1x release has.
+/// The cargo-fuzz `cargo xtask fuzz` was written against (its options and the artifact
+/// directory it reports).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// Installs cargo-fuzz for `cargo xtask fuzz` (and `cargo xtask test`, which fuzzes after the
+/// tests) unless that version is installed.
 pub fn install_cargo_fuzz() -> anyhow::Result<()> {
-    let present = Command::new("cargo")
+    let version = Command::new("cargo")
         .args(["fuzz", "--version"])
         .env_remove("RUSTUP_TOOLCHAIN")
-        .output()
-        .is_ok_and(|out| out.status.success());
-    if present {
+        .output();
+    if version.is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(CARGO_FUZZ_VERSION)) {
         return Ok(());
     }
-    eprintln!("xtask setup: installing cargo-fuzz (about half a minute)");
+    eprintln!("xtask setup: installing cargo-fuzz {CARGO_FUZZ_VERSION} (about half a minute)");
     // Outside the workspace, with the machine's stable toolchain, as for bpf-linker.
     run(Command::new("cargo")
         .current_dir("/")
-        .args(["install", "cargo-fuzz", "--locked"])
+        .args([
+            "install",
+            "cargo-fuzz",
+            "--version",
+            CARGO_FUZZ_VERSION,
+            "--locked",
+        ])
         .env_remove("RUSTC_BOOTSTRAP")
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO")
