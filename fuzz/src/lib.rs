@@ -55,6 +55,8 @@ impl Scratch {
             std::env::temp_dir()
         };
         let name = dir.join(format!("scope-fuzz-{}", std::process::id()));
+        // Left by an earlier process with this pid killed between create and unlink.
+        let _ = std::fs::remove_file(&name);
         let file = File::options()
             .read(true)
             .write(true)
