@@ -362,7 +362,7 @@ fn run_target(
         }
         for artifact in &found {
             eprintln!(
-                "xtask fuzz: {target} crash artifact: {}\n  reproduce: {} fuzz run --debug-assertions {target} {}",
+                "xtask fuzz: {target} crash artifact: {}\n  reproduce: {} fuzz run --debug-assertions --target-dir {target_dir} {target} {}",
                 artifact.display(),
                 toolchain.cargo_prefix(),
                 artifact.display()
