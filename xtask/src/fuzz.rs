@@ -385,7 +385,7 @@ fn record_stat(report: &mut Report, line: &str) {
         report.new_units = Some(n);
     } else if let Some(n) = number("stat::peak_rss_mb:") {
         report.peak_rss_mb = Some(n);
-    } else if line.contains(" DONE ")
+    } else if line.contains("\tDONE ")
         && let Some(at) = line.find("cov:")
     {
         // "cov: 1234 ft: 5678 corp: 90/21Kb lim: 4096 exec/s: ...": keep coverage and corpus.
