@@ -20,6 +20,13 @@ use crate::elf::Function;
 /// below this.
 pub const MAX_DECOMPRESSED_SECTION_BYTES: u64 = 1 << 30;
 
+/// Most bytes one byte of DEFLATE (zlib) data can decompress to: a 258-byte match costs at
+/// least two bits, so 1032:1.
+const MAX_ZLIB_RATIO: u64 = 1032;
+/// Most bytes one byte of zstd data can decompress to: an RLE block is a 3-byte header and one
+/// byte for up to 128 KiB, so 32768:1.
+const MAX_ZSTD_RATIO: u64 = 32 * 1024;
+
 /// How many `DW_AT_abstract_origin`/`DW_AT_specification` hops a name lookup follows; real
 /// chains are two or three long, a cycle in a corrupt file would otherwise never end.
 const MAX_NAME_INDIRECTIONS: usize = 16;
@@ -113,13 +120,35 @@ fn section_bytes(file: &object::File<'_>, map: &Arc<Mmap>, name: &str) -> Sectio
             empty_section()
         };
     }
-    if compressed.uncompressed_size > MAX_DECOMPRESSED_SECTION_BYTES {
+    if compressed.uncompressed_size > MAX_DECOMPRESSED_SECTION_BYTES
+        || !plausible_size(
+            compressed.format,
+            compressed.data.len(),
+            compressed.uncompressed_size,
+        )
+    {
         return empty_section();
     }
     match compressed.decompress() {
         Ok(bytes) => SectionBytes::Owned(Arc::from(bytes.into_owned())),
         Err(_) => empty_section(),
     }
+}
+
+/// Whether `compressed_len` bytes of `format` can decompress to `claimed` bytes at all.
+///
+/// Checked before decompressing because the decompressors `object` calls (flate2 with
+/// miniz_oxide, ruzstd) zero-fill an output buffer of the claimed size first: a section of a
+/// few bytes claiming 1 GiB would cost 1 GiB of memory and the time to clear it, for nothing.
+/// The bounds are the formats' own, so no genuine section is refused.
+fn plausible_size(format: CompressionFormat, compressed_len: usize, claimed: u64) -> bool {
+    let ratio = match format {
+        CompressionFormat::Zlib => MAX_ZLIB_RATIO,
+        CompressionFormat::Zstandard => MAX_ZSTD_RATIO,
+        // Nothing else decompresses anyway.
+        _ => return false,
+    };
+    claimed <= (compressed_len as u64).saturating_mul(ratio)
 }
 
 /// Whether `file` has a non-empty `.debug_info`.
@@ -434,5 +463,33 @@ fn path_push(path: &mut String, part: &str) {
             path.push('/');
         }
         path.push_str(part);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claimed_sizes_beyond_the_format_ratio_are_refused() {
+        assert!(plausible_size(CompressionFormat::Zlib, 100, 100 * 1032));
+        assert!(!plausible_size(
+            CompressionFormat::Zlib,
+            100,
+            100 * 1032 + 1
+        ));
+        assert!(plausible_size(
+            CompressionFormat::Zstandard,
+            100,
+            100 * 32768
+        ));
+        assert!(!plausible_size(CompressionFormat::Zstandard, 10, 1 << 30));
+        assert!(!plausible_size(CompressionFormat::Zlib, 0, 1));
+        assert!(plausible_size(CompressionFormat::Zlib, 0, 0));
+        assert!(plausible_size(
+            CompressionFormat::Zlib,
+            usize::MAX,
+            u64::MAX
+        ));
     }
 }

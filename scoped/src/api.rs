@@ -617,7 +617,14 @@ fn glob(pattern: &str) -> Result<Option<Glob>, Status> {
     match pattern {
         "" => Ok(None),
         pattern => Glob::new(pattern).map(Some).map_err(|error| {
-            Status::invalid_argument(format!("invalid function pattern {pattern:?}: {error}"))
+            // Quote enough to recognise it, not a megabyte of it back.
+            let shown: String = pattern.chars().take(64).collect();
+            let more = if shown.len() < pattern.len() {
+                "…"
+            } else {
+                ""
+            };
+            Status::invalid_argument(format!("invalid function pattern {shown:?}{more}: {error}"))
         }),
     }
 }

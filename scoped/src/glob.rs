@@ -2,6 +2,10 @@
 //! escape. Unlike path globs, `*` matches any character, `:` and `/` included, so
 //! `demo::*` and `*Command` both work on qualified names.
 
+/// Longest pattern [`Glob::new`] accepts, in bytes. Matching costs up to pattern length ×
+/// name length per name, and filters from gRPC are matched against every live span.
+pub const MAX_GLOB_LEN: usize = 1024;
+
 /// A parsed glob.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Glob {
@@ -36,7 +40,7 @@ pub enum GlobError {
     TrailingEscape,
     #[error("empty pattern")]
     Empty,
-    #[error("pattern longer than 1024 characters")]
+    #[error("pattern longer than {MAX_GLOB_LEN} bytes")]
     TooLong,
 }
 
@@ -44,6 +48,11 @@ impl Glob {
     pub fn new(pattern: &str) -> Result<Self, GlobError> {
         if pattern.is_empty() {
             return Err(GlobError::Empty);
+        }
+        // Here rather than in each caller: the query and watch filters of the gRPC API once
+        // reached this without a limit (found by the `glob` fuzz target).
+        if pattern.len() > MAX_GLOB_LEN {
+            return Err(GlobError::TooLong);
         }
         let mut tokens = Vec::new();
         let mut chars = pattern.chars().peekable();
@@ -229,6 +238,20 @@ mod tests {
         assert_eq!(Glob::new("f[ab"), Err(GlobError::UnclosedClass));
         assert_eq!(Glob::new("f\\"), Err(GlobError::TrailingEscape));
         assert_eq!(Glob::new(""), Err(GlobError::Empty));
+    }
+
+    #[test]
+    fn long_patterns_are_refused() {
+        // Every caller gets the limit, not only `attach`'s pattern parser: the query and
+        // watch filters come straight from gRPC.
+        let longest = "*".repeat(MAX_GLOB_LEN);
+        assert!(Glob::new(&longest).is_ok());
+        assert_eq!(Glob::new(&format!("{longest}x")), Err(GlobError::TooLong));
+        // Bytes, not characters.
+        assert_eq!(
+            Glob::new(&"\u{e9}".repeat(MAX_GLOB_LEN / 2 + 1)),
+            Err(GlobError::TooLong)
+        );
     }
 
     #[test]

@@ -14,7 +14,8 @@ use crate::{error::ScopeError, glob::Glob, procfs::ProcessInfo};
 
 /// Most patterns in one request.
 pub const MAX_PATTERNS: usize = 64;
-/// Longest pattern accepted.
+/// Longest pattern accepted (with its `LIB!` prefix; the glob alone is held to
+/// [`crate::glob::MAX_GLOB_LEN`] too).
 pub const MAX_PATTERN_LEN: usize = 1024;
 /// Default for the most functions one session may probe.
 pub const DEFAULT_MAX_SESSION_PROBES: usize = 4096;

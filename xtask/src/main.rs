@@ -5,11 +5,15 @@
 //! - `build-ebpf`: build the eBPF object the daemon embeds.
 //! - `build`: setup + build-ebpf + the release binaries.
 //! - `demo`: build, start scoped, trace a real redis-server under load, print what it saw.
-//! - `test`: build, then the whole test suite (unit + privileged end-to-end).
+//! - `test`: build, then the whole test suite (unit + privileged end-to-end), then every fuzz
+//!   target for a short bounded time.
+//! - `fuzz [--seconds N] [TARGET...]`: run the cargo-fuzz targets in `fuzz/` for a bounded
+//!   time on the repo's corpus; `fuzz-seeds` rebuilds that corpus's seeds (docs/fuzzing.md).
 //! - `bench [--quick] [--only SECTION]`: measure the per-call cost of tracing against bpftrace
 //!   and perf, the cost of correlation, the store and the daemon's memory, and write each into
 //!   its section of BENCHMARKS.md.
 
+mod fuzz;
 mod setup;
 
 use std::{
@@ -19,7 +23,7 @@ use std::{
 
 use anyhow::{Context, bail};
 
-const USAGE: &str = "usage: cargo xtask <setup | build-ebpf | build | demo | test [ARGS...] | bench [--quick] [--only per-call|redis|pgbench|correlation|store|rss|detach] | ci>";
+const USAGE: &str = "usage: cargo xtask <setup | build-ebpf | build | demo | test [ARGS...] | bench [--quick] [--only per-call|redis|pgbench|correlation|store|rss|detach] | fuzz [--seconds N] [--verbose] [TARGET...] | fuzz-seeds | ci>";
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -45,8 +49,19 @@ fn main() -> anyhow::Result<()> {
         "test" | "ci" => {
             setup::setup()?;
             build_ebpf()?;
-            test(&rest)
+            test(&rest)?;
+            // After the tests, so a test failure is reported first. A short run on the
+            // committed corpus: it replays every seed and earlier finding, then explores.
+            match fuzz::test_seconds()? {
+                0 => {
+                    eprintln!("xtask test: SCOPE_FUZZ_SECONDS=0, not fuzzing");
+                    Ok(())
+                }
+                seconds => fuzz::fuzz(&fuzz::Options::all(seconds)),
+            }
         }
+        "fuzz" => fuzz::fuzz(&fuzz::Options::parse(&rest)?),
+        "fuzz-seeds" => fuzz::seeds(),
         "bench" => {
             build()?;
             let mut args = vec![

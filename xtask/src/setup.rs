@@ -17,9 +17,18 @@ const PACKAGES: &[(&str, &str)] = &[
     ("libpolly-22-dev", "bpf-linker links with LLVM 22"),
     ("libzstd-dev", "bpf-linker"),
     ("zlib1g-dev", "bpf-linker"),
-    ("gcc", "the tests build C fixtures"),
-    ("g++", "the tests build C++ fixtures"),
-    ("binutils", "strip/objcopy for debug-link fixtures"),
+    (
+        "gcc",
+        "the tests build C fixtures, `xtask fuzz-seeds` the ELF seeds",
+    ),
+    (
+        "g++",
+        "the tests build C++ fixtures; libfuzzer-sys compiles libFuzzer (C++) for the fuzz targets",
+    ),
+    (
+        "binutils",
+        "strip/objcopy for debug-link fixtures and the fuzz seeds",
+    ),
     ("redis-server", "a real program to trace"),
     ("redis-tools", "redis-benchmark drives it"),
     (
@@ -52,6 +61,7 @@ pub fn setup() -> anyhow::Result<()> {
     install_packages()?;
     link_bpf_toolchain()?;
     install_bpf_linker()?;
+    install_cargo_fuzz()?;
     python_venv()?;
     socket_group()?;
     mount_if_missing(
@@ -144,6 +154,38 @@ fn install_bpf_linker() -> anyhow::Result<()> {
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO")
         .env_remove("RUSTUP_TOOLCHAIN"))
+}
+
+/// The cargo-fuzz `cargo xtask fuzz` was written against (its options and the artifact
+/// directory it reports).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// Installs cargo-fuzz for `cargo xtask fuzz` (and `cargo xtask test`, which fuzzes after the
+/// tests) unless that version is installed.
+pub fn install_cargo_fuzz() -> anyhow::Result<()> {
+    let version = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .output();
+    if version.is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(CARGO_FUZZ_VERSION)) {
+        return Ok(());
+    }
+    eprintln!("xtask setup: installing cargo-fuzz {CARGO_FUZZ_VERSION} (about half a minute)");
+    // Outside the workspace, with the machine's stable toolchain, as for bpf-linker.
+    run(Command::new("cargo")
+        .current_dir("/")
+        .args([
+            "install",
+            "cargo-fuzz",
+            "--version",
+            CARGO_FUZZ_VERSION,
+            "--locked",
+        ])
+        .env_remove("RUSTC_BOOTSTRAP")
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO")
+        .env_remove("RUSTUP_TOOLCHAIN"))
+    .context("installing cargo-fuzz from crates.io")
 }
 
 /// Python packages the tests use as independent peers (an OTLP receiver written with the
