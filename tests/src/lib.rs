@@ -362,6 +362,24 @@ impl Scoped {
         }
     }
 
+    /// The status once every span the kernel emitted has been received and every received
+    /// span is stored or counted as not stored (or `timeout` passed).
+    pub fn settled_status(&self, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.status();
+            let count = |key: &str| status["counters"][key].as_u64().unwrap_or(0);
+            let received = status["spans_received"].as_u64().unwrap_or(0);
+            let settled = count("kernel.spans_emitted") == received
+                && count("store.written") + count("store.queue_full") + count("store.write_failed")
+                    == received;
+            if settled || Instant::now() > deadline {
+                return status;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Waits until the number of spans matching `args` stops changing (and is at least `min`).
     pub fn settled_calls(&self, args: &[&str], min: usize, timeout: Duration) -> Vec<Value> {
         let deadline = Instant::now() + timeout;

@@ -219,8 +219,7 @@ pub fn run(config: PgbenchConfig) -> PgbenchReport {
             samples[index].push(benchmark(&postgres, config.seconds, cpus));
             if let Some(id) = session {
                 daemon.scope_ok(&["detach", &id]);
-                thread::sleep(Duration::from_millis(500));
-                let after = daemon.status();
+                let after = daemon.settled_status(Duration::from_secs(60));
                 let delta = |key: &str| {
                     after[key].as_u64().unwrap_or(0) - before[key].as_u64().unwrap_or(0)
                 };

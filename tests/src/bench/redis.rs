@@ -233,8 +233,7 @@ pub fn run(config: RedisConfig) -> RedisReport {
             samples[index].1.push(get);
             if let Some(id) = session {
                 daemon.scope_ok(&["detach", &id]);
-                thread::sleep(Duration::from_millis(500));
-                let after = daemon.status();
+                let after = daemon.settled_status(Duration::from_secs(60));
                 let delta = |key: &str| {
                     after[key].as_u64().unwrap_or(0) - before[key].as_u64().unwrap_or(0)
                 };
