@@ -96,5 +96,6 @@ fn probe(id: u32, pid: u32) -> model::Probe {
         inlined_into: None,
         comm: "fuzz".to_owned(),
         exe: "/fuzz".to_owned(),
+        owner_uid: 0,
     }
 }
