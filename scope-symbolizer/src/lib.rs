@@ -8,7 +8,8 @@
 //!   open them from outside the process's mount namespace.
 //! - [`Symbolizer`] opens those files as [`Module`]s and caches them by file identity.
 //! - [`Module`] answers: functions by symbol table, frames and source locations by DWARF,
-//!   inlined call sites, and vaddr ↔ file offset translation for uprobes.
+//!   inlined call sites, USDT probes ([`UsdtProbe`]), and vaddr ↔ file offset translation for
+//!   uprobes.
 //!
 //! Everything here reads untrusted files (any binary any process maps), so nothing panics on
 //! input: a corrupt or truncated file is an error when it cannot be opened as ELF at all, and
@@ -25,6 +26,7 @@ mod error;
 mod maps;
 mod module;
 mod symbolizer;
+mod usdt;
 
 pub use demangle::{Demangled, demangle};
 pub use dwarf::{InlineSite, MAX_DECOMPRESSED_SECTION_BYTES};
@@ -33,3 +35,4 @@ pub use error::SymbolizeError;
 pub use maps::{Mapping, ModuleMapping, Perms, ProcessMaps};
 pub use module::{FRAME_CACHE_GENERATION_ENTRIES, Frame, Module};
 pub use symbolizer::{DEFAULT_MODULE_CACHE_CAPACITY, Symbolizer};
+pub use usdt::{ArgLocation, BadArgSpec, UsdtArg, UsdtProbe, parse_args as parse_usdt_args};

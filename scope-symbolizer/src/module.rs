@@ -7,6 +7,8 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use object::{Object, ObjectKind};
 
+use crate::usdt::{self, UsdtProbe};
+
 use crate::debuginfo::{find_debug_file, find_sup_file, logical_path};
 use crate::demangle::demangle;
 use crate::dwarf::{self, InlineSite, Reader, has_debug_info, load_dwarf};
@@ -73,6 +75,7 @@ pub struct Module {
     context: Mutex<ContextState>,
     inline_sites: OnceLock<Vec<InlineSite>>,
     frame_cache: Mutex<FrameCache>,
+    usdt: Vec<UsdtProbe>,
 }
 
 impl std::fmt::Debug for Module {
@@ -142,6 +145,7 @@ impl Module {
         };
         let debug_parsed = debug.as_ref().and_then(|d| d.file.parse().ok());
         let functions = elf::function_table(&parsed, debug_parsed.as_ref());
+        let usdt = usdt::probes(&parsed);
 
         let dwarf_file = if main_has_dwarf {
             Some(DwarfFile {
@@ -171,6 +175,7 @@ impl Module {
             context: Mutex::new(ContextState::NotBuilt),
             inline_sites: OnceLock::new(),
             frame_cache: Mutex::new(FrameCache::default()),
+            usdt,
         })
     }
 
@@ -220,6 +225,11 @@ impl Module {
     /// address order. A linear scan: for resolving what a user typed, not per event.
     pub fn functions_named(&self, name: &str) -> Vec<&Function> {
         self.functions.iter().filter(|f| f.is_named(name)).collect()
+    }
+
+    /// The USDT probes (`.note.stapsdt`) the file carries, in note order.
+    pub fn usdt_probes(&self) -> &[UsdtProbe] {
+        &self.usdt
     }
 
     /// Inlined call sites from DWARF (`DW_TAG_inlined_subroutine`), sorted by address.

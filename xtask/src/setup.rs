@@ -29,6 +29,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "binutils",
         "strip/objcopy for debug-link fixtures and the fuzz seeds",
     ),
+    (
+        "systemtap-sdt-dev",
+        "<sys/sdt.h>: the tests build programs with USDT probes",
+    ),
     ("redis-server", "a real program to trace"),
     ("redis-tools", "redis-benchmark drives it"),
     (
