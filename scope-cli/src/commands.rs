@@ -4,8 +4,8 @@ use std::io::Write;
 
 use anyhow::{Context, Result};
 use scope_proto::v1::{
-    AttachRequest, DetachRequest, ListSessionsRequest, QuerySpansRequest, Session, SpanFilter,
-    StatusRequest, detach_request::Target,
+    AnalyzeRequest, AttachRequest, DetachRequest, ListSessionsRequest, QuerySpansRequest, Session,
+    SpanFilter, StatusRequest, detach_request::Target,
 };
 
 use crate::client::Client;
@@ -159,6 +159,30 @@ pub async fn sessions(client: &Client, out: &mut impl Write, json: bool) -> Resu
         )
     } else {
         print_lines(out, &render::sessions_lines(&response.sessions))
+    }
+}
+
+pub async fn analyze(
+    client: &Client,
+    out: &mut impl Write,
+    pid: u32,
+    binary: Option<String>,
+    json: bool,
+) -> Result<()> {
+    let response = client
+        .rpc
+        .clone()
+        .analyze(AnalyzeRequest {
+            pid,
+            binary: binary.unwrap_or_default(),
+        })
+        .await
+        .map_err(|status| client.error(status))?
+        .into_inner();
+    if json {
+        print_json(out, &render::AnalyzeJson::from(&response))
+    } else {
+        print_lines(out, &render::analyze_lines(&response))
     }
 }
 

@@ -266,6 +266,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// What a binary is and runs on: language and toolchain, build id, stripped, DWARF, PIE,
+    /// libraries, runtimes and known servers, USDT probes, request entry points.
+    Analyze {
+        /// A live process: its executable, as it sees it.
+        #[arg(
+            long,
+            short,
+            required_unless_present = "binary",
+            conflicts_with = "binary"
+        )]
+        pid: Option<u32>,
+        /// An ELF file.
+        #[arg(long, value_name = "PATH")]
+        binary: Option<String>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -447,6 +465,9 @@ async fn run(cli: Cli) -> Result<()> {
         } => traces::show(&client, &addrs, &credentials, &mut out, trace_id, json).await?,
         Command::Ps { json } => traces::ps(&client, &mut out, json).await?,
         Command::Status { json } => commands::status(&client, &mut out, json).await?,
+        Command::Analyze { pid, binary, json } => {
+            commands::analyze(&client, &mut out, pid.unwrap_or(0), binary, json).await?
+        }
     }
     out.flush()?;
     Ok(())

@@ -3,7 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use scope_proto::v1::{DetachResponse, Frame, Probe, Session, Span, StatusResponse, Throttle};
+use scope_proto::v1::{
+    AnalyzeResponse, DetachResponse, Frame, Probe, Session, Span, StatusResponse, Throttle,
+};
 use serde::Serialize;
 
 use crate::duration::format_duration_ns;
@@ -430,6 +432,118 @@ fn retention(status: &StatusResponse) -> String {
         String::new()
     } else {
         format!(" (kept under {})", bounds.join(" and "))
+    }
+}
+
+/// `scope analyze`.
+pub fn analyze_lines(a: &AnalyzeResponse) -> Vec<String> {
+    let list = |items: &[String]| {
+        if items.is_empty() {
+            "-".to_owned()
+        } else {
+            items.join(", ")
+        }
+    };
+    let yes_no = |b: bool| if b { "yes" } else { "no" };
+    let mut rows: Vec<Vec<String>> = vec![
+        vec!["path".into(), a.path.clone()],
+        vec!["language".into(), a.language.clone()],
+        vec!["toolchain".into(), list(&a.toolchain)],
+        vec![
+            "build id".into(),
+            if a.build_id.is_empty() {
+                "-".into()
+            } else {
+                a.build_id.clone()
+            },
+        ],
+        vec![
+            "symbols".into(),
+            format!(
+                "{} functions{}",
+                a.functions,
+                if a.stripped {
+                    " (stripped: dynamic symbols only)"
+                } else {
+                    ""
+                }
+            ),
+        ],
+        vec!["DWARF".into(), yes_no(a.dwarf).into()],
+        vec!["PIE".into(), yes_no(a.pie).into()],
+        vec!["libraries".into(), list(&a.libraries)],
+        vec!["runs on".into(), list(&a.runtimes)],
+        vec![
+            "USDT probes".into(),
+            format!("{} sites, {} distinct", a.usdt.len(), {
+                let mut names = a.usdt.clone();
+                names.sort();
+                names.dedup();
+                names.len()
+            }),
+        ],
+    ];
+    if !a.entry_points.is_empty() {
+        rows.push(vec!["entry points:".into(), String::new()]);
+        rows.extend(
+            a.entry_points
+                .iter()
+                .map(|e| vec![format!("  {}", e.function), e.reason.clone()]),
+        );
+    }
+    let mut table = Table::new(&[("", false), ("", false)]);
+    table.fit(&rows);
+    rows.iter().map(|r| table.line(r)).collect()
+}
+
+/// `scope analyze --json`.
+#[derive(Serialize)]
+pub struct AnalyzeJson<'a> {
+    pub path: &'a str,
+    pub pid: u32,
+    pub language: &'a str,
+    pub toolchain: &'a [String],
+    pub build_id: &'a str,
+    pub stripped: bool,
+    pub dwarf: bool,
+    pub pie: bool,
+    pub libraries: &'a [String],
+    pub runtimes: &'a [String],
+    pub functions: u32,
+    pub usdt: &'a [String],
+    pub entry_points: Vec<EntryPointJson<'a>>,
+}
+
+#[derive(Serialize)]
+pub struct EntryPointJson<'a> {
+    pub function: &'a str,
+    pub reason: &'a str,
+}
+
+impl<'a> From<&'a AnalyzeResponse> for AnalyzeJson<'a> {
+    fn from(a: &'a AnalyzeResponse) -> Self {
+        Self {
+            path: &a.path,
+            pid: a.pid,
+            language: &a.language,
+            toolchain: &a.toolchain,
+            build_id: &a.build_id,
+            stripped: a.stripped,
+            dwarf: a.dwarf,
+            pie: a.pie,
+            libraries: &a.libraries,
+            runtimes: &a.runtimes,
+            functions: a.functions,
+            usdt: &a.usdt,
+            entry_points: a
+                .entry_points
+                .iter()
+                .map(|e| EntryPointJson {
+                    function: &e.function,
+                    reason: &e.reason,
+                })
+                .collect(),
+        }
     }
 }
 

@@ -11,13 +11,13 @@ use std::time::Duration;
 
 use scope_proto::v1::scope_server::{Scope, ScopeServer};
 use scope_proto::v1::{
-    AttachRequest, AttachResponse, DetachRequest, DetachResponse, ExportChunk, ExportRequest,
-    FindIoPeersRequest, FindIoPeersResponse, FlameRequest, FlameResponse, Frame, FunctionStats,
-    GetTraceRequest, ListProcessesRequest, ListProcessesResponse, ListSessionsRequest,
-    ListSessionsResponse, ListTracesRequest, ListTracesResponse, Probe, Process, QuerySpansRequest,
-    Session, Span, SpanBatch, SpanFilter, StatsRequest, StatsResponse, StatusRequest,
-    StatusResponse, Throttle, TraceIoResponse, TraceSummary, WatchRequest, detach_request::Target,
-    export_request, flame_request,
+    AnalyzeRequest, AnalyzeResponse, AttachRequest, AttachResponse, DetachRequest, DetachResponse,
+    EntryPoint, ExportChunk, ExportRequest, FindIoPeersRequest, FindIoPeersResponse, FlameRequest,
+    FlameResponse, Frame, FunctionStats, GetTraceRequest, ListProcessesRequest,
+    ListProcessesResponse, ListSessionsRequest, ListSessionsResponse, ListTracesRequest,
+    ListTracesResponse, Probe, Process, QuerySpansRequest, Session, Span, SpanBatch, SpanFilter,
+    StatsRequest, StatsResponse, StatusRequest, StatusResponse, Throttle, TraceIoResponse,
+    TraceSummary, WatchRequest, detach_request::Target, export_request, flame_request,
 };
 use serde_json::Value;
 use tokio_stream::Stream;
@@ -373,6 +373,29 @@ impl Scope for Fake {
         _: Request<FindIoPeersRequest>,
     ) -> Result<Response<FindIoPeersResponse>, Status> {
         Ok(Response::new(FindIoPeersResponse { peers: Vec::new() }))
+    }
+
+    async fn analyze(
+        &self,
+        request: Request<AnalyzeRequest>,
+    ) -> Result<Response<AnalyzeResponse>, Status> {
+        let request = request.into_inner();
+        Ok(Response::new(AnalyzeResponse {
+            path: "/usr/bin/redis-server".into(),
+            pid: request.pid,
+            language: "c".into(),
+            toolchain: vec!["GCC: (Debian 12.2.0-14) 12.2.0".into()],
+            libraries: vec!["libc.so.6".into()],
+            runtimes: vec!["glibc".into(), "redis".into()],
+            functions: 5000,
+            stripped: true,
+            pie: true,
+            entry_points: vec![EntryPoint {
+                function: "processCommand".into(),
+                reason: "redis: dispatches every command a client sends".into(),
+            }],
+            ..Default::default()
+        }))
     }
 
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
@@ -1794,4 +1817,29 @@ fn export_option_mistakes_fail_before_connecting() {
         .output()
         .expect("run scope");
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn analyze_human_and_json() {
+    let daemon = Daemon::start(Script::default());
+    let out = daemon.run(&["analyze", "--pid", "1234"]);
+    assert_ok(&out);
+    let text = stdout(&out);
+    assert!(text.contains("language") && text.contains(" c\n"), "{text}");
+    assert!(
+        text.contains("runs on") && text.contains("glibc, redis"),
+        "{text}"
+    );
+    assert!(
+        text.contains("processCommand") && text.contains("dispatches"),
+        "{text}"
+    );
+    assert!(text.contains("stripped"), "{text}");
+    let out = daemon.run(&["analyze", "--binary", "/usr/bin/redis-server", "--json"]);
+    assert_ok(&out);
+    let v: Value = serde_json::from_str(&stdout(&out)).expect("JSON");
+    assert_eq!(v["entry_points"][0]["function"], "processCommand");
+    assert_eq!(v["runtimes"][1], "redis");
+    let out = daemon.run(&["analyze"]);
+    assert!(!out.status.success(), "a pid or a binary is required");
 }

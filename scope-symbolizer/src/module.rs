@@ -7,7 +7,10 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use object::{Object, ObjectKind};
 
-use crate::usdt::{self, UsdtProbe};
+use crate::{
+    facts::{self, BinaryFacts},
+    usdt::{self, UsdtProbe},
+};
 
 use crate::debuginfo::{find_debug_file, find_sup_file, logical_path};
 use crate::demangle::demangle;
@@ -76,6 +79,7 @@ pub struct Module {
     inline_sites: OnceLock<Vec<InlineSite>>,
     frame_cache: Mutex<FrameCache>,
     usdt: Vec<UsdtProbe>,
+    facts: BinaryFacts,
 }
 
 impl std::fmt::Debug for Module {
@@ -146,6 +150,7 @@ impl Module {
         let debug_parsed = debug.as_ref().and_then(|d| d.file.parse().ok());
         let functions = elf::function_table(&parsed, debug_parsed.as_ref());
         let usdt = usdt::probes(&parsed);
+        let facts = facts::read(&parsed);
 
         let dwarf_file = if main_has_dwarf {
             Some(DwarfFile {
@@ -176,6 +181,7 @@ impl Module {
             inline_sites: OnceLock::new(),
             frame_cache: Mutex::new(FrameCache::default()),
             usdt,
+            facts,
         })
     }
 
@@ -225,6 +231,11 @@ impl Module {
     /// address order. A linear scan: for resolving what a user typed, not per event.
     pub fn functions_named(&self, name: &str) -> Vec<&Function> {
         self.functions.iter().filter(|f| f.is_named(name)).collect()
+    }
+
+    /// How the file was built: toolchains, needed libraries, symbol table, Go build info.
+    pub fn facts(&self) -> &BinaryFacts {
+        &self.facts
     }
 
     /// The USDT probes (`.note.stapsdt`) the file carries, in note order.

@@ -122,6 +122,26 @@ impl Caller {
         may_trace(self.uid, pid).map(Some)
     }
 
+    /// A non-root caller may have the daemon read only files it could read itself (owner or
+    /// other read permission; groups are not considered).
+    pub fn check_readable(&self, path: &Path) -> Result<(), ScopeError> {
+        use std::os::unix::fs::MetadataExt;
+        if self.is_root() {
+            return Ok(());
+        }
+        let readable = std::fs::metadata(path).is_ok_and(|meta| {
+            meta.mode() & 0o004 != 0 || (meta.uid() == self.uid && meta.mode() & 0o400 != 0)
+        });
+        if readable {
+            Ok(())
+        } else {
+            Err(ScopeError::NotReadable {
+                path: path.to_owned(),
+                uid: self.uid,
+            })
+        }
+    }
+
     /// A non-root caller's `--binary` must be a file the target maps: the daemon opens it as
     /// root, and must not parse (or say anything about) a file the caller could not read.
     pub fn check_binary(&self, pid: u32, binary: &Path) -> Result<(), ScopeError> {

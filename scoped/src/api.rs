@@ -486,6 +486,48 @@ impl pb::scope_server::Scope for ScopeService {
         }))
     }
 
+    async fn analyze(
+        &self,
+        request: Request<pb::AnalyzeRequest>,
+    ) -> Result<Response<pb::AnalyzeResponse>, Status> {
+        let caller = Caller::of(&request)?;
+        let request = request.into_inner();
+        let binary = match (request.pid, request.binary.as_str()) {
+            (0, "") => {
+                return Err(Status::invalid_argument(
+                    "say what to analyze: a pid, or a binary's path",
+                ));
+            }
+            (0, path) => Some(PathBuf::from(path)),
+            (_, "") => None,
+            _ => {
+                return Err(Status::invalid_argument("give a pid or a binary, not both"));
+            }
+        };
+        let daemon = Arc::clone(&self.daemon);
+        let pid = request.pid;
+        let analysis = blocking(move || daemon.analyze(&caller, pid, binary.as_deref())).await??;
+        Ok(Response::new(pb::AnalyzeResponse {
+            path: analysis.path.display().to_string(),
+            language: analysis.language.to_owned(),
+            toolchain: analysis.toolchain,
+            build_id: analysis.build_id.unwrap_or_default(),
+            stripped: analysis.stripped,
+            dwarf: analysis.dwarf,
+            pie: analysis.pie,
+            libraries: analysis.libraries,
+            runtimes: analysis.runtimes.iter().map(|r| (*r).to_owned()).collect(),
+            functions: u32::try_from(analysis.functions).unwrap_or(u32::MAX),
+            usdt: analysis.usdt,
+            entry_points: analysis
+                .entry_points
+                .into_iter()
+                .map(|(function, reason)| pb::EntryPoint { function, reason })
+                .collect(),
+            pid,
+        }))
+    }
+
     async fn status(
         &self,
         request: Request<pb::StatusRequest>,

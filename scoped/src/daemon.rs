@@ -177,6 +177,32 @@ impl Daemon {
         self.manager().release_idle_io();
     }
 
+    /// `scope analyze` of a live process's executable (`pid`) or of a file. A non-root caller
+    /// may analyze a process it could trace, or a file it could read. Blocking.
+    pub fn analyze(
+        &self,
+        caller: &Caller,
+        pid: u32,
+        binary: Option<&std::path::Path>,
+    ) -> Result<crate::analyze::Analysis, ScopeError> {
+        match binary {
+            Some(path) => {
+                caller.check_readable(path)?;
+                crate::analyze::binary(&self.symbolizer, path, None)
+            }
+            None => {
+                if pid == 0 {
+                    return Err(ScopeError::PidZero);
+                }
+                caller.check_trace(pid)?;
+                let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+                    .map_err(|_| ScopeError::NoSuchProcess { pid })?;
+                let root = std::path::PathBuf::from(format!("/proc/{pid}/root"));
+                crate::analyze::binary(&self.symbolizer, &exe, Some(&root))
+            }
+        }
+    }
+
     /// Measures the sessions with an overhead budget and throttles what is over.
     pub fn enforce_budgets(&self) {
         let mut manager = self.manager();

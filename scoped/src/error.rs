@@ -114,6 +114,9 @@ pub enum ScopeError {
     #[error("invalid limits: {why}")]
     BadLimits { why: String },
 
+    #[error("{} is not readable by uid {uid}", path.display())]
+    NotReadable { path: PathBuf, uid: u32 },
+
     #[error("kernel map {map} could not be updated")]
     Map {
         map: &'static str,
@@ -152,7 +155,7 @@ impl From<ScopeError> for tonic::Status {
             | NotElf { .. }
             | BinaryNotMapped { .. }
             | BadLimits { .. } => tonic::Status::invalid_argument(message),
-            NotTraceable { .. } | NotYourSession { .. } => {
+            NotTraceable { .. } | NotYourSession { .. } | NotReadable { .. } => {
                 tonic::Status::permission_denied(message)
             }
             ProbeSlotsExhausted { .. } | TooManySessions { .. } => {

@@ -7,6 +7,7 @@
 //! `model` holds the records everything passes around.
 
 pub mod access;
+pub mod analyze;
 pub mod api;
 pub mod btf;
 pub mod budget;

@@ -39,6 +39,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "postgresql",
         "a real multi-process server to trace; pgbench drives it",
     ),
+    (
+        "nginx",
+        "a real server for `scope analyze` (the tests never start it)",
+    ),
     ("bpftrace", "benchmark peer"),
     ("linux-perf", "benchmark peer (perf probe)"),
     ("bpftool", "tests check which BPF programs and links exist"),
