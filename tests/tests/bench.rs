@@ -106,3 +106,13 @@ fn detach_bench_measures_the_emergency_stop() {
     }
     assert!(report.markdown().contains("| 8 × 16 | 16 |"));
 }
+
+#[test]
+fn analyze_bench_times_real_binaries() {
+    let report = bench::analyze::run(1);
+    assert!(report.cases.len() >= 3, "{report:?}");
+    for case in &report.cases {
+        assert!(case.functions > 0 && case.cold_ms > 0.0, "{case:?}");
+    }
+    assert!(report.markdown().contains("| cold | warm |"));
+}

@@ -23,7 +23,7 @@ use std::{
 
 use anyhow::{Context, bail};
 
-const USAGE: &str = "usage: cargo xtask <setup | build-ebpf | build | demo | test [ARGS...] | bench [--quick] [--only per-call|redis|pgbench|correlation|store|rss|detach] | fuzz [--seconds N] [--verbose] [TARGET...] | fuzz-seeds | ci>";
+const USAGE: &str = "usage: cargo xtask <setup | build-ebpf | build | demo | test [ARGS...] | bench [--quick] [--only per-call|redis|pgbench|correlation|store|rss|detach|analyze] | fuzz [--seconds N] [--verbose] [TARGET...] | fuzz-seeds | ci>";
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);

@@ -1,6 +1,7 @@
 //! Benchmarks behind `cargo xtask bench`: each section measures one thing and renders its
 //! part of BENCHMARKS.md. Timing lives here, never in tests.
 
+pub mod analyze;
 pub mod correlation;
 pub mod detach;
 pub mod per_call;

@@ -1,7 +1,7 @@
 //! `cargo xtask bench` runs this: the benchmarks of `scope_tests::bench`, each written into
 //! its own section of BENCHMARKS.md (between markers, so the rest of the file stays).
 //!
-//! Usage: scope-bench [--quick] [--only per-call|redis|pgbench|correlation|store|rss|detach] [--out PATH]
+//! Usage: scope-bench [--quick] [--only per-call|redis|pgbench|correlation|store|rss|detach|analyze] [--out PATH]
 
 use std::{path::Path, time::Duration};
 
@@ -10,7 +10,7 @@ use scope_tests::bench::{
     self, BenchConfig, correlation::CorrelationConfig, pgbench::PgbenchConfig, redis::RedisConfig,
 };
 
-const SECTIONS: [&str; 7] = [
+const SECTIONS: [&str; 8] = [
     "per-call",
     "redis",
     "pgbench",
@@ -18,6 +18,7 @@ const SECTIONS: [&str; 7] = [
     "store",
     "rss",
     "detach",
+    "analyze",
 ];
 
 fn main() -> anyhow::Result<()> {
@@ -31,7 +32,7 @@ fn main() -> anyhow::Result<()> {
             "--only" => only = Some(args.next().context("--only needs a section")?),
             "--out" => out = Some(args.next().context("--out needs a path")?.into()),
             other => bail!(
-                "unknown argument {other:?}; usage: scope-bench [--quick] [--only per-call|redis|pgbench|correlation|store|rss|detach] [--out PATH]"
+                "unknown argument {other:?}; usage: scope-bench [--quick] [--only per-call|redis|pgbench|correlation|store|rss|detach|analyze] [--out PATH]"
             ),
         }
     }
@@ -110,6 +111,11 @@ fn main() -> anyhow::Result<()> {
         let rounds = if quick { 3 } else { 30 };
         eprintln!("scope-bench: detach --all, {rounds} rounds");
         write("detach", bench::detach::run(rounds).markdown())?;
+    }
+    if wanted("analyze") {
+        let rounds = if quick { 1 } else { 5 };
+        eprintln!("scope-bench: scope analyze, {rounds} rounds");
+        write("analyze", bench::analyze::run(rounds).markdown())?;
     }
     if wanted("rss") {
         let duration = if quick {
