@@ -35,8 +35,18 @@ pub struct AttachTarget {
     pub pid: u32,
     /// Functions to trace: a glob over names (`*`, `?`, `[abc]`); `LIB!GLOB` limits it to
     /// modules whose file name starts with LIB. Repeat for more.
-    #[arg(long = "func", short, value_name = "GLOB", required = true)]
+    #[arg(
+        long = "func",
+        short,
+        value_name = "GLOB",
+        required_unless_present = "usdt"
+    )]
     pub functions: Vec<String>,
+    /// USDT probes to trace, `PROVIDER:NAME` (globs; `scope analyze --pid PID` lists them):
+    /// each hit is a zero-length span named `PROVIDER:NAME` with its arguments decoded.
+    /// Repeat for more.
+    #[arg(long, value_name = "PROVIDER:NAME")]
+    pub usdt: Vec<String>,
     /// Resolve the globs only in this ELF file mapped by the process (its executable
     /// or one of its libraries).
     #[arg(long, value_name = "PATH")]
@@ -76,7 +86,12 @@ pub async fn attach_session(client: &Client, target: &AttachTarget) -> Result<Se
         .clone()
         .attach(AttachRequest {
             pid: target.pid,
-            functions: target.functions.clone(),
+            functions: target
+                .functions
+                .iter()
+                .cloned()
+                .chain(target.usdt.iter().map(|u| format!("usdt:{u}")))
+                .collect(),
             binary: target.binary.clone().unwrap_or_default(),
             no_follow: !target.follow,
             sample_every: target.sample_every,

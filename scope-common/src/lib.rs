@@ -22,6 +22,8 @@ pub mod maps {
     pub const PROBE_COUNTERS: &str = "PROBE_COUNTERS";
     /// Array indexed by probe id: [`super::ProbeControl`], what share of calls to keep.
     pub const PROBE_CONTROL: &str = "PROBE_CONTROL";
+    /// Array indexed by probe id: [`super::UsdtSpec`], where a USDT probe's arguments are.
+    pub const USDT_ARGS: &str = "USDT_ARGS";
     /// Per-CPU array with one [`super::CpuState`] (span id sequence).
     pub const CPU_STATE: &str = "CPU_STATE";
     /// LRU hash: tid → [`super::Link`] from the span that forked/cloned the thread. Applies to
@@ -93,6 +95,9 @@ pub mod cookie {
     /// The probe has no exit: the entry program emits a zero-length span at once (inlined
     /// call sites, which have no return to hook).
     pub const INSTANT: u64 = 1 << 32;
+    /// A USDT probe site: its arguments are where [`super::maps::USDT_ARGS`] says, not in the
+    /// argument registers. Always with [`INSTANT`].
+    pub const USDT: u64 = 1 << 33;
 
     /// Builds the cookie for a probe.
     pub const fn new(probe_id: u32, flags: u64) -> u64 {
@@ -260,6 +265,48 @@ pub struct ProbeControl {
     pub tokens: u64,
     /// When the bucket was last refilled (`bpf_ktime_get_ns`).
     pub refilled_ns: u64,
+}
+
+/// Where one USDT argument is at the probe site. `kind` is a [`usdt_arg`] constant; registers
+/// are indexes into x86-64 `pt_regs` ([`usdt_arg::REGISTERS`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UsdtArgSpec {
+    pub kind: u8,
+    /// 1, 2, 4 or 8 bytes.
+    pub size: u8,
+    /// 1: sign-extend from `size`.
+    pub signed: u8,
+    /// Register index, or [`usdt_arg::NO_REGISTER`].
+    pub base: u8,
+    pub index: u8,
+    pub scale: u8,
+    pub _pad: [u8; 2],
+    /// The constant, the memory displacement, or (no base register) the absolute address.
+    pub offset: i64,
+}
+
+/// The arguments of one USDT probe. The value of [`maps::USDT_ARGS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UsdtSpec {
+    pub count: u32,
+    pub _pad: u32,
+    pub args: [UsdtArgSpec; 6],
+}
+
+/// [`UsdtArgSpec::kind`] values and register indexes.
+pub mod usdt_arg {
+    pub const NONE: u8 = 0;
+    pub const REGISTER: u8 = 1;
+    pub const MEMORY: u8 = 2;
+    pub const CONSTANT: u8 = 3;
+    pub const NO_REGISTER: u8 = 0xff;
+    /// The x86-64 registers an argument can be in: a register's index is its position here.
+    pub const REGISTERS: [&str; 17] = [
+        "r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx", "rdx",
+        "rsi", "rdi", "rip", "rsp",
+    ];
 }
 
 impl ProbeControl {
@@ -540,6 +587,8 @@ const _: () = assert!(size_of::<Target>() == 8);
 const _: () = assert!(size_of::<CpuState>() == 8);
 const _: () = assert!(size_of::<ProbeCounters>() == 32);
 const _: () = assert!(size_of::<ProbeControl>() == 24);
+const _: () = assert!(size_of::<UsdtArgSpec>() == 16);
+const _: () = assert!(size_of::<UsdtSpec>() == 104);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -552,6 +601,7 @@ mod pod {
     unsafe impl aya::Pod for super::CpuState {}
     unsafe impl aya::Pod for super::ProbeCounters {}
     unsafe impl aya::Pod for super::ProbeControl {}
+    unsafe impl aya::Pod for super::UsdtSpec {}
     unsafe impl aya::Pod for super::ProcessEvent {}
     unsafe impl aya::Pod for super::Link {}
     unsafe impl aya::Pod for super::KernelOffsets {}

@@ -36,7 +36,8 @@ use scope_common::{
     Counter, CpuState, Frame, IoEvent, KernelOffsets, Link, MAX_CPUS, MAX_DEPTH, MAX_PROBES,
     MAX_STREAMS, MAX_TARGETS, MAX_THREADS, MAX_UNWIND, PROVISIONAL_WRITE_BYTES, PendingIo,
     ProbeControl, ProbeCounters, ProcessEvent, RecordKind, STREAM_WRITES, Span, StreamState,
-    StreamWrite, Target, ThreadStack, cookie, io_op, process_event, span_flags, stream_kind,
+    StreamWrite, Target, ThreadStack, UsdtArgSpec, UsdtSpec, cookie, io_op, process_event,
+    span_flags, stream_kind,
 };
 
 /// Size of the template ring in the object. The daemon creates the real per-CPU rings (of the
@@ -71,6 +72,9 @@ static PROBE_COUNTERS: PerCpuArray<ProbeCounters, { MAX_PROBES as usize }> = Per
 
 #[btf_map]
 static PROBE_CONTROL: Array<ProbeControl, { MAX_PROBES as usize }> = Array::new();
+
+#[btf_map]
+static USDT_ARGS: Array<UsdtSpec, { MAX_PROBES as usize }> = Array::new();
 
 #[btf_map]
 static CPU_STATE: PerCpuArray<CpuState, 1> = PerCpuArray::new();
@@ -377,6 +381,10 @@ fn on_entry(ctx: &ProbeContext) {
     if cookie & cookie::INSTANT != 0 {
         // An inlined call site is inside its caller: the probed address itself says where.
         let caller = regs.rip;
+        let mut args = args;
+        if cookie & cookie::USDT != 0 {
+            usdt_args(regs, probe_id, &mut args);
+        }
         emit(&Span {
             kind: RecordKind::Span as u32,
             probe_id,
@@ -1168,6 +1176,87 @@ fn count(counter: Counter) {
     if let Some(value) = COUNTERS.get_ptr_mut(counter as u32) {
         // SAFETY: a valid per-CPU map value; atomic for the same reason as next_span_id.
         unsafe { add(value) };
+    }
+}
+
+/// Overwrites `args` with a USDT probe's arguments, decoded as its note says (see
+/// [`UsdtArgSpec`]); arguments it does not have read 0.
+// Written in place, element by element: a zeroed local array would be a `memset` call, which
+// the BPF loader cannot relocate.
+#[inline(always)]
+fn usdt_args(regs: &aya_ebpf::bindings::pt_regs, probe_id: u32, args: &mut [u64; 6]) {
+    let Some(spec) = USDT_ARGS.get_ptr(probe_id) else {
+        return;
+    };
+    // SAFETY: a valid map value, read only.
+    let spec = unsafe { &*spec };
+    // zip, not indexing: an index that could be out of bounds would bring the panic path in.
+    for (i, (value, arg)) in args.iter_mut().zip(spec.args.iter()).enumerate() {
+        *value = if (i as u32) < spec.count {
+            usdt_arg(regs, arg)
+        } else {
+            0
+        };
+    }
+}
+
+#[inline(always)]
+fn usdt_arg(regs: &aya_ebpf::bindings::pt_regs, arg: &UsdtArgSpec) -> u64 {
+    use scope_common::usdt_arg;
+    let raw = match arg.kind {
+        usdt_arg::REGISTER => register(regs, arg.base),
+        usdt_arg::CONSTANT => arg.offset as u64,
+        usdt_arg::MEMORY => {
+            let mut address =
+                (arg.offset as u64).wrapping_add(if arg.base == usdt_arg::NO_REGISTER {
+                    0
+                } else {
+                    register(regs, arg.base)
+                });
+            if arg.index != usdt_arg::NO_REGISTER {
+                address = address
+                    .wrapping_add(register(regs, arg.index).wrapping_mul(u64::from(arg.scale)));
+            }
+            // SAFETY: bpf_probe_read_user copes with any address.
+            unsafe { bpf_probe_read_user(address as *const u64) }.unwrap_or(0)
+        }
+        _ => 0,
+    };
+    // Keep `size` bytes, sign-extended when signed.
+    let bits = u32::from(arg.size.clamp(1, 8)) * 8;
+    if bits >= 64 {
+        return raw;
+    }
+    let shift = 64 - bits;
+    if arg.signed != 0 {
+        (((raw << shift) as i64) >> shift) as u64
+    } else {
+        (raw << shift) >> shift
+    }
+}
+
+/// The register at index `index` of `scope_common::usdt_arg::REGISTERS`.
+#[inline(always)]
+fn register(regs: &aya_ebpf::bindings::pt_regs, index: u8) -> u64 {
+    match index {
+        0 => regs.r15,
+        1 => regs.r14,
+        2 => regs.r13,
+        3 => regs.r12,
+        4 => regs.rbp,
+        5 => regs.rbx,
+        6 => regs.r11,
+        7 => regs.r10,
+        8 => regs.r9,
+        9 => regs.r8,
+        10 => regs.rax,
+        11 => regs.rcx,
+        12 => regs.rdx,
+        13 => regs.rsi,
+        14 => regs.rdi,
+        15 => regs.rip,
+        16 => regs.rsp,
+        _ => 0,
     }
 }
 

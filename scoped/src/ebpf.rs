@@ -14,8 +14,8 @@ use aya::{
     },
 };
 use scope_common::{
-    Counter, KernelOffsets, MAX_CPUS, MAX_PROBES, ProbeControl, ProbeCounters, Target, globals,
-    maps, programs,
+    Counter, KernelOffsets, MAX_CPUS, MAX_PROBES, ProbeControl, ProbeCounters, Target, UsdtSpec,
+    globals, maps, programs,
 };
 
 use crate::error::ScopeError;
@@ -111,6 +111,7 @@ pub struct Kernel {
     counters: PerCpuArray<MapData, u64>,
     probe_counters: PerCpuArray<MapData, ProbeCounters>,
     probe_control: Array<MapData, ProbeControl>,
+    usdt_args: Array<MapData, UsdtSpec>,
     cpus: u32,
     config: KernelConfig,
     /// The syscall tracepoints of IO capture while attached: only while some process is
@@ -181,6 +182,7 @@ impl Kernel {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(maps::PROBE_COUNTERS, config.max_probes)
             .map_max_entries(maps::PROBE_CONTROL, config.max_probes)
+            .map_max_entries(maps::USDT_ARGS, config.max_probes)
             .override_global(globals::OFFSETS, &offsets, true)
             .load(OBJECT)
             .map_err(LoadError::Load)?;
@@ -282,6 +284,7 @@ impl Kernel {
             counters: take_map(&mut ebpf, maps::COUNTERS)?,
             probe_counters: take_map(&mut ebpf, maps::PROBE_COUNTERS)?,
             probe_control: take_map(&mut ebpf, maps::PROBE_CONTROL)?,
+            usdt_args: take_map(&mut ebpf, maps::USDT_ARGS)?,
             ebpf,
             cpus,
             config,
@@ -495,6 +498,16 @@ impl Kernel {
             }
         }
         total
+    }
+
+    /// Where a USDT probe slot's arguments are.
+    pub fn set_usdt_args(&mut self, slot: u32, spec: &UsdtSpec) -> Result<(), ScopeError> {
+        self.usdt_args
+            .set(slot, spec, 0)
+            .map_err(|source| ScopeError::Map {
+                map: maps::USDT_ARGS,
+                source,
+            })
     }
 
     /// Zeroes a probe slot's counters and control before it is reused.

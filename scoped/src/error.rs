@@ -111,6 +111,11 @@ pub enum ScopeError {
     #[error("cannot measure what probes cost, so an overhead budget cannot be kept: {why}")]
     Calibration { why: String },
 
+    #[error(
+        "no USDT probe matches '{pattern}' in pid {pid} (`scope analyze --pid {pid}` lists them)"
+    )]
+    NoUsdtMatch { pattern: String, pid: u32 },
+
     #[error("invalid limits: {why}")]
     BadLimits { why: String },
 
@@ -154,7 +159,8 @@ impl From<ScopeError> for tonic::Status {
             | TooManyMatches { .. }
             | NotElf { .. }
             | BinaryNotMapped { .. }
-            | BadLimits { .. } => tonic::Status::invalid_argument(message),
+            | BadLimits { .. }
+            | NoUsdtMatch { .. } => tonic::Status::invalid_argument(message),
             NotTraceable { .. } | NotYourSession { .. } | NotReadable { .. } => {
                 tonic::Status::permission_denied(message)
             }

@@ -16,7 +16,7 @@ use std::{
 };
 
 use aya::programs::uprobe::UProbeLink;
-use scope_common::{ProbeCounters, cookie};
+use scope_common::{ProbeCounters, UsdtArgSpec, UsdtSpec, cookie};
 
 use crate::{
     access::{Caller, ROOT_UID},
@@ -24,7 +24,7 @@ use crate::{
     error::ScopeError,
     model::Probe,
     procfs::ProcessInfo,
-    resolve::Plan,
+    resolve::{Plan, PlannedUsdt},
     stats::Count,
 };
 
@@ -137,6 +137,8 @@ pub struct Member {
     modules: Vec<AttachedModule>,
     /// Whether its session is a non-root user's (see [`Traced`]).
     restricted: bool,
+    /// USDT semaphores raised in the process (lowered again when it leaves the session).
+    semaphores: Vec<u64>,
 }
 
 /// The probes of one member in one ELF file: what was attached, and the links holding it.
@@ -159,7 +161,21 @@ struct Traced {
 }
 
 impl Member {
+    /// Lowers the USDT semaphores this member raised (the process may be gone: then there is
+    /// nothing to lower).
+    fn lower_semaphores(&mut self) {
+        let pid = self.process.pid;
+        for semaphore in self.semaphores.drain(..) {
+            if self.process.is_alive()
+                && let Err(error) = crate::procfs::add_u16(pid, semaphore, -1)
+            {
+                tracing::debug!(pid, %error, "lowering a USDT semaphore failed");
+            }
+        }
+    }
+
     fn take_links(&mut self) -> Vec<UProbeLink> {
+        self.lower_semaphores();
         self.modules
             .iter_mut()
             .flat_map(|m| std::mem::take(&mut m.links))
@@ -393,6 +409,7 @@ impl ProbeManager {
             probes: Vec::with_capacity(needed),
             modules: Vec::new(),
             restricted,
+            semaphores: Vec::new(),
         };
         if let Err(error) = self.place(&mut member, plan.modules, probes, pair, limits) {
             self.unregister(&member.probes);
@@ -486,23 +503,25 @@ impl ProbeManager {
         for module in modules {
             let mut entry_points = Vec::with_capacity(module.probes.len());
             let mut exit_points = Vec::with_capacity(module.probes.len());
-            let mut planned: Vec<(bool, Arc<Probe>, u64)> = Vec::with_capacity(module.probes.len());
+            let mut planned: Vec<(bool, Arc<Probe>, u64, Option<&PlannedUsdt>)> =
+                Vec::with_capacity(module.probes.len());
             for planned_probe in &module.probes {
                 let Some(probe) = probes.next() else {
                     return Err(ScopeError::ProbeSlotsExhausted { needed: 1, free: 0 });
                 };
                 planned.push((
-                    planned_probe.inlined_into.is_some(),
+                    planned_probe.inlined_into.is_some() || planned_probe.usdt.is_some(),
                     probe,
                     planned_probe.file_offset,
+                    planned_probe.usdt.as_ref(),
                 ));
             }
             // The kernel runs the handlers of probes on one address newest-registered first.
             // Registering inlined call sites (entry-only) before function entries makes a site
             // at the very start of a traced function run after that function's entry, so the
             // site is nested inside the call it belongs to.
-            planned.sort_by_key(|(instant, _, _)| !instant);
-            for (instant, probe, file_offset) in planned {
+            planned.sort_by_key(|(instant, _, _, _)| !instant);
+            for (instant, probe, file_offset, usdt) in planned {
                 let Some(slot) = self.free_slots.pop_front() else {
                     return Err(ScopeError::ProbeSlotsExhausted { needed: 1, free: 0 });
                 };
@@ -512,7 +531,20 @@ impl ProbeManager {
                 let info = Arc::new(ProbeInfo::new(slot, probe, limits.sample_every));
                 self.registry.set(slot, Some(Arc::clone(&info)));
                 member.probes.push(info);
-                let flags = if instant { cookie::INSTANT } else { 0 };
+                let mut flags = if instant { cookie::INSTANT } else { 0 };
+                if let Some(usdt) = usdt {
+                    flags |= cookie::USDT;
+                    self.kernel.set_usdt_args(slot, &usdt_spec(&usdt.args))?;
+                    if let Some(semaphore) = usdt.semaphore {
+                        // Tell the program someone listens, or it skips the probe.
+                        match crate::procfs::add_u16(pid, semaphore, 1) {
+                            Ok(()) => member.semaphores.push(semaphore),
+                            Err(error) => {
+                                tracing::warn!(pid, %error, slot, "cannot raise a USDT semaphore: the program may skip this probe")
+                            }
+                        }
+                    }
+                }
                 entry_points.push((file_offset, cookie::new(slot, flags)));
                 if !instant {
                     exit_points.push((file_offset, cookie::new(slot, 0)));
@@ -670,4 +702,56 @@ impl ProbeManager {
         }
         Ok(detached)
     }
+}
+
+/// The kernel's form of a USDT probe's argument specs. An argument the kernel cannot reach
+/// (RIP-relative data: its symbol's address is not resolved yet) reads as 0.
+fn usdt_spec(args: &[scope_symbolizer::UsdtArg]) -> UsdtSpec {
+    use scope_common::usdt_arg;
+    use scope_symbolizer::ArgLocation;
+    let register = |name: &str| {
+        usdt_arg::REGISTERS
+            .iter()
+            .position(|r| *r == name)
+            .map_or(usdt_arg::NO_REGISTER, |i| i as u8)
+    };
+    let mut spec = UsdtSpec::default();
+    for (slot, arg) in spec.args.iter_mut().zip(args) {
+        *slot = UsdtArgSpec {
+            size: arg.size,
+            signed: u8::from(arg.signed),
+            base: usdt_arg::NO_REGISTER,
+            index: usdt_arg::NO_REGISTER,
+            ..UsdtArgSpec::default()
+        };
+        match &arg.location {
+            ArgLocation::Register(name) => {
+                slot.kind = usdt_arg::REGISTER;
+                slot.base = register(name);
+            }
+            ArgLocation::Constant(value) => {
+                slot.kind = usdt_arg::CONSTANT;
+                slot.offset = *value;
+            }
+            ArgLocation::Memory {
+                base,
+                index,
+                offset,
+                symbol: None,
+            } => {
+                slot.kind = usdt_arg::MEMORY;
+                slot.base = base.map_or(usdt_arg::NO_REGISTER, register);
+                if let Some((index, scale)) = index {
+                    slot.index = register(index);
+                    slot.scale = *scale;
+                }
+                slot.offset = *offset;
+            }
+            ArgLocation::Memory {
+                symbol: Some(_), ..
+            } => slot.kind = usdt_arg::NONE,
+        }
+    }
+    spec.count = args.len().min(spec.args.len()) as u32;
+    spec
 }

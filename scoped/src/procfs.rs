@@ -133,6 +133,20 @@ fn parse_start_time(stat: &str) -> Option<u64> {
     rest.split_whitespace().nth(22 - 3)?.parse().ok()
 }
 
+/// Adds `delta` to the 2-byte counter at `address` in process `pid` (a USDT semaphore),
+/// through `/proc/PID/mem`.
+pub fn add_u16(pid: u32, address: u64, delta: i16) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mem = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/proc/{pid}/mem"))?;
+    let mut value = [0u8; 2];
+    mem.read_exact_at(&mut value, address)?;
+    let counter = u16::from_ne_bytes(value).wrapping_add_signed(delta);
+    mem.write_all_at(&counter.to_ne_bytes(), address)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -59,6 +59,8 @@ pub struct PlannedModule {
     pub open_path: PathBuf,
     pub module: Arc<Module>,
     pub probes: Vec<PlannedProbe>,
+    /// Runtime address minus ELF virtual address, in this process.
+    pub load_bias: u64,
 }
 
 /// One function (or inlined call site) to probe.
@@ -72,7 +74,19 @@ pub struct PlannedProbe {
     pub line: Option<u32>,
     /// For an inlined call site: the function it sits in. Such a probe has no exit.
     pub inlined_into: Option<String>,
+    /// For a USDT probe site: its arguments and semaphore. Such a probe has no exit.
+    pub usdt: Option<PlannedUsdt>,
 }
+
+/// A USDT probe site's arguments, and its semaphore's address in the process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedUsdt {
+    pub args: Vec<scope_symbolizer::UsdtArg>,
+    pub semaphore: Option<u64>,
+}
+
+/// Patterns with this prefix name USDT probes, `usdt:PROVIDER:NAME` (globs), not functions.
+pub const USDT_PREFIX: &str = "usdt:";
 
 /// A parsed `[LIB!]GLOB`.
 #[derive(Debug)]
@@ -177,11 +191,17 @@ pub fn plan(
     let mut modules = Vec::new();
     for (index, mapping) in mapped.iter().enumerate() {
         match symbolizer.module_in_root(&mapping.open_path, &root) {
-            Ok(module) => modules.push((
-                PathBuf::from(&mapping.path),
-                mapping.open_path.clone(),
-                module,
-            )),
+            Ok(module) => {
+                let bias = module
+                    .file_offset_to_vaddr(mapping.offset)
+                    .map_or(0, |vaddr| mapping.start.wrapping_sub(vaddr));
+                modules.push((
+                    PathBuf::from(&mapping.path),
+                    mapping.open_path.clone(),
+                    module,
+                    bias,
+                ))
+            }
             // The executable (or the file the user named) must be traceable; a library
             // that is not (an odd mapped file) is skipped.
             Err(source) if index == 0 || spec.binary.is_some() => {
@@ -198,11 +218,12 @@ pub fn plan(
 
     let mut planned: Vec<PlannedModule> = modules
         .iter()
-        .map(|(path, open_path, module)| PlannedModule {
+        .map(|(path, open_path, module, bias)| PlannedModule {
             path: path.clone(),
             open_path: open_path.clone(),
             module: Arc::clone(module),
             probes: Vec::new(),
+            load_bias: *bias,
         })
         .collect();
     // (module, address, inlined): an inlined call site can share its address with the entry of
@@ -212,6 +233,54 @@ pub fn plan(
     for pattern in &patterns {
         let mut matched = 0usize;
         let mut ifuncs = Vec::new();
+        if let Some(usdt) = pattern.glob.as_str().strip_prefix(USDT_PREFIX) {
+            let glob = Glob::new(usdt).map_err(|source| ScopeError::BadPattern {
+                pattern: pattern.text.clone(),
+                source,
+            })?;
+            for (index, target) in planned.iter_mut().enumerate() {
+                if !pattern.wants_module(&target.path) {
+                    continue;
+                }
+                let module = Arc::clone(&target.module);
+                for probe in module.usdt_probes() {
+                    let name = format!("{}:{}", probe.provider, probe.name);
+                    if !glob.matches(&name) {
+                        continue;
+                    }
+                    matched += 1;
+                    if !seen.insert((index, probe.address, true)) {
+                        continue;
+                    }
+                    let Some(file_offset) = module.vaddr_to_file_offset(probe.address) else {
+                        continue;
+                    };
+                    target.probes.push(PlannedProbe {
+                        function: name,
+                        symbol: String::new(),
+                        address: probe.address,
+                        file_offset,
+                        file: None,
+                        line: None,
+                        inlined_into: None,
+                        usdt: Some(PlannedUsdt {
+                            args: probe.args.clone(),
+                            semaphore: probe
+                                .semaphore
+                                .map(|vaddr| vaddr.wrapping_add(target.load_bias)),
+                        }),
+                    });
+                }
+            }
+            if matched == 0 && spec.require_matches {
+                return Err(ScopeError::NoUsdtMatch {
+                    pattern: usdt.to_owned(),
+                    pid,
+                });
+            }
+            total += matched;
+            continue;
+        }
         for (index, target) in planned.iter_mut().enumerate() {
             if !pattern.wants_module(&target.path) {
                 continue;
@@ -250,6 +319,7 @@ pub fn plan(
                     file,
                     line,
                     inlined_into: None,
+                    usdt: None,
                 });
             }
             for site in module.inline_sites() {
@@ -271,6 +341,7 @@ pub fn plan(
                     file: site.call_file.clone(),
                     line: site.call_line,
                     inlined_into: Some(site.inlined_into.clone()),
+                    usdt: None,
                 });
             }
         }

@@ -15,6 +15,16 @@ use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The tests of this file run one at a time: the budget test measures the speed of a program
+/// against itself, and the others' loads on this 2-CPU machine would be its noise.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// `work` is called `n` times per command; `cold` once per command.
 const COUNTED: &str = r#"#include <stdio.h>
 #include <stdlib.h>
@@ -138,6 +148,7 @@ fn settled_session(scoped: &Scoped) -> Value {
 
 #[test]
 fn sampling_keeps_one_call_in_n_and_counts_the_rest() {
+    let _serial = serial();
     const CALLS: u64 = 100_000;
     let dir = tempfile::tempdir().unwrap();
     let binary = compile(dir.path(), "gcc", "counted.c", COUNTED, &["-g", "-O2"]);
@@ -189,6 +200,7 @@ fn sampling_keeps_one_call_in_n_and_counts_the_rest() {
 
 #[test]
 fn a_rate_limit_passes_about_max_rate_calls_a_second_and_counts_the_rest() {
+    let _serial = serial();
     // 200,000 calls over about 2 s (a 100 µs pause every 100 calls).
     const CALLS: u64 = 200_000;
     const MAX_RATE: u64 = 1_000;
@@ -265,6 +277,7 @@ fn median_rate(target: &Target, n: usize, after: f64) -> f64 {
 
 #[test]
 fn a_budget_detaches_the_hot_probe_keeps_the_cold_one_and_the_program_near_full_speed() {
+    let _serial = serial();
     const BUDGET_PERCENT: f64 = 1.0;
     // Noise of this shared machine on top of the budget: the rate varies by a few percent
     // from window to window untraced.
@@ -302,7 +315,8 @@ fn a_budget_detaches_the_hot_probe_keeps_the_cold_one_and_the_program_near_full_
     assert_eq!(throttled[0]["function"], "work", "{status}");
     assert_eq!(throttled[0]["action"], "detached", "{status}");
     assert!(
-        throttled[0]["calls_per_second"].as_f64().unwrap() > 10_000.0,
+        // Over what a 1% budget allows at any trap cost this machine has (10 ms / 15 µs).
+        throttled[0]["calls_per_second"].as_f64().unwrap() > 1_000.0,
         "{status}"
     );
     let reason = throttled[0]["reason"].as_str().unwrap();
@@ -346,6 +360,7 @@ fn a_budget_detaches_the_hot_probe_keeps_the_cold_one_and_the_program_near_full_
 
 #[test]
 fn budgets_and_limits_are_validated() {
+    let _serial = serial();
     let scoped = Scoped::start();
     let dir = tempfile::tempdir().unwrap();
     let binary = compile(dir.path(), "gcc", "counted.c", COUNTED, &["-g", "-O2"]);
