@@ -11,7 +11,7 @@
 //! `-4@%eax` (a signed 4-byte register), `8@-8(%rbp)` (memory), `8@(%rax,%rbx,8)`,
 //! `-4@$5` (a constant), `8@foo+16(%rip)` (RIP-relative data). x86-64 only.
 
-use object::{Object, ObjectSection};
+use object::{Object, ObjectSection, ObjectSymbol};
 
 /// One probe site.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -26,6 +26,9 @@ pub struct UsdtProbe {
     pub args: Vec<UsdtArg>,
     /// The argument specs as the note has them.
     pub arg_specs: String,
+    /// ELF virtual addresses of the symbols RIP-relative arguments name (`counter(%rip)`),
+    /// from the symbol table or the dynamic one; a symbol found in neither is missing.
+    pub symbols: Vec<(String, u64)>,
 }
 
 /// One argument: its size and where its value is at the probe site.
@@ -81,7 +84,48 @@ pub fn probes(file: &object::File<'_>) -> Vec<UsdtProbe> {
             probes.push(probe);
         }
     }
+    resolve_symbols(file, &mut probes);
     probes
+}
+
+/// Fills each probe's `symbols` with the addresses of the data its arguments name.
+fn resolve_symbols(file: &object::File<'_>, probes: &mut [UsdtProbe]) {
+    let mut wanted: Vec<&str> = probes
+        .iter()
+        .flat_map(|p| p.args.iter())
+        .filter_map(|a| match &a.location {
+            ArgLocation::Memory {
+                symbol: Some(name), ..
+            } => Some(name.as_str()),
+            _ => None,
+        })
+        .collect();
+    if wanted.is_empty() {
+        return;
+    }
+    wanted.sort_unstable();
+    wanted.dedup();
+    let mut found: Vec<(String, u64)> = Vec::new();
+    for symbol in file.symbols().chain(file.dynamic_symbols()) {
+        let Ok(name) = symbol.name() else { continue };
+        if symbol.is_definition()
+            && wanted.binary_search(&name).is_ok()
+            && !found.iter().any(|(n, _)| n == name)
+        {
+            found.push((name.to_owned(), symbol.address()));
+        }
+    }
+    for probe in probes {
+        probe.symbols = found
+            .iter()
+            .filter(|(name, _)| {
+                probe.args.iter().any(|a| {
+                    matches!(&a.location, ArgLocation::Memory { symbol: Some(s), .. } if s == name)
+                })
+            })
+            .cloned()
+            .collect();
+    }
 }
 
 const NT_STAPSDT: u32 = 3;
@@ -158,6 +202,7 @@ fn parse_desc(desc: &[u8], base_now: Option<u64>, little: bool) -> Option<UsdtPr
         semaphore: (semaphore != 0).then(|| shift(semaphore)),
         args,
         arg_specs,
+        symbols: Vec::new(),
     })
 }
 

@@ -139,6 +139,18 @@ fn postgres_carries_every_probe_readelf_shows() {
     assert_eq!(start.args.len(), 1, "the query text pointer: {start:?}");
     assert_eq!(start.args[0].size, 8);
     assert!(start.semaphore.is_some());
+    // `-4@40+CheckpointStats(%rip) -4@NBuffers(%rip) ...`: data it exports, so found even
+    // in a stripped binary.
+    let checkpoint = probes
+        .iter()
+        .find(|p| p.name == "checkpoint__done")
+        .expect("checkpoint__done");
+    let names: Vec<&str> = checkpoint.symbols.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(
+        names.contains(&"CheckpointStats") && names.contains(&"NBuffers"),
+        "{checkpoint:?}"
+    );
+    assert!(checkpoint.symbols.iter().all(|&(_, address)| address != 0));
     let unparsed: Vec<_> = probes
         .iter()
         .filter(|p| p.args.len() != p.arg_specs.split_whitespace().count())

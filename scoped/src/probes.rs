@@ -534,7 +534,8 @@ impl ProbeManager {
                 let mut flags = if instant { cookie::INSTANT } else { 0 };
                 if let Some(usdt) = usdt {
                     flags |= cookie::USDT;
-                    self.kernel.set_usdt_args(slot, &usdt_spec(&usdt.args))?;
+                    self.kernel
+                        .set_usdt_args(slot, &usdt_spec(&usdt.args, &usdt.symbols))?;
                     if let Some(semaphore) = usdt.semaphore {
                         // Tell the program someone listens, or it skips the probe.
                         match crate::procfs::add_u16(pid, semaphore, 1) {
@@ -704,9 +705,9 @@ impl ProbeManager {
     }
 }
 
-/// The kernel's form of a USDT probe's argument specs. An argument the kernel cannot reach
-/// (RIP-relative data: its symbol's address is not resolved yet) reads as 0.
-fn usdt_spec(args: &[scope_symbolizer::UsdtArg]) -> UsdtSpec {
+/// The kernel's form of a USDT probe's argument specs. RIP-relative data becomes an absolute
+/// address from `symbols` (runtime addresses); one whose symbol is missing reads as 0.
+fn usdt_spec(args: &[scope_symbolizer::UsdtArg], symbols: &[(String, u64)]) -> UsdtSpec {
     use scope_common::usdt_arg;
     use scope_symbolizer::ArgLocation;
     let register = |name: &str| {
@@ -748,8 +749,16 @@ fn usdt_spec(args: &[scope_symbolizer::UsdtArg]) -> UsdtSpec {
                 slot.offset = *offset;
             }
             ArgLocation::Memory {
-                symbol: Some(_), ..
-            } => slot.kind = usdt_arg::NONE,
+                symbol: Some(name),
+                offset,
+                ..
+            } => match symbols.iter().find(|(n, _)| n == name) {
+                Some(&(_, address)) => {
+                    slot.kind = usdt_arg::MEMORY;
+                    slot.offset = address.wrapping_add(*offset as u64) as i64;
+                }
+                None => slot.kind = usdt_arg::NONE,
+            },
         }
     }
     spec.count = args.len().min(spec.args.len()) as u32;

@@ -83,6 +83,8 @@ pub struct PlannedProbe {
 pub struct PlannedUsdt {
     pub args: Vec<scope_symbolizer::UsdtArg>,
     pub semaphore: Option<u64>,
+    /// Runtime addresses of the symbols RIP-relative arguments name.
+    pub symbols: Vec<(String, u64)>,
 }
 
 /// Patterns with this prefix name USDT probes, `usdt:PROVIDER:NAME` (globs), not functions.
@@ -268,6 +270,13 @@ pub fn plan(
                             semaphore: probe
                                 .semaphore
                                 .map(|vaddr| vaddr.wrapping_add(target.load_bias)),
+                            symbols: probe
+                                .symbols
+                                .iter()
+                                .map(|(name, vaddr)| {
+                                    (name.clone(), vaddr.wrapping_add(target.load_bias))
+                                })
+                                .collect(),
                         }),
                     });
                 }

@@ -1,7 +1,8 @@
 //! Privileged end-to-end test (root, BPF) of USDT probes: `scope attach --usdt PROVIDER:NAME`
 //! on a program built with `<sys/sdt.h>` raises the probe's semaphore (the program skips the
 //! probe otherwise), reports each hit as a span named `PROVIDER:NAME` with its arguments
-//! decoded from where the note says they are (registers, memory, constants), and lowers the
+//! decoded from where the note says they are (registers, memory, constants, RIP-relative
+//! data), and lowers the
 //! semaphore again on detach.
 #![expect(clippy::unwrap_used, reason = "tests")]
 
@@ -18,6 +19,15 @@ const SOURCE: &str = r#"#define _SDT_HAS_SEMAPHORES 1
 
 unsigned short demo_request__start_semaphore __attribute__((section(".probes")));
 unsigned short demo_request__done_semaphore __attribute__((section(".probes")));
+unsigned short demo_global_semaphore __attribute__((section(".probes")));
+long counter = 41;
+struct stats { long a, b, c; } stats = {1, 2, 3};
+
+/* Arguments in data: gcc passes them RIP-relative (`-8@counter(%rip) -8@16+stats(%rip)`). */
+__attribute__((noinline)) void report(void) {
+    if (demo_global_semaphore)
+        DTRACE_PROBE2(demo, global, counter, stats.c);
+}
 
 __attribute__((noinline)) long handle(long id, const char *path, int status) {
     long local = id * 3;
@@ -36,6 +46,9 @@ int main(void) {
     long id = 0;
     while (fgets(line, sizeof line, stdin)) {
         id++;
+        counter++;
+        stats.c += 10;
+        report();
         printf("done %ld\n", handle(id, "/index.html", 200 + (int)id));
     }
     return 0;
@@ -75,17 +88,19 @@ fn usdt_probes_report_their_decoded_arguments_and_semaphores_are_restored() {
         &pid.to_string(),
         "--usdt",
         "demo:request__*",
+        "--usdt",
+        "demo:global",
         "--json",
     ]);
     let probes = session["probes"].as_array().unwrap();
-    assert_eq!(probes.len(), 2, "{session}");
+    assert_eq!(probes.len(), 3, "{session}");
     assert_eq!(read_semaphore(), 1, "attaching raised the semaphore");
     for _ in 0..3 {
         target.send("go");
         target.expect_line("done", TIMEOUT);
     }
     let pid_arg = pid.to_string();
-    let calls = scoped.settled_calls(&["--pid", &pid_arg], 6, TIMEOUT);
+    let calls = scoped.settled_calls(&["--pid", &pid_arg], 9, TIMEOUT);
     let starts: Vec<_> = calls
         .iter()
         .filter(|c| c["function"] == "demo:request__start")
@@ -111,6 +126,16 @@ fn usdt_probes_report_their_decoded_arguments_and_semaphores_are_restored() {
         // The pointer really points at the path.
         let text = read_memory(pid, args[1].as_u64().unwrap(), 11);
         assert_eq!(text, b"/index.html");
+    }
+    let globals: Vec<_> = calls
+        .iter()
+        .filter(|c| c["function"] == "demo:global")
+        .collect();
+    assert_eq!(globals.len(), 3, "{calls:?}");
+    for (i, global) in globals.iter().enumerate() {
+        let n = i as u64 + 1;
+        assert_eq!(global["args"][0], 41 + n, "counter(%rip) {global}");
+        assert_eq!(global["args"][1], 3 + 10 * n, "16+stats(%rip) {global}");
     }
     for (i, done) in dones.iter().enumerate() {
         let id = i as u64 + 1;
