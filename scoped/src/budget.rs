@@ -324,6 +324,7 @@ impl Budgets {
             self.last_runs = None;
             self.last_calls.clear();
             self.overhead.clear();
+            self.trap_ns.clear();
             return Vec::new();
         }
         let Some(traps) = self.traps else {

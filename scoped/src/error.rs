@@ -116,9 +116,6 @@ pub enum ScopeError {
     )]
     NoUsdtMatch { pattern: String, pid: u32 },
 
-    #[error("invalid limits: {why}")]
-    BadLimits { why: String },
-
     #[error("{} is not readable by uid {uid}", path.display())]
     NotReadable { path: PathBuf, uid: u32 },
 
@@ -159,7 +156,6 @@ impl From<ScopeError> for tonic::Status {
             | TooManyMatches { .. }
             | NotElf { .. }
             | BinaryNotMapped { .. }
-            | BadLimits { .. }
             | NoUsdtMatch { .. } => tonic::Status::invalid_argument(message),
             NotTraceable { .. } | NotYourSession { .. } | NotReadable { .. } => {
                 tonic::Status::permission_denied(message)

@@ -26,6 +26,9 @@ use serde_json::Value;
 /// The C client and server of the IPC tests and benchmark (TCP, unix socket, pipes).
 pub const IPC_SOURCE: &str = include_str!("fixtures/ipc.c");
 
+/// A program that calls `work` N times per stdin line (see the file).
+pub const WORK_SOURCE: &str = include_str!("fixtures/work.c");
+
 /// A directory of the running executable's build: `target/<profile>`.
 pub fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use scope_tests::{Scoped, Target, compile};
+use scope_tests::{Scoped, Target, WORK_SOURCE as WORK, compile};
 use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -24,38 +24,6 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
-
-/// `work` is called `n` times per command; `cold` once per command.
-const COUNTED: &str = r#"#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
-
-__attribute__((noinline)) long work(long x) {
-    __asm__ volatile("" ::: "memory");
-    return x + 1;
-}
-
-int main(void) {
-    char line[64];
-    setvbuf(stdout, NULL, _IONBF, 0);
-    printf("ready\n");
-    while (fgets(line, sizeof line, stdin)) {
-        long n = atol(line), pause_us = 0, total = 0;
-        char *comma = strchr(line, ',');
-        if (comma) pause_us = atol(comma + 1);
-        for (long i = 0; i < n; i++) {
-            total += work(i);
-            if (pause_us && i % 100 == 99) {
-                struct timespec t = {0, pause_us * 1000};
-                nanosleep(&t, NULL);
-            }
-        }
-        printf("done %ld\n", total);
-    }
-    return 0;
-}
-"#;
 
 /// Calls `work` (about 2 µs of arithmetic, calibrated at start) as fast as it can, and
 /// `cold` every 100 ms; prints how many `work` calls each 250 ms window made.
@@ -151,7 +119,7 @@ fn sampling_keeps_one_call_in_n_and_counts_the_rest() {
     let _serial = serial();
     const CALLS: u64 = 100_000;
     let dir = tempfile::tempdir().unwrap();
-    let binary = compile(dir.path(), "gcc", "counted.c", COUNTED, &["-g", "-O2"]);
+    let binary = compile(dir.path(), "gcc", "counted.c", WORK, &["-g", "-O2"]);
     let scoped = Scoped::start();
     let mut target = Target::spawn("counted", &mut Command::new(&binary));
     target.expect_line("ready", TIMEOUT);
@@ -205,7 +173,7 @@ fn a_rate_limit_passes_about_max_rate_calls_a_second_and_counts_the_rest() {
     const CALLS: u64 = 200_000;
     const MAX_RATE: u64 = 1_000;
     let dir = tempfile::tempdir().unwrap();
-    let binary = compile(dir.path(), "gcc", "counted.c", COUNTED, &["-g", "-O2"]);
+    let binary = compile(dir.path(), "gcc", "counted.c", WORK, &["-g", "-O2"]);
     let scoped = Scoped::start();
     let mut target = Target::spawn("counted", &mut Command::new(&binary));
     target.expect_line("ready", TIMEOUT);
@@ -363,7 +331,7 @@ fn budgets_and_limits_are_validated() {
     let _serial = serial();
     let scoped = Scoped::start();
     let dir = tempfile::tempdir().unwrap();
-    let binary = compile(dir.path(), "gcc", "counted.c", COUNTED, &["-g", "-O2"]);
+    let binary = compile(dir.path(), "gcc", "counted.c", WORK, &["-g", "-O2"]);
     let target = Target::spawn("counted", &mut Command::new(&binary));
     target.expect_line("ready", TIMEOUT);
     let pid = target.pid().to_string();

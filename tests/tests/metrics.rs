@@ -12,31 +12,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use scope_tests::{Scoped, Target, compile, free_port};
+use scope_tests::{Scoped, Target, WORK_SOURCE, compile, free_port};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 const CALLS: u64 = 50_000;
-
-const SOURCE: &str = r#"#include <stdio.h>
-#include <stdlib.h>
-
-__attribute__((noinline)) long work(long x) {
-    __asm__ volatile("" ::: "memory");
-    return x + 1;
-}
-
-int main(void) {
-    char line[64];
-    setvbuf(stdout, NULL, _IONBF, 0);
-    printf("ready\n");
-    while (fgets(line, sizeof line, stdin)) {
-        long n = atol(line), total = 0;
-        for (long i = 0; i < n; i++) total += work(i);
-        printf("done %ld\n", total);
-    }
-    return 0;
-}
-"#;
 
 /// (status line, headers and body) of one HTTP request.
 fn http(port: u16, request: &str) -> (String, String) {
@@ -106,7 +85,7 @@ fn find(
 #[test]
 fn a_scrape_accounts_for_every_call_and_reports_the_daemon_itself() {
     let dir = tempfile::tempdir().unwrap();
-    let binary = compile(dir.path(), "gcc", "metrics.c", SOURCE, &["-g", "-O2"]);
+    let binary = compile(dir.path(), "gcc", "metrics.c", WORK_SOURCE, &["-g", "-O2"]);
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let scoped = Scoped::start_with(&["--metrics-addr", &addr]);

@@ -10,32 +10,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use scope_tests::{Scoped, Target, compile};
+use scope_tests::{Scoped, Target, WORK_SOURCE, compile};
 use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 const CALLS: u64 = 300_000;
-
-const SOURCE: &str = r#"#include <stdio.h>
-#include <stdlib.h>
-
-__attribute__((noinline)) long work(long x) {
-    __asm__ volatile("" ::: "memory");
-    return x + 1;
-}
-
-int main(void) {
-    char line[64];
-    setvbuf(stdout, NULL, _IONBF, 0);
-    printf("ready\n");
-    while (fgets(line, sizeof line, stdin)) {
-        long n = atol(line), total = 0;
-        for (long i = 0; i < n; i++) total += work(i);
-        printf("done %ld\n", total);
-    }
-    return 0;
-}
-"#;
 
 fn u64_of(value: &Value) -> u64 {
     value
@@ -46,7 +25,7 @@ fn u64_of(value: &Value) -> u64 {
 #[test]
 fn a_forced_overload_accounts_for_every_call_exactly() {
     let dir = tempfile::tempdir().unwrap();
-    let binary = compile(dir.path(), "gcc", "load.c", SOURCE, &["-g", "-O2"]);
+    let binary = compile(dir.path(), "gcc", "load.c", WORK_SOURCE, &["-g", "-O2"]);
     // One page of ring per CPU: about 28 spans fit before the reader drains it.
     let scoped = Scoped::start_with(&["--ring-bytes", "4096"]);
     let mut target = Target::spawn("load", &mut Command::new(&binary));

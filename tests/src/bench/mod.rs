@@ -58,3 +58,107 @@ pub(crate) fn pin(pid: u32, cpus: impl Iterator<Item = usize>) {
         );
     }
 }
+
+/// The configurations the real-program benchmarks (redis, pgbench) compare, in run order,
+/// with what each does.
+pub(crate) const TRACERS: [(&str, &str); 5] = [
+    ("untraced", "no probe"),
+    (
+        "empty pair",
+        "scoped's uprobe.multi + uretprobe.multi with empty programs: the traps alone",
+    ),
+    (
+        "scope",
+        "span per call, paired in the kernel, stored; every read/write of the server followed",
+    ),
+    (
+        "scope, no capture",
+        "`scoped --no-io-capture`: spans only, as bpftrace sees it",
+    ),
+    ("bpftrace", "uprobe + uretprobe, durations into a histogram"),
+];
+
+/// The daemons behind [`TRACERS`], started once for every round.
+pub(crate) struct Tracers {
+    scope: crate::Scoped,
+    no_capture: crate::Scoped,
+    empty: crate::Scoped,
+}
+
+impl Tracers {
+    pub(crate) fn start() -> Tracers {
+        Tracers {
+            scope: crate::Scoped::start(),
+            no_capture: crate::Scoped::start_with(&["--no-io-capture"]),
+            empty: crate::Scoped::start_with(&["--no-io-capture", "--bench-null-programs"]),
+        }
+    }
+
+    /// Runs `measure` under configuration `name` of [`TRACERS`], probing `functions` of the
+    /// server `pid` (whose executable is `exe`): scope follows its forks; bpftrace probes
+    /// `exe` in the one process (`bpftrace_pid`) or, without it, in every process. Returns
+    /// what `measure` returned and, for scope's configurations, the spans stored and dropped.
+    pub(crate) fn run<T>(
+        &self,
+        name: &str,
+        pid: u32,
+        exe: &str,
+        functions: &[&str],
+        bpftrace_pid: Option<u32>,
+        measure: impl FnOnce() -> T,
+    ) -> (T, Option<(u64, u64)>) {
+        use std::process::{Command, Stdio};
+        use std::time::Duration;
+        let daemon = match name {
+            "scope" => &self.scope,
+            "empty pair" => &self.empty,
+            _ => &self.no_capture,
+        };
+        match name {
+            "scope" | "scope, no capture" | "empty pair" => {
+                let before = daemon.status();
+                let attached = daemon.attach(pid, functions);
+                let id = attached["session_id"].to_string();
+                let result = measure();
+                daemon.scope_ok(&["detach", &id]);
+                let after = daemon.settled_status(Duration::from_secs(60));
+                let delta = |key: &str| {
+                    after[key].as_u64().unwrap_or(0) - before[key].as_u64().unwrap_or(0)
+                };
+                (
+                    result,
+                    Some((delta("stored_spans"), delta("spans_dropped"))),
+                )
+            }
+            "bpftrace" => {
+                // One start map per function: in a uretprobe, bpftrace's `func` names the
+                // caller, not the function returning.
+                let program = functions
+                    .iter()
+                    .map(|f| {
+                        format!(
+                            "uprobe:{exe}:{f} {{ @{f}[tid] = nsecs; }} \
+                             uretprobe:{exe}:{f} /@{f}[tid]/ {{ @ns = hist(nsecs - @{f}[tid]); delete(@{f}[tid]); }}"
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                let mut command = Command::new("bpftrace");
+                if let Some(pid) = bpftrace_pid {
+                    command.args(["-p", &pid.to_string()]);
+                }
+                // It warns about RLIMIT_MEMLOCK, which BPF no longer uses.
+                command.args(["-e", &program]).stderr(Stdio::null());
+                let mut bpftrace = crate::Target::spawn("bpftrace", &mut command);
+                bpftrace.expect_line("Attaching", Duration::from_secs(60));
+                // "Attaching N probes..." comes before the last of them is in place.
+                std::thread::sleep(Duration::from_secs(1));
+                let result = measure();
+                bpftrace.proc.signal(libc::SIGINT);
+                bpftrace.proc.wait_exit(Duration::from_secs(30));
+                (result, None)
+            }
+            _ => (measure(), None),
+        }
+    }
+}

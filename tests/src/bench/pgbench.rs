@@ -7,15 +7,10 @@
 //! its forks; bpftrace probes the executable for every process. The server's processes are
 //! pinned to one CPU and pgbench to the others, so the server's CPU limits the rate.
 
-use std::{
-    fmt::Write as _,
-    process::{Command, Stdio},
-    thread,
-    time::Duration,
-};
+use std::{fmt::Write as _, process::Stdio};
 
-use super::{machine, today};
-use crate::{Postgres, Scoped, Target};
+use super::{TRACERS, Tracers, machine, today};
+use crate::Postgres;
 
 /// How much to measure.
 #[derive(Clone, Copy, Debug)]
@@ -146,93 +141,32 @@ fn benchmark(postgres: &Postgres, seconds: u32, cpus: usize) -> f64 {
         .unwrap_or_else(|| panic!("no tps in pgbench's output:\n{text}"))
 }
 
-const CONFIGS: [(&str, &str); 5] = [
-    ("untraced", "no probe"),
-    (
-        "empty pair",
-        "scoped's uprobe.multi + uretprobe.multi with empty programs: the traps alone",
-    ),
-    (
-        "scope",
-        "span per call, paired in the kernel, stored; every read/write of the backends followed",
-    ),
-    (
-        "scope, no capture",
-        "`scoped --no-io-capture`: spans only, as bpftrace sees it",
-    ),
-    ("bpftrace", "uprobe + uretprobe, durations into a histogram"),
-];
-
 pub fn run(config: PgbenchConfig) -> PgbenchReport {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let last = (cpus - 1).to_string();
     let postgres = Postgres::start(1, &["taskset", "-c", &last]);
     let exe = postgres.executable();
     let exe = exe.to_str().expect("UTF-8 path").to_owned();
-    let scoped = Scoped::start();
-    let scoped_no_capture = Scoped::start_with(&["--no-io-capture"]);
-    let scoped_empty = Scoped::start_with(&["--no-io-capture", "--bench-null-programs"]);
+    let tracers = Tracers::start();
     // Warm up: the tables are in the server's cache.
     benchmark(&postgres, config.seconds, cpus);
 
-    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); CONFIGS.len()];
-    let mut kept = vec![0u64; CONFIGS.len()];
-    let mut dropped = vec![0u64; CONFIGS.len()];
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); TRACERS.len()];
+    let mut kept = vec![0u64; TRACERS.len()];
+    let mut dropped = vec![0u64; TRACERS.len()];
     for _ in 0..config.rounds {
-        for (index, &(name, _)) in CONFIGS.iter().enumerate() {
-            let mut tracer: Option<Target> = None;
-            let mut session: Option<String> = None;
-            let daemon = match name {
-                "scope" => &scoped,
-                "empty pair" => &scoped_empty,
-                _ => &scoped_no_capture,
-            };
-            let before = daemon.status();
-            match name {
-                "scope" | "scope, no capture" | "empty pair" => {
-                    let attached = daemon.attach(postgres.pid(), &FUNCTIONS);
-                    session = attached["session_id"].as_u64().map(|id| id.to_string());
-                }
-                "bpftrace" => {
-                    let program = FUNCTIONS
-                        .iter()
-                        .map(|f| {
-                            format!(
-                                "uprobe:{exe}:{f} {{ @{f}[tid] = nsecs; }} \
-                                 uretprobe:{exe}:{f} /@{f}[tid]/ {{ @ns = hist(nsecs - @{f}[tid]); delete(@{f}[tid]); }}"
-                            )
-                        })
-                        .collect::<Vec<_>>()
-                        .join(" ");
-                    let proc = Target::spawn(
-                        "bpftrace",
-                        Command::new("bpftrace")
-                            .args(["-e", &program])
-                            .stderr(Stdio::null()),
-                    );
-                    proc.expect_line("Attaching", Duration::from_secs(60));
-                    thread::sleep(Duration::from_secs(1));
-                    tracer = Some(proc);
-                }
-                _ => {}
-            }
-            samples[index].push(benchmark(&postgres, config.seconds, cpus));
-            if let Some(id) = session {
-                daemon.scope_ok(&["detach", &id]);
-                let after = daemon.settled_status(Duration::from_secs(60));
-                let delta = |key: &str| {
-                    after[key].as_u64().unwrap_or(0) - before[key].as_u64().unwrap_or(0)
-                };
-                kept[index] += delta("stored_spans");
-                dropped[index] += delta("spans_dropped");
-            }
-            if let Some(mut bpftrace) = tracer {
-                bpftrace.proc.signal(libc::SIGINT);
-                bpftrace.proc.wait_exit(Duration::from_secs(30));
+        for (index, &(name, _)) in TRACERS.iter().enumerate() {
+            let (tps, spans) = tracers.run(name, postgres.pid(), &exe, &FUNCTIONS, None, || {
+                benchmark(&postgres, config.seconds, cpus)
+            });
+            samples[index].push(tps);
+            if let Some((stored, lost)) = spans {
+                kept[index] += stored;
+                dropped[index] += lost;
             }
         }
     }
-    let results = CONFIGS
+    let results = TRACERS
         .iter()
         .zip(samples.iter_mut())
         .enumerate()

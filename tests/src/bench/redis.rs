@@ -8,12 +8,10 @@
 use std::{
     fmt::Write as _,
     process::{Command, Stdio},
-    thread,
-    time::Duration,
 };
 
-use super::{machine, today};
-use crate::{Redis, Scoped, Target};
+use super::{TRACERS, Tracers, machine, today};
+use crate::Redis;
 
 /// How much to measure.
 #[derive(Clone, Copy, Debug)]
@@ -157,23 +155,6 @@ fn benchmark(port: u16, requests: u64, cpus: usize) -> (f64, f64) {
     (rate("SET"), rate("GET"))
 }
 
-const CONFIGS: [(&str, &str); 5] = [
-    ("untraced", "no probe"),
-    (
-        "empty pair",
-        "scoped's uprobe.multi + uretprobe.multi with empty programs: the traps alone",
-    ),
-    (
-        "scope",
-        "span per call, paired in the kernel, stored; every read/write of redis followed",
-    ),
-    (
-        "scope, no capture",
-        "`scoped --no-io-capture`: spans only, as bpftrace sees it",
-    ),
-    ("bpftrace", "uprobe + uretprobe, durations into a histogram"),
-];
-
 pub fn run(config: RedisConfig) -> RedisReport {
     let redis = Redis::start();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -181,68 +162,28 @@ pub fn run(config: RedisConfig) -> RedisReport {
     let exe = std::fs::read_link(format!("/proc/{}/exe", redis.pid()))
         .expect("redis-server's executable");
     let exe = exe.to_str().expect("UTF-8 path").to_owned();
-    let scoped = Scoped::start();
-    let scoped_no_capture = Scoped::start_with(&["--no-io-capture"]);
-    let scoped_empty = Scoped::start_with(&["--no-io-capture", "--bench-null-programs"]);
+    let tracers = Tracers::start();
     // Warm up: the keys exist, the server's memory is allocated.
     benchmark(redis.port, config.requests, cpus);
 
-    let mut samples: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); CONFIGS.len()];
-    let mut kept = vec![0u64; CONFIGS.len()];
-    let mut dropped = vec![0u64; CONFIGS.len()];
+    let mut samples: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); TRACERS.len()];
+    let mut kept = vec![0u64; TRACERS.len()];
+    let mut dropped = vec![0u64; TRACERS.len()];
     for _ in 0..config.rounds {
-        for (index, &(name, _)) in CONFIGS.iter().enumerate() {
-            let mut tracer: Option<Target> = None;
-            let mut session: Option<String> = None;
-            let daemon = match name {
-                "scope" => &scoped,
-                "empty pair" => &scoped_empty,
-                _ => &scoped_no_capture,
-            };
-            let before = daemon.status();
-            match name {
-                "scope" | "scope, no capture" | "empty pair" => {
-                    let attached = daemon.attach(redis.pid(), &["processCommand", "call"]);
-                    session = attached["session_id"].as_u64().map(|id| id.to_string());
-                }
-                "bpftrace" => {
-                    // One start map per function: in a uretprobe, bpftrace's `func` names
-                    // the caller, not the function returning.
-                    let program = format!(
-                        "uprobe:{exe}:processCommand {{ @pc[tid] = nsecs; }} \
-                         uretprobe:{exe}:processCommand /@pc[tid]/ {{ @ns = hist(nsecs - @pc[tid]); delete(@pc[tid]); }} \
-                         uprobe:{exe}:call {{ @call[tid] = nsecs; }} \
-                         uretprobe:{exe}:call /@call[tid]/ {{ @ns = hist(nsecs - @call[tid]); delete(@call[tid]); }}"
-                    );
-                    let proc = Target::spawn(
-                        "bpftrace",
-                        Command::new("bpftrace")
-                            .args(["-p", &redis.pid().to_string(), "-e", &program])
-                            // It warns about RLIMIT_MEMLOCK, which BPF no longer uses.
-                            .stderr(Stdio::null()),
-                    );
-                    proc.expect_line("Attaching", Duration::from_secs(60));
-                    // "Attaching N probes..." comes before the last of them is in place.
-                    thread::sleep(Duration::from_secs(1));
-                    tracer = Some(proc);
-                }
-                _ => {}
-            }
-            let (set, get) = benchmark(redis.port, config.requests, cpus);
+        for (index, &(name, _)) in TRACERS.iter().enumerate() {
+            let ((set, get), spans) = tracers.run(
+                name,
+                redis.pid(),
+                &exe,
+                &["processCommand", "call"],
+                Some(redis.pid()),
+                || benchmark(redis.port, config.requests, cpus),
+            );
             samples[index].0.push(set);
             samples[index].1.push(get);
-            if let Some(id) = session {
-                daemon.scope_ok(&["detach", &id]);
-                let after = daemon.settled_status(Duration::from_secs(60));
-                let delta = |key: &str| {
-                    after[key].as_u64().unwrap_or(0) - before[key].as_u64().unwrap_or(0)
-                };
-                kept[index] += delta("stored_spans");
-                dropped[index] += delta("spans_dropped");
-            }
-            if let Some(mut bpftrace) = tracer {
-                bpftrace.proc.signal(libc::SIGINT);
-                bpftrace.proc.wait_exit(Duration::from_secs(30));
+            if let Some((stored, lost)) = spans {
+                kept[index] += stored;
+                dropped[index] += lost;
             }
         }
     }
@@ -250,7 +191,7 @@ pub fn run(config: RedisConfig) -> RedisReport {
         values.sort_by(f64::total_cmp);
         values[values.len() / 2]
     };
-    let results = CONFIGS
+    let results = TRACERS
         .iter()
         .zip(samples.iter_mut())
         .enumerate()
