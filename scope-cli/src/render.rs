@@ -98,6 +98,22 @@ fn abnormal_flags(span: &Span) -> Vec<String> {
         .collect()
 }
 
+/// A USDT span's text on one line: whitespace runs (a multi-line query) become one space,
+/// and past 100 characters it is cut with `…`; Python's `file:function:line` is shown bare,
+/// anything else quoted.
+fn quoted_text(text: &str) -> String {
+    let mut one_line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if let Some((cut, _)) = one_line.char_indices().nth(100) {
+        one_line.truncate(cut);
+        one_line.push('…');
+    }
+    if one_line.contains(' ') {
+        format!("{one_line:?}")
+    } else {
+        one_line
+    }
+}
+
 fn function_name(span: &Span) -> &str {
     if span.function.is_empty() {
         "?"
@@ -108,13 +124,18 @@ fn function_name(span: &Span) -> &str {
 
 /// `processCommand(0x55d0c1e0a2c0) = 0  12.3µs  server.c:3987`, plus flags and inlining.
 pub fn span_summary(span: &Span) -> String {
-    let mut text = format!("{}({})", function_name(span), format_args(&span.args));
+    let mut text = if span.text.is_empty() {
+        format!("{}({})", function_name(span), format_args(&span.args))
+    } else {
+        // A USDT probe's own words (a query, a Python call) say more than its registers.
+        format!("{} {}", function_name(span), quoted_text(&span.text))
+    };
     let flags = abnormal_flags(span);
     let instant = is_instant(span);
     if !flags.is_empty() {
         // The call did not return normally, so there is no return value to show.
         text.push_str(&format!(" [{}]", format_flags(&flags)));
-    } else if !instant {
+    } else if !instant && span.text.is_empty() {
         text.push_str(&format!(" = {}", format_ret(span.ret)));
     }
     if !instant || span.duration_ns > 0 {
@@ -261,6 +282,10 @@ pub fn calls_table() -> Table {
 pub fn call_row(span: &Span) -> Vec<String> {
     let indent = "  ".repeat(span.depth.min(64) as usize);
     let mut function = format!("{indent}{}", function_name(span));
+    if !span.text.is_empty() {
+        function.push(' ');
+        function.push_str(&quoted_text(&span.text));
+    }
     if !span.inlined_into.is_empty() {
         function.push_str(&format!(" (inlined into {})", span.inlined_into));
     }
@@ -658,6 +683,8 @@ pub struct SpanJson<'a> {
     pub link_kind: &'a str,
     /// Calls whose bytes this call read (a reply): filled by `scope show`, empty elsewhere.
     pub links: Vec<LinkJson<'a>>,
+    /// What a USDT probe said in strings: a query's SQL, a Python call's file:function:line.
+    pub text: &'a str,
 }
 
 /// One causal link of a span (`SpanJson::links`).
@@ -696,6 +723,7 @@ impl<'a> From<&'a Span> for SpanJson<'a> {
             caller: s.caller.iter().map(FrameJson::from).collect(),
             trace_id: &s.trace_id,
             link_kind: &s.link_kind,
+            text: &s.text,
             links: s
                 .links
                 .iter()

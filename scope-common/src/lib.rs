@@ -96,8 +96,16 @@ pub mod cookie {
     /// call sites, which have no return to hook).
     pub const INSTANT: u64 = 1 << 32;
     /// A USDT probe site: its arguments are where [`super::maps::USDT_ARGS`] says, not in the
-    /// argument registers. Always with [`INSTANT`].
+    /// argument registers. With [`INSTANT`] (a site of its own), [`USDT_BEGIN`] or
+    /// [`USDT_END`].
     pub const USDT: u64 = 1 << 33;
+    /// A USDT site that opens a span (`query__start`, `function__entry`): it pushes a frame,
+    /// closed by a [`USDT_END`] site of the same pair ([`super::UsdtSpec::pair`]).
+    pub const USDT_BEGIN: u64 = 1 << 34;
+    /// A USDT site that closes the innermost open span of its pair (`query__done`,
+    /// `function__return`). It makes no span of its own, and its calls are not counted: they
+    /// are the begin probe's spans.
+    pub const USDT_END: u64 = 1 << 35;
 
     /// Builds the cookie for a probe.
     pub const fn new(probe_id: u32, flags: u64) -> u64 {
@@ -115,6 +123,8 @@ pub enum RecordKind {
     Process = 2,
     /// An [`IoEvent`].
     Io = 3,
+    /// A [`TextSpan`]: a span with the strings its USDT probe passed.
+    TextSpan = 4,
 }
 
 /// Bits of [`Span::flags`].
@@ -196,6 +206,11 @@ pub struct Frame {
     pub link_id: u64,
     pub caller: u64,
     pub args: [u64; 6],
+    /// For a [`cookie::USDT_BEGIN`] frame: its pair ([`UsdtSpec::pair`]); 0 otherwise.
+    pub pair: u32,
+    /// Non-zero: the span is reported as a [`TextSpan`], with the strings its probe's
+    /// [`UsdtSpec::strings`] arguments point to.
+    pub text: u32,
 }
 
 /// A thread's in-kernel call stack of traced functions.
@@ -291,8 +306,48 @@ pub struct UsdtArgSpec {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UsdtSpec {
     pub count: u32,
-    pub _pad: u32,
+    /// For the begin and end sites of a pair (`X__start`/`X__done`, `X__entry`/`X__return`):
+    /// a number shared by those sites and no others (the daemon uses the first begin site's
+    /// probe id + 1); 0 for a site that is not paired.
+    pub pair: u32,
+    /// Bit `i`: argument `i` points to a NUL-terminated string, read into the span's
+    /// [`TextSpan`] (at most [`TEXT_SLOTS`] of them, lowest first). For a paired span, the
+    /// begin site's arguments are read when the end site fires.
+    pub strings: u32,
+    /// For a begin site: 1 if a begin inside an open span of the same pair nests (Python
+    /// calls); 0 if it means the open one will never end (PostgreSQL after an error aborted
+    /// a query): that one is then reported abandoned.
+    pub nests: u32,
     pub args: [UsdtArgSpec; 6],
+}
+
+/// Bytes kept of each string a USDT probe passes (longer ones are cut, and flagged).
+pub const MAX_TEXT: usize = 256;
+/// Strings kept per span.
+pub const TEXT_SLOTS: usize = 2;
+
+/// A span with the strings its USDT probe passed (the SQL of a query, a Python function's
+/// file and name). The record of [`RecordKind::TextSpan`]; `span.kind` says so.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TextSpan {
+    pub span: Span,
+    /// Bytes read into each slot of `text`, without the NUL; 0 for none. [`MAX_TEXT`] means
+    /// the string was cut.
+    pub lens: [u32; TEXT_SLOTS],
+    /// The strings of the probe's string arguments, in argument order.
+    pub text: [[u8; MAX_TEXT]; TEXT_SLOTS],
+}
+
+impl TextSpan {
+    /// The strings, as far as they were read (a slot that was not read is absent).
+    pub fn strings(&self) -> impl Iterator<Item = &[u8]> {
+        self.lens
+            .iter()
+            .zip(&self.text)
+            .filter(|(len, _)| **len > 0)
+            .map(|(len, text)| &text[..(*len as usize).min(MAX_TEXT)])
+    }
 }
 
 /// [`UsdtArgSpec::kind`] values and register indexes.
@@ -576,8 +631,9 @@ impl Counter {
 }
 
 const _: () = assert!(size_of::<Span>() == 144);
-const _: () = assert!(size_of::<Frame>() == 112);
-const _: () = assert!(size_of::<ThreadStack>() == 8 + 112 * MAX_DEPTH);
+const _: () = assert!(size_of::<Frame>() == 120);
+const _: () = assert!(size_of::<ThreadStack>() == 8 + 120 * MAX_DEPTH);
+const _: () = assert!(size_of::<TextSpan>() == 144 + 8 + MAX_TEXT * TEXT_SLOTS);
 const _: () = assert!(size_of::<ProcessEvent>() == 64);
 const _: () = assert!(size_of::<Link>() == 24);
 const _: () = assert!(size_of::<KernelOffsets>() == 92);
@@ -588,7 +644,7 @@ const _: () = assert!(size_of::<CpuState>() == 8);
 const _: () = assert!(size_of::<ProbeCounters>() == 32);
 const _: () = assert!(size_of::<ProbeControl>() == 24);
 const _: () = assert!(size_of::<UsdtArgSpec>() == 16);
-const _: () = assert!(size_of::<UsdtSpec>() == 104);
+const _: () = assert!(size_of::<UsdtSpec>() == 112);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -602,6 +658,7 @@ mod pod {
     unsafe impl aya::Pod for super::ProbeCounters {}
     unsafe impl aya::Pod for super::ProbeControl {}
     unsafe impl aya::Pod for super::UsdtSpec {}
+    unsafe impl aya::Pod for super::TextSpan {}
     unsafe impl aya::Pod for super::ProcessEvent {}
     unsafe impl aya::Pod for super::Link {}
     unsafe impl aya::Pod for super::KernelOffsets {}
@@ -614,6 +671,7 @@ mod pod {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Record {
     Span(Span),
+    TextSpan(TextSpan),
     Process(ProcessEvent),
     Io(IoEvent),
 }
@@ -628,6 +686,9 @@ impl Record {
                 read::<ProcessEvent>(bytes).map(Record::Process)
             }
             k if k == RecordKind::Io as u32 => read::<IoEvent>(bytes).map(Record::Io),
+            k if k == RecordKind::TextSpan as u32 => read::<TextSpan>(bytes)
+                .filter(|text| text.span.kind == RecordKind::TextSpan as u32)
+                .map(Record::TextSpan),
             _ => None,
         }
     }

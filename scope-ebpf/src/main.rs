@@ -26,7 +26,7 @@ use aya_ebpf::{
     helpers::{
         bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_current_task,
         bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
-        generated::bpf_ringbuf_query,
+        generated::{bpf_probe_read_user_str, bpf_ringbuf_query},
     },
     macros::{btf_map, raw_tracepoint, tracepoint, uprobe, uretprobe},
     programs::{ProbeContext, RawTracePointContext, RetProbeContext, TracePointContext},
@@ -34,10 +34,10 @@ use aya_ebpf::{
 use aya_log_ebpf::{debug, info, warn};
 use scope_common::{
     Counter, CpuState, Frame, IoEvent, KernelOffsets, Link, MAX_CPUS, MAX_DEPTH, MAX_PROBES,
-    MAX_STREAMS, MAX_TARGETS, MAX_THREADS, MAX_UNWIND, PROVISIONAL_WRITE_BYTES, PendingIo,
-    ProbeControl, ProbeCounters, ProcessEvent, RecordKind, STREAM_WRITES, Span, StreamState,
-    StreamWrite, Target, ThreadStack, UsdtArgSpec, UsdtSpec, cookie, io_op, process_event,
-    span_flags, stream_kind,
+    MAX_STREAMS, MAX_TARGETS, MAX_TEXT, MAX_THREADS, MAX_UNWIND, PROVISIONAL_WRITE_BYTES,
+    PendingIo, ProbeControl, ProbeCounters, ProcessEvent, RecordKind, STREAM_WRITES, Span,
+    StreamState, StreamWrite, Target, TextSpan, ThreadStack, UsdtArgSpec, UsdtSpec, cookie, io_op,
+    process_event, span_flags, stream_kind,
 };
 
 /// Size of the template ring in the object. The daemon creates the real per-CPU rings (of the
@@ -326,16 +326,26 @@ fn on_entry(ctx: &ProbeContext) {
     // SAFETY: ctx is the program's context.
     let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
     let probe_id = (cookie & cookie::PROBE_ID_MASK) as u32;
+    // SAFETY: regs points at the trapped task's pt_regs for the duration of the program.
+    let regs = unsafe { &*ctx.regs };
+    if cookie & cookie::USDT_END != 0 {
+        usdt_end(regs, probe_id, pid, tid);
+        return;
+    }
     probe_count(probe_id, ProbeField::Calls);
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
-    // SAFETY: regs points at the trapped task's pt_regs for the duration of the program.
-    let regs = unsafe { &*ctx.regs };
     let sp = regs.rsp;
-    let args = [regs.rdi, regs.rsi, regs.rdx, regs.rcx, regs.r8, regs.r9];
-    // At entry, sp points at the return address pushed by the call.
-    // SAFETY: bpf_probe_read_user copes with any address.
-    let caller = unsafe { bpf_probe_read_user(sp as *const u64) }.unwrap_or(0);
+    let mut args = [regs.rdi, regs.rsi, regs.rdx, regs.rcx, regs.r8, regs.r9];
+    let usdt_begin = cookie & cookie::USDT_BEGIN != 0;
+    let caller = if usdt_begin {
+        // A USDT site is inside its function: the site itself says where.
+        regs.rip
+    } else {
+        // At entry, sp points at the return address pushed by the call.
+        // SAFETY: bpf_probe_read_user copes with any address.
+        unsafe { bpf_probe_read_user(sp as *const u64) }.unwrap_or(0)
+    };
 
     let Some(stack) = thread_stack(tid) else {
         count(Counter::StackMapFull);
@@ -345,7 +355,18 @@ fn on_entry(ctx: &ProbeContext) {
     // SAFETY: only this thread touches its own stack entry (the exit programs run on the same
     // thread), so there is no concurrent writer.
     let stack = unsafe { &mut *stack };
-    drop_dead_frames(stack, sp, caller, probe_id, pid, tid, now);
+    // A USDT site runs inside its function's frame, at `sp`: frames opened at the same `sp`
+    // (by an earlier site in the same function, or by Python calls, which CPython runs in
+    // one C frame) are still live; the frames of calls that started below it are not.
+    drop_dead_frames(
+        stack,
+        if usdt_begin { sp.wrapping_sub(1) } else { sp },
+        caller,
+        probe_id,
+        pid,
+        tid,
+        now,
+    );
     if let Some(reason) = left_out(probe_id, now) {
         probe_count(probe_id, reason);
         count(match reason {
@@ -358,6 +379,17 @@ fn on_entry(ctx: &ProbeContext) {
         }
         return;
     }
+    let (pair, strings) = if cookie & cookie::USDT != 0 {
+        let Some(spec) = usdt_args(regs, probe_id, &mut args) else {
+            return;
+        };
+        if usdt_begin && spec.nests == 0 {
+            abandon_open_pair(stack, spec.pair, pid, tid, now);
+        }
+        (spec.pair, spec.strings)
+    } else {
+        (0, 0)
+    };
     let depth = stack.depth as usize;
     let span_id = next_span_id();
     let (parent_id, root_id, trace_id, link) = if depth == 0 {
@@ -381,27 +413,25 @@ fn on_entry(ctx: &ProbeContext) {
     if cookie & cookie::INSTANT != 0 {
         // An inlined call site is inside its caller: the probed address itself says where.
         let caller = regs.rip;
-        let mut args = args;
-        if cookie & cookie::USDT != 0 {
-            usdt_args(regs, probe_id, &mut args);
-        }
-        emit(&Span {
-            kind: RecordKind::Span as u32,
-            probe_id,
-            pid,
-            tid,
-            start_ns: now,
-            end_ns: now,
-            span_id,
-            parent_id,
-            root_id,
-            trace_id,
-            link_id: link.span_id,
-            args,
-            ret: 0,
-            caller,
-            depth: depth as u32,
-            flags: span_flags::INSTANT | link.flags,
+        emit(probe_id, strings, |span| {
+            *span = Span {
+                kind: RecordKind::Span as u32,
+                probe_id,
+                pid,
+                tid,
+                start_ns: now,
+                end_ns: now,
+                span_id,
+                parent_id,
+                root_id,
+                trace_id,
+                link_id: link.span_id,
+                args,
+                ret: 0,
+                caller,
+                depth: depth as u32,
+                flags: span_flags::INSTANT | link.flags,
+            }
         });
         return;
     }
@@ -423,7 +453,94 @@ fn on_entry(ctx: &ProbeContext) {
     frame.link_flags = link.flags;
     frame.caller = caller;
     frame.args = args;
+    frame.pair = pair;
+    frame.text = strings;
     stack.depth = depth as u32 + 1;
+}
+
+/// A [`cookie::USDT_END`] site: closes the innermost open span of its pair, with the end
+/// site's first argument as the span's `ret`. Frames opened below the site (calls whose
+/// returns were missed) are reported abandoned on the way; a frame of an enclosing call
+/// on top means the begin was never seen (the daemon attached mid-span, or the begin was
+/// left out), and the end is counted unmatched.
+#[inline(always)]
+fn usdt_end(regs: &aya_ebpf::bindings::pt_regs, probe_id: u32, pid: u32, tid: u32) {
+    let Some(stack) = STACKS.get_ptr_mut(&tid) else {
+        count(Counter::UnmatchedExit);
+        return;
+    };
+    // SAFETY: see on_entry: only this thread touches its stack.
+    let stack = unsafe { &mut *stack };
+    if stack.unstored > 0 {
+        // The begin was left out by sampling, a rate limit or depth overflow.
+        stack.unstored -= 1;
+        return;
+    }
+    let Some(spec) = USDT_ARGS.get_ptr(probe_id) else {
+        return;
+    };
+    // SAFETY: a valid map value, read only.
+    let spec = unsafe { &*spec };
+    let ret = if spec.count > 0 {
+        usdt_arg(regs, &spec.args[0])
+    } else {
+        0
+    };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let sp = regs.rsp;
+    for _ in 0..MAX_UNWIND {
+        let depth = stack.depth as usize;
+        if depth == 0 || depth > MAX_DEPTH {
+            break;
+        }
+        let top_index = depth - 1;
+        let (top_pair, top_sp) = {
+            let top = frame(stack, top_index);
+            (top.pair, top.sp)
+        };
+        if top_pair == spec.pair && top_pair != 0 {
+            pop_reported(stack, top_index, pid, tid, now, ret, 0);
+            return;
+        }
+        if top_sp >= sp {
+            break;
+        }
+        pop_reported(stack, top_index, pid, tid, now, 0, span_flags::ABANDONED);
+        count(Counter::Abandoned);
+    }
+    count(Counter::UnmatchedExit);
+}
+
+/// Before a begin site of a pair that does not nest: reports the open span of the same pair
+/// (and everything above it) abandoned, since its end will never come.
+#[inline(always)]
+fn abandon_open_pair(stack: &mut ThreadStack, pair: u32, pid: u32, tid: u32, now: u64) {
+    let depth = stack.depth as usize;
+    if depth > MAX_DEPTH {
+        return;
+    }
+    let mut open = None;
+    for distance in 1..=MAX_UNWIND {
+        let Some(index) = depth.checked_sub(distance) else {
+            break;
+        };
+        if frame(stack, index).pair == pair {
+            open = Some(index);
+            break;
+        }
+    }
+    let Some(open) = open else {
+        return;
+    };
+    for _ in 0..MAX_UNWIND {
+        let depth = stack.depth as usize;
+        if depth <= open || depth > MAX_DEPTH {
+            return;
+        }
+        pop_reported(stack, depth - 1, pid, tid, now, 0, span_flags::ABANDONED);
+        count(Counter::Abandoned);
+    }
 }
 
 /// Where the kernel maps its uprobe page (`[uprobes]`, holding the uretprobe trampoline): the
@@ -1089,23 +1206,26 @@ fn report(
     flags: u32,
 ) {
     let frame = frame(stack, index);
-    emit(&Span {
-        kind: RecordKind::Span as u32,
-        probe_id: frame.probe_id,
-        pid,
-        tid,
-        start_ns: frame.start_ns,
-        end_ns,
-        span_id: frame.span_id,
-        parent_id: parent_of(stack, index),
-        root_id: frame.root_id,
-        trace_id: frame.trace_id,
-        link_id: frame.link_id,
-        args: frame.args,
-        ret,
-        caller: frame.caller,
-        depth: index as u32,
-        flags: flags | frame.link_flags,
+    let parent_id = parent_of(stack, index);
+    emit(frame.probe_id, frame.text, |span| {
+        *span = Span {
+            kind: RecordKind::Span as u32,
+            probe_id: frame.probe_id,
+            pid,
+            tid,
+            start_ns: frame.start_ns,
+            end_ns,
+            span_id: frame.span_id,
+            parent_id,
+            root_id: frame.root_id,
+            trace_id: frame.trace_id,
+            link_id: frame.link_id,
+            args: frame.args,
+            ret,
+            caller: frame.caller,
+            depth: index as u32,
+            flags: flags | frame.link_flags,
+        }
     });
 }
 
@@ -1124,23 +1244,65 @@ fn pop_reported(
     stack.depth = index as u32;
 }
 
-/// Writes a span into this CPU's ring, or counts it lost.
+/// Writes one span into this CPU's ring, or counts it lost: `fill` writes the span straight
+/// into the reserved record (a span built on the BPF stack and copied would not fit beside
+/// the programs' other locals). With `strings` set (bit `i`: argument `i` points to a
+/// string), the record is a [`TextSpan`] and the first `scope_common::TEXT_SLOTS` of those
+/// strings are read from the traced process into it.
 #[inline(always)]
-fn emit(span: &Span) {
+fn emit(probe_id: u32, strings: u32, fill: impl Fn(&mut Span)) {
     // SAFETY: plain helper call.
     let cpu = unsafe { bpf_get_smp_processor_id() };
     let Some(ring) = RINGS.get(cpu) else {
         count(Counter::NoRing);
-        probe_count(span.probe_id, ProbeField::Dropped);
+        probe_count(probe_id, ProbeField::Dropped);
         warn!(&(), "scope: no span ring for cpu {}", cpu);
         return;
     };
-    let Some(mut entry) = ring.reserve(0) else {
-        count(Counter::RingFull);
-        probe_count(span.probe_id, ProbeField::Dropped);
-        return;
-    };
-    entry.write(*span);
+    if strings == 0 {
+        let Some(mut entry) = ring.reserve_untyped::<Span>(0) else {
+            count(Counter::RingFull);
+            probe_count(probe_id, ProbeField::Dropped);
+            return;
+        };
+        // SAFETY: reserved ring memory the size of a Span; `fill` writes every field.
+        fill(unsafe { &mut *entry.as_mut_ptr() });
+        entry.submit(wakeup_flags(ring));
+    } else {
+        let Some(mut entry) = ring.reserve_untyped::<TextSpan>(0) else {
+            count(Counter::RingFull);
+            probe_count(probe_id, ProbeField::Dropped);
+            return;
+        };
+        // SAFETY: reserved ring memory the size of a TextSpan; `fill` writes the span, and
+        // the lengths and strings are written below (bytes past a length are never read).
+        let record = unsafe { &mut *entry.as_mut_ptr() };
+        fill(&mut record.span);
+        record.span.kind = RecordKind::TextSpan as u32;
+        let mut first = None;
+        let mut second = None;
+        for (bit, arg) in record.span.args.iter().enumerate() {
+            if (strings >> bit) & 1 == 0 {
+                continue;
+            }
+            if first.is_none() {
+                first = Some(*arg);
+            } else if second.is_none() {
+                second = Some(*arg);
+            }
+        }
+        let [first_len, second_len] = &mut record.lens;
+        let [first_text, second_text] = &mut record.text;
+        *first_len = read_string(first_text, first);
+        *second_len = read_string(second_text, second);
+        entry.submit(wakeup_flags(ring));
+    }
+    count(Counter::SpansEmitted);
+}
+
+/// Submit flags that wake the reader only once the ring holds [`WAKEUP_BYTES`].
+#[inline(always)]
+fn wakeup_flags<T>(ring: &RingBuf<T, TEMPLATE_RING_BYTES>) -> u64 {
     // SAFETY: ring is a valid ring buffer map pointer obtained from the outer map.
     let unread = unsafe {
         bpf_ringbuf_query(
@@ -1148,13 +1310,29 @@ fn emit(span: &Span) {
             BPF_RB_AVAIL_DATA as u64,
         )
     };
-    let flags = if unread >= WAKEUP_BYTES {
+    (if unread >= WAKEUP_BYTES {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
+    }) as u64
+}
+
+/// Reads the NUL-terminated string at `address` in the traced process into `text`; returns
+/// its length without the NUL (`MAX_TEXT - 1` when it was cut), 0 when there is none.
+#[inline(always)]
+fn read_string(text: &mut [u8; MAX_TEXT], address: Option<u64>) -> u32 {
+    let Some(address) = address else {
+        return 0;
     };
-    entry.submit(flags as u64);
-    count(Counter::SpansEmitted);
+    // SAFETY: the helper copes with any source address and writes at most MAX_TEXT bytes.
+    let read = unsafe {
+        bpf_probe_read_user_str(
+            text.as_mut_ptr().cast(),
+            MAX_TEXT as u32,
+            address as *const core::ffi::c_void,
+        )
+    };
+    if read > 1 { (read - 1) as u32 } else { 0 }
 }
 
 /// A unique span id: the CPU in the top bits, a per-CPU sequence below.
@@ -1180,14 +1358,16 @@ fn count(counter: Counter) {
 }
 
 /// Overwrites `args` with a USDT probe's arguments, decoded as its note says (see
-/// [`UsdtArgSpec`]); arguments it does not have read 0.
+/// [`UsdtArgSpec`]); arguments it does not have read 0. Returns the probe's spec.
 // Written in place, element by element: a zeroed local array would be a `memset` call, which
 // the BPF loader cannot relocate.
 #[inline(always)]
-fn usdt_args(regs: &aya_ebpf::bindings::pt_regs, probe_id: u32, args: &mut [u64; 6]) {
-    let Some(spec) = USDT_ARGS.get_ptr(probe_id) else {
-        return;
-    };
+fn usdt_args(
+    regs: &aya_ebpf::bindings::pt_regs,
+    probe_id: u32,
+    args: &mut [u64; 6],
+) -> Option<&'static UsdtSpec> {
+    let spec = USDT_ARGS.get_ptr(probe_id)?;
     // SAFETY: a valid map value, read only.
     let spec = unsafe { &*spec };
     // zip, not indexing: an index that could be out of bounds would bring the panic path in.
@@ -1198,6 +1378,7 @@ fn usdt_args(regs: &aya_ebpf::bindings::pt_regs, probe_id: u32, args: &mut [u64;
             0
         };
     }
+    Some(spec)
 }
 
 #[inline(always)]

@@ -878,5 +878,6 @@ fn span_to_wire(daemon: &Daemon, span: &Span) -> pb::Span {
         link_kind: span.link_kind().to_owned(),
         comm: probe.comm.clone(),
         links: Vec::new(),
+        text: span.text.clone().unwrap_or_default(),
     }
 }

@@ -25,3 +25,4 @@ pub mod reader;
 pub mod resolve;
 pub mod stats;
 pub mod store;
+pub mod usdt;

@@ -86,6 +86,9 @@ pub struct Span {
     pub caller: u64,
     /// `scope_common::span_flags` bits.
     pub flags: u32,
+    /// What the probe said about the call in strings (USDT probes that pass some): the SQL
+    /// of a query, `file:function:line` of a Python call ([`crate::usdt::text`]).
+    pub text: Option<String>,
     pub probe: Arc<Probe>,
 }
 
@@ -179,6 +182,7 @@ impl Span {
             ret: span.ret,
             caller: span.caller,
             flags: span.flags,
+            text: None,
             probe,
         }
     }

@@ -120,12 +120,12 @@ impl Pipeline {
                     .collect();
                 self.store.append_io(io);
             }
-            self.ingest(batch.spans);
+            self.ingest(batch.spans, batch.texts);
         }
     }
 
-    fn ingest(&self, batch: Vec<scope_common::Span>) {
-        let spans: Vec<Span> = self.registry.with(|lookup| {
+    fn ingest(&self, batch: Vec<scope_common::Span>, texts: Vec<(u64, Vec<String>)>) {
+        let mut spans: Vec<Span> = self.registry.with(|lookup| {
             batch
                 .iter()
                 .filter_map(|span| match lookup(span.probe_id) {
@@ -148,6 +148,9 @@ impl Pipeline {
         });
         if spans.is_empty() {
             return;
+        }
+        if !texts.is_empty() {
+            attach_texts(&mut spans, texts, self.ids);
         }
         self.fan_out(&spans);
         if let Some(exporter) = &self.exporter {
@@ -180,5 +183,22 @@ impl Pipeline {
                 Err(TrySendError::Closed(_)) => false,
             }
         });
+    }
+}
+
+/// Gives each span that came with strings its text.
+fn attach_texts(spans: &mut [Span], texts: Vec<(u64, Vec<String>)>, ids: IdScheme) {
+    let mut texts: std::collections::HashMap<u64, Vec<String>> = texts
+        .into_iter()
+        .map(|(id, strings)| (ids.span(id), strings))
+        .collect();
+    for span in spans {
+        if let Some(strings) = texts.remove(&span.id) {
+            span.text = Some(crate::usdt::text(
+                &span.probe.function,
+                &strings,
+                &span.args,
+            ));
+        }
     }
 }

@@ -24,7 +24,7 @@ use crate::{
     error::ScopeError,
     model::Probe,
     procfs::ProcessInfo,
-    resolve::{Plan, PlannedUsdt},
+    resolve::{Plan, PlannedUsdt, UsdtRole},
     stats::Count,
 };
 
@@ -252,6 +252,9 @@ pub struct ProbeManager {
     targets: HashMap<u32, Traced>,
     /// Since when the IO tracepoints have been attached with nothing traced.
     io_idle_since: Option<Instant>,
+    /// The last number given to a pair of USDT sites ([`UsdtSpec::pair`]); numbers are
+    /// never reused while the daemon runs (a stale frame of an old pair can never match).
+    last_pair: u32,
 }
 
 /// How long the IO tracepoints stay attached after the last traced process leaves: attaching
@@ -269,6 +272,7 @@ impl ProbeManager {
             free_slots: (0..slots).collect(),
             targets: HashMap::new(),
             io_idle_since: None,
+            last_pair: 0,
         }
     }
 
@@ -501,6 +505,8 @@ impl ProbeManager {
         let pid = member.process.pid;
         let mut probes = probes.into_iter();
         for module in modules {
+            // The kernel's number of each pair of USDT sites in this module.
+            let mut pairs: HashMap<usize, u32> = HashMap::new();
             let mut entry_points = Vec::with_capacity(module.probes.len());
             let mut exit_points = Vec::with_capacity(module.probes.len());
             let mut planned: Vec<(bool, Arc<Probe>, u64, Option<&PlannedUsdt>)> =
@@ -533,9 +539,24 @@ impl ProbeManager {
                 member.probes.push(info);
                 let mut flags = if instant { cookie::INSTANT } else { 0 };
                 if let Some(usdt) = usdt {
-                    flags |= cookie::USDT;
-                    self.kernel
-                        .set_usdt_args(slot, &usdt_spec(&usdt.args, &usdt.symbols))?;
+                    let mut spec = usdt_spec(&usdt.args, &usdt.symbols);
+                    spec.strings = usdt.strings;
+                    flags = cookie::USDT
+                        | match usdt.role {
+                            UsdtRole::Site => cookie::INSTANT,
+                            UsdtRole::Begin { .. } => cookie::USDT_BEGIN,
+                            UsdtRole::End { .. } => cookie::USDT_END,
+                        };
+                    if let UsdtRole::Begin { pair, .. } | UsdtRole::End { pair } = usdt.role {
+                        spec.pair = *pairs.entry(pair).or_insert_with(|| {
+                            self.last_pair = self.last_pair.wrapping_add(1).max(1);
+                            self.last_pair
+                        });
+                    }
+                    if let UsdtRole::Begin { nests, .. } = usdt.role {
+                        spec.nests = u32::from(nests);
+                    }
+                    self.kernel.set_usdt_args(slot, &spec)?;
                     if let Some(semaphore) = usdt.semaphore {
                         // Tell the program someone listens, or it skips the probe.
                         match crate::procfs::add_u16(pid, semaphore, 1) {

@@ -132,6 +132,8 @@ fn run(
 #[derive(Debug, Default)]
 pub struct Batch {
     pub spans: Vec<Span>,
+    /// The strings of the spans that came with some (USDT probes), by span id.
+    pub texts: Vec<(u64, Vec<String>)>,
     pub io: Vec<IoEvent>,
 }
 
@@ -150,6 +152,11 @@ fn sweep(rings: &mut Rings, tx: &Outputs, stats: &DaemonStats) -> usize {
             read += 1;
             match Record::from_bytes(&item) {
                 Some(Record::Span(span)) => batch.spans.push(span),
+                Some(Record::TextSpan(text)) => {
+                    let strings = text.strings().map(crate::usdt::decode).collect();
+                    batch.texts.push((text.span.span_id, strings));
+                    batch.spans.push(text.span);
+                }
                 Some(Record::Io(event)) => batch.io.push(event),
                 Some(Record::Process(event)) => {
                     stats.process_events.add(1);

@@ -85,6 +85,20 @@ pub struct PlannedUsdt {
     pub semaphore: Option<u64>,
     /// Runtime addresses of the symbols RIP-relative arguments name.
     pub symbols: Vec<(String, u64)>,
+    /// Bit `i`: argument `i` points to a string ([`crate::usdt::string_args`]).
+    pub strings: u32,
+    pub role: UsdtRole,
+}
+
+/// What a USDT site does in its session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UsdtRole {
+    /// A zero-length span of its own.
+    Site,
+    /// Opens a span of pair `pair` (a number shared by the pair's sites in this module).
+    Begin { pair: usize, nests: bool },
+    /// Closes the innermost open span of pair `pair`.
+    End { pair: usize },
 }
 
 /// Patterns with this prefix name USDT probes, `usdt:PROVIDER:NAME` (globs), not functions.
@@ -257,6 +271,7 @@ pub fn plan(
                     let Some(file_offset) = module.vaddr_to_file_offset(probe.address) else {
                         continue;
                     };
+                    let strings = crate::usdt::string_args(&name);
                     target.probes.push(PlannedProbe {
                         function: name,
                         symbol: String::new(),
@@ -277,6 +292,8 @@ pub fn plan(
                                     (name.clone(), vaddr.wrapping_add(target.load_bias))
                                 })
                                 .collect(),
+                            strings,
+                            role: UsdtRole::Site,
                         }),
                     });
                 }
@@ -370,11 +387,72 @@ pub fn plan(
         }
     }
     planned.retain(|m| !m.probes.is_empty());
+    for module in &mut planned {
+        pair_usdt_sites(&mut module.probes);
+    }
     Ok(Plan {
         process,
         patterns: spec.patterns.clone(),
         modules: planned,
     })
+}
+
+/// Makes the begin and end sites of each pair planned in one module one span
+/// ([`crate::usdt`]): both get the pair's number, and the begin sites take the pair's name
+/// (`postgresql:query__start` → `postgresql:query`), which their spans carry. A site whose
+/// other half is not planned stays a [`UsdtRole::Site`].
+fn pair_usdt_sites(probes: &mut [PlannedProbe]) {
+    let mut pairs: Vec<String> = Vec::new();
+    let ends: Vec<(usize, Vec<String>)> = probes
+        .iter()
+        .enumerate()
+        .filter(|(_, probe)| probe.usdt.is_some())
+        .filter_map(|(index, probe)| {
+            let (provider, name) = probe.function.split_once(':')?;
+            let begins: Vec<String> = crate::usdt::begin_names(name)
+                .into_iter()
+                .map(|begin| format!("{provider}:{begin}"))
+                .collect();
+            (!begins.is_empty()).then_some((index, begins))
+        })
+        .collect();
+    for (end, begins) in ends {
+        let Some(begin_name) = begins.iter().find(|begin| {
+            probes
+                .iter()
+                .any(|p| p.usdt.is_some() && &p.function == *begin)
+        }) else {
+            continue;
+        };
+        let pair = match pairs.iter().position(|name| name == begin_name) {
+            Some(pair) => pair,
+            None => {
+                pairs.push(begin_name.clone());
+                pairs.len() - 1
+            }
+        };
+        if let Some(usdt) = &mut probes[end].usdt {
+            usdt.role = UsdtRole::End { pair };
+        }
+    }
+    for (pair, begin_name) in pairs.iter().enumerate() {
+        let Some((provider, name)) = begin_name.split_once(':') else {
+            continue;
+        };
+        let renamed = format!("{provider}:{}", crate::usdt::pair_name(name));
+        for probe in probes.iter_mut() {
+            if &probe.function != begin_name {
+                continue;
+            }
+            if let Some(usdt) = &mut probe.usdt {
+                usdt.role = UsdtRole::Begin {
+                    pair,
+                    nests: crate::usdt::nests(provider),
+                };
+                probe.function = renamed.clone();
+            }
+        }
+    }
 }
 
 /// The error for a pattern that matched nothing, with the closest name as a suggestion.

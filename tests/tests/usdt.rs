@@ -2,8 +2,8 @@
 //! on a program built with `<sys/sdt.h>` raises the probe's semaphore (the program skips the
 //! probe otherwise), reports each hit as a span named `PROVIDER:NAME` with its arguments
 //! decoded from where the note says they are (registers, memory, constants, RIP-relative
-//! data), and lowers the
-//! semaphore again on detach.
+//! data), makes a `X__start`/`X__done` pair one span `PROVIDER:X` with a duration, and
+//! lowers the semaphore again on detach.
 #![expect(clippy::unwrap_used, reason = "tests")]
 
 use std::{process::Command, time::Duration};
@@ -100,29 +100,41 @@ fn usdt_probes_report_their_decoded_arguments_and_semaphores_are_restored() {
         target.expect_line("done", TIMEOUT);
     }
     let pid_arg = pid.to_string();
-    let calls = scoped.settled_calls(&["--pid", &pid_arg], 9, TIMEOUT);
-    let starts: Vec<_> = calls
+    // request__start and request__done are a pair: one span `demo:request` per request, with
+    // the start's arguments, a duration, and the done site's first argument as `ret`.
+    let calls = scoped.settled_calls(&["--pid", &pid_arg], 6, TIMEOUT);
+    let requests: Vec<_> = calls
         .iter()
-        .filter(|c| c["function"] == "demo:request__start")
+        .filter(|c| c["function"] == "demo:request")
         .collect();
-    let dones: Vec<_> = calls
-        .iter()
-        .filter(|c| c["function"] == "demo:request__done")
-        .collect();
-    assert_eq!(starts.len(), 3, "{calls:?}");
-    assert_eq!(dones.len(), 3, "{calls:?}");
-    for (i, start) in starts.iter().enumerate() {
+    assert_eq!(requests.len(), 3, "{calls:?}");
+    assert!(
+        calls.iter().all(|c| c["function"] != "demo:request__done"),
+        "the done site makes no span of its own: {calls:?}"
+    );
+    for (i, request) in requests.iter().enumerate() {
         let id = i as u64 + 1;
-        let args = start["args"].as_array().unwrap();
-        assert_eq!(args[0], id, "the first argument (a register) {start}");
-        assert_ne!(args[1], 0, "the path pointer {start}");
-        assert_eq!(args[2], 200 + id, "the status (an int) {start}");
+        let args = request["args"].as_array().unwrap();
+        assert_eq!(args[0], id, "the first argument (a register) {request}");
+        assert_ne!(args[1], 0, "the path pointer {request}");
+        assert_eq!(args[2], 200 + id, "the status (an int) {request}");
         assert_eq!(
             args[3],
             u64::MAX - 4,
-            "a constant -5, sign-extended {start}"
+            "a constant -5, sign-extended {request}"
         );
-        assert_eq!(start["duration_ns"], 0);
+        assert_eq!(
+            request["ret"], id,
+            "the done site's first argument {request}"
+        );
+        assert!(
+            request["duration_ns"].as_u64().unwrap() > 0,
+            "a pair has a duration {request}"
+        );
+        assert!(
+            request["flags"].as_array().unwrap().is_empty(),
+            "a pair is not an instant {request}"
+        );
         // The pointer really points at the path.
         let text = read_memory(pid, args[1].as_u64().unwrap(), 11);
         assert_eq!(text, b"/index.html");
@@ -137,15 +149,32 @@ fn usdt_probes_report_their_decoded_arguments_and_semaphores_are_restored() {
         assert_eq!(global["args"][0], 41 + n, "counter(%rip) {global}");
         assert_eq!(global["args"][1], 3 + 10 * n, "16+stats(%rip) {global}");
     }
-    for (i, done) in dones.iter().enumerate() {
-        let id = i as u64 + 1;
-        assert_eq!(done["args"][0], id, "{done}");
-        assert_eq!(done["args"][1], id * 3 + 11, "{done}");
-    }
 
     let id = session["session_id"].as_u64().unwrap().to_string();
     scoped.scope_ok(&["detach", &id]);
     assert_eq!(read_semaphore(), 0, "detaching lowered the semaphore");
     target.send("go");
     assert_eq!(target.expect_line("done", TIMEOUT), "done 23");
+
+    // Alone, one site of a pair is a zero-length span of its own, with its own arguments.
+    let session = scoped.scope_json(&[
+        "attach",
+        "--pid",
+        &pid_arg,
+        "--usdt",
+        "demo:request__done",
+        "--json",
+    ]);
+    target.send("go");
+    assert_eq!(target.expect_line("done", TIMEOUT), "done 26");
+    let calls = scoped.settled_calls(
+        &["--pid", &pid_arg, "--func", "demo:request__done"],
+        1,
+        TIMEOUT,
+    );
+    assert_eq!(calls[0]["args"][0], 5, "{calls:?}");
+    assert_eq!(calls[0]["args"][1], 5 * 3 + 11, "{calls:?}");
+    assert_eq!(calls[0]["duration_ns"], 0, "{calls:?}");
+    let id = session["session_id"].as_u64().unwrap().to_string();
+    scoped.scope_ok(&["detach", &id]);
 }

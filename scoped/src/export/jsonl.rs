@@ -58,6 +58,9 @@ struct SpanLine<'a> {
     trace_id: String,
     /// How `parent_id` (on another thread or process) caused this call: fork, wakeup, io.
     link_kind: &'static str,
+    /// What a USDT probe said in strings (SQL, a Python call's file:function:line).
+    #[serde(skip_serializing_if = "str::is_empty")]
+    text: &'a str,
 }
 
 #[derive(Serialize)]
@@ -90,6 +93,7 @@ impl<'a> SpanLine<'a> {
             probe_id: probe.id,
             flags: span.flag_names(),
             inlined_into: probe.inlined_into.as_deref().unwrap_or(""),
+            text: span.text.as_deref().unwrap_or(""),
             caller: frames
                 .iter()
                 .map(|f| FrameLine {

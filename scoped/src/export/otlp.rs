@@ -221,6 +221,15 @@ fn to_otel(span: &Span) -> otel::Span {
         attributes.push(string("scope.inlined_into", into));
     }
     attributes.push(int("scope.depth", i64::from(span.depth)));
+    if let Some(text) = &span.text {
+        // PostgreSQL's query text is what OpenTelemetry calls the statement.
+        let key = if probe.function.starts_with("postgresql:") {
+            "db.statement"
+        } else {
+            "scope.text"
+        };
+        attributes.push(string(key, text));
+    }
     otel::Span {
         trace_id: span.trace_id.to_bytes().to_vec(),
         span_id: span.id.to_be_bytes().to_vec(),

@@ -96,7 +96,7 @@ fn io_from_row(row: &Row<'_>) -> rusqlite::Result<Io> {
 }
 const SPAN_COLUMNS: &str =
     "span_id, parent_id, trace_hi, trace_lo, probe_id, pid, tid, start_ns, duration_ns, depth,
-     arg0, arg1, arg2, arg3, arg4, arg5, ret, caller, flags";
+     arg0, arg1, arg2, arg3, arg4, arg5, ret, caller, flags, text";
 const PROBE_COLUMNS: &str =
     "p.id, p.session_id, s.pid, p.function, p.symbol, p.module, p.address, p.file_offset,
      p.file, p.line, p.inlined_into, s.comm, s.exe, s.owner_uid";
@@ -298,6 +298,7 @@ impl Store {
                 ret: get(16)?,
                 caller: get(17)?,
                 flags: get(18)? as u32,
+                text: row.get::<_, Option<String>>(19).map_err(read)?,
                 probe,
             });
         }

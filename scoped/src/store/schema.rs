@@ -5,7 +5,7 @@ use rusqlite::{Connection, OptionalExtension};
 
 /// The schema version this daemon writes. Each entry of [`MIGRATIONS`] moves the file one
 /// version up; a file newer than this is refused rather than misread.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// `MIGRATIONS[n]` takes a file from version `n` to `n + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -155,6 +155,19 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE sessions ADD COLUMN owner_uid INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX sessions_owner ON sessions(owner_uid);
+    "#,
+    // 5 → 6: what a USDT probe said about the call in strings (the SQL of a query, a Python
+    // call's file:function:line); NULL for every other span, which costs a byte.
+    r#"
+    ALTER TABLE spans ADD COLUMN text TEXT;
+    DROP VIEW calls;
+    CREATE VIEW calls AS
+    SELECT strftime('%Y-%m-%d %H:%M:%f', s.start_ns / 1e9, 'unixepoch') AS start_utc,
+           s.duration_ns, s.pid, s.tid, s.depth, p.function, s.text, p.module, p.file, p.line,
+           s.arg0, s.arg1, s.arg2, s.ret, s.flags,
+           printf('%016x', s.span_id) AS span_id, printf('%016x', s.parent_id) AS parent_id,
+           printf('%016x%016x', s.trace_hi, s.trace_lo) AS trace_id
+      FROM spans s JOIN probes p ON p.id = s.probe_id;
     "#,
 ];
 

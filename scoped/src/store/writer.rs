@@ -231,8 +231,8 @@ fn write_spans(conn: &mut Connection, spans: &[Span]) -> Result<(), rusqlite::Er
     {
         let mut insert = tx.prepare_cached(
             "INSERT INTO spans (span_id, parent_id, trace_hi, trace_lo, probe_id, pid, tid, start_ns, duration_ns,
-                                depth, arg0, arg1, arg2, arg3, arg4, arg5, ret, caller, flags)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
+                                depth, arg0, arg1, arg2, arg3, arg4, arg5, ret, caller, flags, text)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)",
         )?;
         for span in spans {
             insert.execute(params![
@@ -255,6 +255,7 @@ fn write_spans(conn: &mut Connection, spans: &[Span]) -> Result<(), rusqlite::Er
                 to_sql(span.ret),
                 to_sql(span.caller),
                 span.flags,
+                span.text,
             ])?;
             let aggregate = aggregates
                 .entry((span.probe.id, span.start_ns / NS_PER_MINUTE))

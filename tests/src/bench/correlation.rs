@@ -506,7 +506,11 @@ fn synthetic_batch(first: u64, count: u64) -> Batch {
         io.push(event(io_op::WRITE, 2000, 2000, 45_000, 1, handler, 0));
         io.push(event(io_op::READ, 1000, 1000, 54_000, 1, request, handler));
     }
-    Batch { spans, io }
+    Batch {
+        spans,
+        texts: Vec::new(),
+        io,
+    }
 }
 
 /// The IPC configurations, in the order each round runs them.

@@ -197,6 +197,7 @@ pub fn run(spans: u64) -> StoreReport {
                     ret: n,
                     caller: 0x4000,
                     flags: 0,
+                    text: None,
                     probe: Arc::clone(&probes[(random >> 40) as usize % PROBES]),
                 }
             })
