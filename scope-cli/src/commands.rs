@@ -44,7 +44,9 @@ pub struct AttachTarget {
     pub functions: Vec<String>,
     /// USDT probes to trace, `PROVIDER:NAME` (globs; `scope analyze --pid PID` lists them):
     /// each hit is a zero-length span named `PROVIDER:NAME` with its arguments decoded.
-    /// Repeat for more.
+    /// Both sites of a pair (`X__start` and `X__done`, `X__entry` and `X__return`) make one
+    /// span `PROVIDER:X` with a duration; PostgreSQL's queries carry their SQL, Python's
+    /// calls their `file:function:line`. Repeat for more.
     #[arg(long, value_name = "PROVIDER:NAME")]
     pub usdt: Vec<String>,
     /// Resolve the globs only in this ELF file mapped by the process (its executable

@@ -321,7 +321,10 @@ impl Kernel {
         };
         let (entry_name, exit_name) = pair.names();
         let mut links = Vec::with_capacity(2);
-        for (name, points) in [(entry_name, entry_points), (exit_name, exit_points)] {
+        // Exits first: a call that enters while only one of the links exists then has its
+        // entry unseen (its exit is counted unmatched), never its exit unseen, which would
+        // leave its frame open until it is wrongly reported abandoned.
+        for (name, points) in [(exit_name, exit_points), (entry_name, entry_points)] {
             if points.is_empty() {
                 continue;
             }

@@ -525,8 +525,13 @@ impl ProbeManager {
             // The kernel runs the handlers of probes on one address newest-registered first.
             // Registering inlined call sites (entry-only) before function entries makes a site
             // at the very start of a traced function run after that function's entry, so the
-            // site is nested inside the call it belongs to.
-            planned.sort_by_key(|(instant, _, _, _)| !instant);
+            // site is nested inside the call it belongs to. The end sites of USDT pairs come
+            // before everything: the link registers its points in order, and a begin seen
+            // before its end is armed would leave a span open until it is reported abandoned.
+            planned.sort_by_key(|(instant, _, _, usdt)| {
+                let end = usdt.is_some_and(|u| matches!(u.role, UsdtRole::End { .. }));
+                (!end, !instant)
+            });
             for (instant, probe, file_offset, usdt) in planned {
                 let Some(slot) = self.free_slots.pop_front() else {
                     return Err(ScopeError::ProbeSlotsExhausted { needed: 1, free: 0 });

@@ -196,6 +196,7 @@ pub(crate) mod fixtures {
             ret: u64::MAX,
             caller: 0x4242,
             flags: 0,
+            text: None,
             probe: Arc::clone(probe),
         }
     }

@@ -737,6 +737,8 @@ mod tests {
             ret: u64::MAX - id,
             caller: 0x4000,
             flags: 0,
+            // Every other span carries a text, as USDT spans do, to see it round-trip.
+            text: (id % 2 == 0).then(|| format!("SELECT {id} -- é")),
             probe: Arc::clone(probe),
         }
     }
