@@ -9,8 +9,11 @@
 use std::sync::{Arc, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
-use scope_common::{IoEvent, ProcessEvent, Record, RecordKind, Span};
-use scope_fuzz::model::{self, Clock, IdScheme};
+use scope_common::{IoEvent, MAX_TEXT, ProcessEvent, Record, RecordKind, Span, TextSpan};
+use scope_fuzz::{
+    model::{self, Clock, IdScheme},
+    usdt,
+};
 
 fuzz_target!(|data: &[u8]| {
     let record = Record::from_bytes(data);
@@ -30,6 +33,19 @@ fuzz_target!(|data: &[u8]| {
             );
             let _ = (converted.flag_names(), converted.link_kind());
         }
+        Some(Record::TextSpan(text)) => {
+            same_bytes(data, &text);
+            assert_eq!(text.span.kind, RecordKind::TextSpan as u32);
+            // As the reader and the pipeline do: whatever the lengths say, the strings stay
+            // within their slots and decode to text.
+            let strings: Vec<String> = text.strings().map(usdt::decode).collect();
+            assert!(strings.len() <= text.lens.len());
+            for (string, bytes) in strings.iter().zip(text.strings()) {
+                assert!(bytes.len() <= MAX_TEXT);
+                assert!(string.len() >= bytes.len().min(1));
+            }
+            let _ = usdt::text("python:function", &strings, &text.span.args);
+        }
         Some(Record::Process(event)) => {
             same_bytes(data, &event);
             assert_eq!(event.kind, RecordKind::Process as u32);
@@ -45,6 +61,7 @@ fuzz_target!(|data: &[u8]| {
                 Some(k) if k == RecordKind::Span as u32 => size_of::<Span>(),
                 Some(k) if k == RecordKind::Process as u32 => size_of::<ProcessEvent>(),
                 Some(k) if k == RecordKind::Io as u32 => size_of::<IoEvent>(),
+                Some(k) if k == RecordKind::TextSpan as u32 => size_of::<TextSpan>(),
                 _ => usize::MAX,
             };
             assert!(

@@ -24,6 +24,11 @@ pub mod glob;
 #[path = "../../scoped/src/model.rs"]
 pub mod model;
 
+/// `scoped/src/usdt.rs`, for the same reason: how the reader decodes the strings of a
+/// `TextSpan` record and the pipeline makes them a span's text.
+#[path = "../../scoped/src/usdt.rs"]
+pub mod usdt;
+
 /// Where separate debug info is searched. It does not exist, so a fuzzed `.gnu_debuglink` or
 /// build-id never reaches a real file on the machine running the fuzzer.
 const NO_DEBUG_ROOT: &str = "/nonexistent/scope-fuzz-root";

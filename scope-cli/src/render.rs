@@ -972,6 +972,7 @@ mod tests {
             link_kind: String::new(),
             comm: String::new(),
             links: Vec::new(),
+            text: String::new(),
         }
     }
 
@@ -1249,5 +1250,26 @@ mod tests {
         assert!(at("counters:") < at("daemon.store_full"));
         assert!(at("daemon.store_full") < at("kernel.ring_full"));
         assert!(lines[at("kernel.ring_full")].starts_with("  kernel.ring_full"));
+    }
+
+    #[test]
+    fn usdt_spans_show_their_text_instead_of_registers() {
+        let mut query = sample_span();
+        query.function = "postgresql:query".into();
+        query.text = "SELECT abalance\n  FROM pgbench_accounts WHERE aid = 7;".into();
+        let summary = span_summary(&query);
+        assert!(
+            summary.starts_with(
+                "postgresql:query \"SELECT abalance FROM pgbench_accounts WHERE aid = 7;\"  12.3"
+            ),
+            "{summary}"
+        );
+        let mut python = sample_span();
+        python.function = "python:function".into();
+        python.text = "/srv/app.py:handle:42".into();
+        assert!(call_row(&python)[3].ends_with("python:function /srv/app.py:handle:42"));
+        let mut long = sample_span();
+        long.text = "x ".repeat(200);
+        assert!(span_summary(&long).contains("…"));
     }
 }

@@ -152,6 +152,7 @@ fn span(id: u64, parent: u64, tid: u32, depth: u32, function: &str, start: u64, 
         link_kind: String::new(),
         comm: String::new(),
         links: Vec::new(),
+        text: String::new(),
     }
 }
 

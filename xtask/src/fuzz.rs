@@ -17,7 +17,8 @@ use std::{
 
 use anyhow::{Context, bail};
 use scope_common::{
-    IoEvent, ProcessEvent, RecordKind, Span, io_op, process_event, span_flags, stream_kind,
+    IoEvent, MAX_TEXT, ProcessEvent, RecordKind, Span, TextSpan, io_op, process_event, span_flags,
+    stream_kind,
 };
 
 use crate::{root, run, setup};
@@ -698,8 +699,20 @@ fn record_seeds() -> Vec<(String, Vec<u8>)> {
         end: 17,
         ..tcp
     };
+    let mut python = TextSpan {
+        span: Span {
+            kind: RecordKind::TextSpan as u32,
+            args: [0x1000, 0x2000, 42, 0, 0, 0],
+            ..span
+        },
+        lens: [11, 6],
+        text: [[0; MAX_TEXT]; 2],
+    };
+    python.text[0][..11].copy_from_slice(b"/srv/app.py");
+    python.text[1][..6].copy_from_slice(b"handle");
     let span_bytes = bytes_of(&span);
     vec![
+        ("text-python".to_owned(), bytes_of(&python)),
         ("span".to_owned(), span_bytes.clone()),
         ("span-linked".to_owned(), bytes_of(&linked)),
         ("span-abandoned".to_owned(), bytes_of(&abandoned)),

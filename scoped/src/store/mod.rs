@@ -738,7 +738,7 @@ mod tests {
             caller: 0x4000,
             flags: 0,
             // Every other span carries a text, as USDT spans do, to see it round-trip.
-            text: (id % 2 == 0).then(|| format!("SELECT {id} -- é")),
+            text: id.is_multiple_of(2).then(|| format!("SELECT {id} -- é")),
             probe: Arc::clone(probe),
         }
     }
