@@ -388,7 +388,8 @@ pub fn plan(
     }
     planned.retain(|m| !m.probes.is_empty());
     for module in &mut planned {
-        pair_usdt_sites(&mut module.probes);
+        let broken = crate::usdt::broken_begins(&module.path);
+        pair_usdt_sites(&mut module.probes, broken);
     }
     Ok(Plan {
         process,
@@ -400,8 +401,10 @@ pub fn plan(
 /// Makes the begin and end sites of each pair planned in one module one span
 /// ([`crate::usdt`]): both get the pair's number, and the begin sites take the pair's name
 /// (`postgresql:query__start` → `postgresql:query`), which their spans carry. A site whose
-/// other half is not planned stays a [`UsdtRole::Site`].
-fn pair_usdt_sites(probes: &mut [PlannedProbe]) {
+/// other half is not planned stays a [`UsdtRole::Site`], and so do both halves of pairs whose
+/// begin site the program never fires (`broken`, see [`crate::usdt::broken_begins`]): their
+/// end sites are then still seen, as instants.
+fn pair_usdt_sites(probes: &mut [PlannedProbe], broken: &[&str]) {
     let mut pairs: Vec<String> = Vec::new();
     let ends: Vec<(usize, Vec<String>)> = probes
         .iter()
@@ -424,6 +427,14 @@ fn pair_usdt_sites(probes: &mut [PlannedProbe]) {
         }) else {
             continue;
         };
+        if broken.contains(&begin_name.as_str()) {
+            tracing::warn!(
+                begin = %begin_name,
+                end = %probes[end].function,
+                "this program never fires the begin site: its end sites are reported as instants"
+            );
+            continue;
+        }
         let pair = match pairs.iter().position(|name| name == begin_name) {
             Some(pair) => pair,
             None => {

@@ -32,6 +32,23 @@ const STRING_ARGS: &[(&str, u32)] = &[
 /// jumps out of a query without `query__done`), so the kernel reports that one abandoned.
 const NON_NESTING: &[&str] = &["postgresql"];
 
+/// Begin sites that a program carries but never fires, by the file name of the module
+/// (executable or library) that has them: CPython 3.11 lost the call to `function__entry`
+/// when its interpreter loop was rebuilt (python/cpython#98894, fixed only in 3.15), while
+/// `function__return` still fires. Pairing them would turn every return into an unmatched
+/// end and show nothing.
+pub fn broken_begins(module: &std::path::Path) -> &'static [&'static str] {
+    let name = module
+        .file_name()
+        .and_then(|name| name.to_str())
+        .unwrap_or("");
+    if name.starts_with("python3.11") || name.starts_with("libpython3.11") {
+        &["python:function__entry"]
+    } else {
+        &[]
+    }
+}
+
 /// Bit mask of the arguments of `provider:name` that point to strings (0 when none are
 /// known to).
 pub fn string_args(function: &str) -> u32 {
@@ -109,6 +126,11 @@ mod tests {
         assert_eq!(pair_name("audit"), "audit");
         assert!(!nests("postgresql"));
         assert!(nests("python"));
+        assert_eq!(
+            broken_begins(std::path::Path::new("/usr/bin/python3.11")),
+            ["python:function__entry"]
+        );
+        assert!(broken_begins(std::path::Path::new("/usr/bin/python3.10")).is_empty());
     }
 
     #[test]

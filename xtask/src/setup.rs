@@ -33,6 +33,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "systemtap-sdt-dev",
         "<sys/sdt.h>: the tests build programs with USDT probes",
     ),
+    (
+        "python3",
+        "Debian's interpreter, built with its USDT probes (the python test runs it)",
+    ),
     ("redis-server", "a real program to trace"),
     ("redis-tools", "redis-benchmark drives it"),
     (
