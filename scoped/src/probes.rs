@@ -24,7 +24,7 @@ use crate::{
     error::ScopeError,
     model::Probe,
     procfs::ProcessInfo,
-    resolve::{Plan, PlannedUsdt},
+    resolve::{Exit, Plan, PlannedProbe},
     stats::Count,
 };
 
@@ -503,25 +503,20 @@ impl ProbeManager {
         for module in modules {
             let mut entry_points = Vec::with_capacity(module.probes.len());
             let mut exit_points = Vec::with_capacity(module.probes.len());
-            let mut planned: Vec<(bool, Arc<Probe>, u64, Option<&PlannedUsdt>)> =
+            let mut planned: Vec<(Arc<Probe>, &PlannedProbe)> =
                 Vec::with_capacity(module.probes.len());
             for planned_probe in &module.probes {
                 let Some(probe) = probes.next() else {
                     return Err(ScopeError::ProbeSlotsExhausted { needed: 1, free: 0 });
                 };
-                planned.push((
-                    planned_probe.inlined_into.is_some() || planned_probe.usdt.is_some(),
-                    probe,
-                    planned_probe.file_offset,
-                    planned_probe.usdt.as_ref(),
-                ));
+                planned.push((probe, planned_probe));
             }
             // The kernel runs the handlers of probes on one address newest-registered first.
             // Registering inlined call sites (entry-only) before function entries makes a site
             // at the very start of a traced function run after that function's entry, so the
             // site is nested inside the call it belongs to.
-            planned.sort_by_key(|(instant, _, _, _)| !instant);
-            for (instant, probe, file_offset, usdt) in planned {
+            planned.sort_by_key(|(_, p)| p.exit != Exit::Instant);
+            for (probe, planned_probe) in planned {
                 let Some(slot) = self.free_slots.pop_front() else {
                     return Err(ScopeError::ProbeSlotsExhausted { needed: 1, free: 0 });
                 };
@@ -531,8 +526,15 @@ impl ProbeManager {
                 let info = Arc::new(ProbeInfo::new(slot, probe, limits.sample_every));
                 self.registry.set(slot, Some(Arc::clone(&info)));
                 member.probes.push(info);
-                let mut flags = if instant { cookie::INSTANT } else { 0 };
-                if let Some(usdt) = usdt {
+                let mut flags = if planned_probe.exit == Exit::Instant {
+                    cookie::INSTANT
+                } else {
+                    0
+                };
+                if planned_probe.go {
+                    flags |= cookie::GO;
+                }
+                if let Some(usdt) = &planned_probe.usdt {
                     flags |= cookie::USDT;
                     self.kernel
                         .set_usdt_args(slot, &usdt_spec(&usdt.args, &usdt.symbols))?;
@@ -546,9 +548,19 @@ impl ProbeManager {
                         }
                     }
                 }
-                entry_points.push((file_offset, cookie::new(slot, flags)));
-                if !instant {
-                    exit_points.push((file_offset, cookie::new(slot, 0)));
+                entry_points.push((planned_probe.file_offset, cookie::new(slot, flags)));
+                match &planned_probe.exit {
+                    Exit::Uretprobe => {
+                        exit_points.push((planned_probe.file_offset, cookie::new(slot, 0)))
+                    }
+                    // The returns of Go code are uprobes too, in the same link as the entries:
+                    // the entry program runs the exit's pairing for them.
+                    Exit::ReturnSites(offsets) => entry_points.extend(
+                        offsets
+                            .iter()
+                            .map(|&offset| (offset, cookie::new(slot, flags | cookie::RET_SITE))),
+                    ),
+                    Exit::Instant => {}
                 }
             }
             let count = entry_points.len();
