@@ -112,7 +112,8 @@ fn ends_prologue(instruction: &Instruction) -> bool {
         && instruction.op0_kind() == OpKind::Register
         && instruction.op0_register() == Register::RSP;
     let mnemonic = instruction.mnemonic();
-    writes_rsp || !(matches!(mnemonic, Mnemonic::Mov | Mnemonic::Lea | Mnemonic::Sub) || is_jcc(mnemonic))
+    writes_rsp
+        || !(matches!(mnemonic, Mnemonic::Mov | Mnemonic::Lea | Mnemonic::Sub) || is_jcc(mnemonic))
 }
 
 /// A conditional jump.

@@ -124,7 +124,10 @@ impl Pipeline {
         }
     }
 
-    fn ingest(&self, batch: Vec<scope_common::Span>) {
+    /// Attributes kernel span records to their probes and hands them on (watchers, exporter,
+    /// store). The reader's batches come through [`Pipeline::run`]; the daemon calls this
+    /// for spans it makes itself (Go calls open when their process exited).
+    pub fn ingest(&self, batch: Vec<scope_common::Span>) {
         let spans: Vec<Span> = self.registry.with(|lookup| {
             batch
                 .iter()

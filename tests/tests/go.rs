@@ -85,6 +85,12 @@ func wait(id int, ch chan int, moved *move) int {
 	return v + id
 }
 
+// blocked never returns: its call is still open when the program exits.
+//go:noinline
+func blocked(never chan int) int {
+	return <-never
+}
+
 //go:noinline
 func handle(id int, ch chan int, moved *move) int {
 	return wait(id, ch, moved) + work(id) + sleepy(20)
@@ -95,6 +101,7 @@ func main() {
 	stdin := bufio.NewReader(os.Stdin)
 	fmt.Println("ready")
 	stdin.ReadString('\n')
+	go blocked(make(chan int))
 	chans := make([]chan int, n)
 	moves := make([]move, n)
 	results := make([]int, n)
@@ -159,6 +166,7 @@ fn traced_go_functions_report_durations_and_the_program_runs_on() {
         "main.leaf",
         "main.grow",
         "main.sleepy",
+        "main.blocked",
     ];
     let session = scoped.attach(pid, &functions);
     assert_eq!(
@@ -206,7 +214,9 @@ fn traced_go_functions_report_durations_and_the_program_runs_on() {
     );
 
     let leaf_calls: u64 = (1..=GOROUTINES).sum();
-    let expected = 3 * GOROUTINES + GOROUTINES + leaf_calls + GOROUTINES * (GROW_DEPTH + 1);
+    // handle, wait, work and sleepy per goroutine, its leaf and grow calls; blocked has not
+    // returned.
+    let expected = 4 * GOROUTINES + leaf_calls + GOROUTINES * (GROW_DEPTH + 1);
     let spans = scoped.settled_calls(&["--pid", &pid.to_string()], expected as usize, TIMEOUT);
     let named = |name: &str| -> Vec<&Value> {
         spans
@@ -219,9 +229,9 @@ fn traced_go_functions_report_durations_and_the_program_runs_on() {
         .map(|span| (u64_of(&span["span_id"]), span))
         .collect();
     let parent = |span: &Value| -> &Value {
-        by_id.get(&u64_of(&span["parent_id"])).unwrap_or_else(|| {
-            panic!("the parent of {span} was not recorded")
-        })
+        by_id
+            .get(&u64_of(&span["parent_id"]))
+            .unwrap_or_else(|| panic!("the parent of {span} was not recorded"))
     };
     let within = |inner: &Value, outer: &Value| {
         u64_of(&inner["start_ns"]) >= u64_of(&outer["start_ns"])
@@ -248,7 +258,10 @@ fn traced_go_functions_report_durations_and_the_program_runs_on() {
         while u64_of(&at["parent_id"]) != 0 {
             at = parent(at);
         }
-        assert_eq!(at["function"], "main.handle", "{span} is inside a handle call");
+        assert_eq!(
+            at["function"], "main.handle",
+            "{span} is inside a handle call"
+        );
         u64_of(&at["args"][0])
     };
 
@@ -260,7 +273,11 @@ fn traced_go_functions_report_durations_and_the_program_runs_on() {
         let id = u64_of(&wait["args"][0]);
         let (from, to) = moves[&id];
         assert_ne!(from, to, "goroutine {id} moved");
-        assert_eq!(u64_of(&wait["tid"]), to, "the span ends where it returned: {wait}");
+        assert_eq!(
+            u64_of(&wait["tid"]),
+            to,
+            "the span ends where it returned: {wait}"
+        );
         assert_eq!(u64_of(&wait["ret"]), 101 * id, "{wait}");
         assert_eq!(handle_of(wait), id, "{wait}");
         assert_eq!(u64_of(&wait["depth"]), 1, "{wait}");
@@ -326,21 +343,19 @@ fn traced_go_functions_report_durations_and_the_program_runs_on() {
             assert_eq!(u64_of(&up["args"][0]), depth + 1, "{grow}");
         }
         assert_eq!(u64_of(&grow["depth"]), u64_of(&up["depth"]) + 1, "{grow}");
-        assert_eq!(
-            u64_of(&grow["ret"]),
-            depth * (depth + 1) / 2,
-            "{grow}"
-        );
+        assert_eq!(u64_of(&grow["ret"]), depth * (depth + 1) / 2, "{grow}");
         assert!(within(grow, up), "{grow}");
     }
 
-    // Every call accounted for: all of them became spans; no return went unpaired.
+    // Every call accounted for: all of them became spans but the one still open; no return
+    // went unpaired.
     let sessions = scoped.scope_json(&["sessions", "--json"]);
     for probe in sessions["sessions"][0]["probes"].as_array().unwrap() {
         let function = probe["function"].as_str().unwrap();
+        let open = u64::from(function == "main.blocked");
         assert_eq!(
             u64_of(&probe["calls"]),
-            named(function).len() as u64,
+            named(function).len() as u64 + open,
             "{probe}"
         );
         assert_eq!(u64_of(&probe["spans_dropped"]), 0, "{probe}");
@@ -353,17 +368,39 @@ fn traced_go_functions_report_durations_and_the_program_runs_on() {
         "kernel.depth_overflow",
         "kernel.stack_map_full",
     ] {
-        assert_eq!(u64_of(&status["counters"][counter]), 0, "{counter}: {status}");
+        assert_eq!(
+            u64_of(&status["counters"][counter]),
+            0,
+            "{counter}: {status}"
+        );
     }
 
     target.send("exit");
     assert_eq!(target.expect_line("bye", TIMEOUT), "bye");
-    let exit = target.proc.wait_exit(TIMEOUT).expect("the Go program exits");
+    let exit = target
+        .proc
+        .wait_exit(TIMEOUT)
+        .expect("the Go program exits");
     let errors = std::fs::read_to_string(&stderr).unwrap();
     assert!(
         exit.success() && errors.is_empty(),
         "the traced Go program ran to its end: {exit}, stderr:\n{errors}"
     );
+
+    // The call still open when the process exited is reported, as a thread's would be.
+    let blocked = scoped.settled_calls(
+        &["--pid", &pid.to_string(), "--func", "main.blocked"],
+        1,
+        TIMEOUT,
+    );
+    assert_eq!(blocked.len(), 1, "{blocked:?}");
+    assert_eq!(
+        blocked[0]["flags"],
+        serde_json::json!(["thread_exited"]),
+        "{}",
+        blocked[0]
+    );
+    assert_eq!(u64_of(&blocked[0]["depth"]), 0, "{}", blocked[0]);
 }
 
 /// The RET instructions and post-stack-check entries scope finds agree with Go's own
@@ -386,7 +423,13 @@ fn go_probe_points_agree_with_go_tool_objdump() {
     }
     assert!(decoded > 1000, "the runtime's functions too: {decoded}");
 
-    for name in ["main.handle", "main.wait", "main.work", "main.leaf", "main.grow"] {
+    for name in [
+        "main.handle",
+        "main.wait",
+        "main.work",
+        "main.leaf",
+        "main.grow",
+    ] {
         let function = module
             .functions()
             .iter()
@@ -409,14 +452,19 @@ fn objdump(binary: &Path, name: &str) -> (Option<u64>, Vec<u64>) {
         .arg(binary)
         .output()
         .expect("go tool objdump runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // "  goprog.go:14\t\t0x482e00\t\t488d0400\t\tLEAQ 0(AX)(AX*1), AX\t"
     let instructions: Vec<(u64, String)> = String::from_utf8(out.stdout)
         .unwrap()
         .lines()
         .filter_map(|line| {
             let fields: Vec<&str> = line.split('\t').filter(|f| !f.is_empty()).collect();
-            let address = u64::from_str_radix(fields.get(1)?.trim().strip_prefix("0x")?, 16).ok()?;
+            let address =
+                u64::from_str_radix(fields.get(1)?.trim().strip_prefix("0x")?, 16).ok()?;
             Some((address, fields.get(3)?.trim().to_owned()))
         })
         .collect();
