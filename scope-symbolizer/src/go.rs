@@ -163,7 +163,7 @@ mod tests {
 
     #[test]
     fn finds_the_entry_after_the_stack_check_and_the_real_ret() {
-        let points = probe_points(WORK, 0x1000).unwrap();
+        let points = probe_points(WORK, 0x1000).expect("decodes");
         assert_eq!(points.entry, 0x1006);
         assert_eq!(points.returns, vec![0x1027]);
     }
@@ -178,7 +178,7 @@ mod tests {
             0xcb, // RETF: not a near return
             0xc3, // RET
         ];
-        let points = probe_points(&code, 0x2000).unwrap();
+        let points = probe_points(&code, 0x2000).expect("decodes");
         // No stack check: a NOSPLIT function is entered at its first instruction.
         assert_eq!(points.entry, 0x2000);
         assert_eq!(points.returns, vec![0x200e, 0x2011, 0x2014]);
@@ -197,7 +197,7 @@ mod tests {
             0xc3, // RET
             0xeb, 0xe6, // morestack: JMP start
         ];
-        let points = probe_points(&code, 0).unwrap();
+        let points = probe_points(&code, 0).expect("decodes");
         assert_eq!(points.entry, 0x12);
         assert_eq!(points.returns, vec![0x19]);
     }
@@ -206,11 +206,14 @@ mod tests {
     fn a_compare_of_something_else_is_no_stack_check() {
         // CMPQ 0x18(R14), SP; JBE; RET: not stackguard0, so the entry stays at the start.
         let code = [0x49, 0x3b, 0x66, 0x18, 0x76, 0x01, 0xc3, 0xc3];
-        let points = probe_points(&code, 0).unwrap();
+        let points = probe_points(&code, 0).expect("decodes");
         assert_eq!(points.entry, 0);
         // A tail-jump-only function has no return.
         let code = [0x48, 0x89, 0xc3, 0xe9, 0x00, 0x00, 0x00, 0x00]; // MOVQ AX, BX; JMP
-        assert_eq!(probe_points(&code, 0).unwrap().returns, Vec::<u64>::new());
+        assert_eq!(
+            probe_points(&code, 0).expect("decodes").returns,
+            Vec::<u64>::new()
+        );
     }
 
     #[test]
