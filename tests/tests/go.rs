@@ -482,3 +482,74 @@ fn objdump(binary: &Path, name: &str) -> (Option<u64>, Vec<u64>) {
         .collect();
     (entry, returns)
 }
+
+/// Two sessions tracing the same Go functions put two uprobes on each RET: each session still
+/// gets every call, paired with its own entry.
+#[test]
+fn two_sessions_on_one_go_function_each_get_every_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let binary = go_build(dir.path(), "goprog.go", SOURCE);
+    let scoped = Scoped::start();
+    let stderr = dir.path().join("stderr");
+    let mut target = Target::spawn(
+        "goprog",
+        Command::new(&binary)
+            .env("GOMAXPROCS", "4")
+            .stderr(std::fs::File::create(&stderr).unwrap()),
+    );
+    target.expect_line("ready", TIMEOUT);
+    let pid = target.pid();
+    let sessions: Vec<String> = (0..2)
+        .map(|_| {
+            scoped.attach(pid, &["main.leaf", "main.sleepy"])["session_id"]
+                .as_u64()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    target.send("go");
+    target.expect_line("results", TIMEOUT);
+    let leaf_calls: u64 = (1..=GOROUTINES).sum();
+    for session in &sessions {
+        let spans = scoped.settled_calls(
+            &["--session", session],
+            (leaf_calls + GOROUTINES) as usize,
+            TIMEOUT,
+        );
+        assert_eq!(
+            spans.len() as u64,
+            leaf_calls + GOROUTINES,
+            "session {session}: {spans:#?}"
+        );
+        for span in &spans {
+            assert!(span["flags"].as_array().unwrap().is_empty(), "{span}");
+            let arg = u64_of(&span["args"][0]);
+            if span["function"] == "main.sleepy" {
+                assert_eq!(u64_of(&span["ret"]), SLEEP_MS, "{span}");
+                assert!(
+                    u64_of(&span["duration_ns"]) >= SLEEP_MS * 1_000_000,
+                    "{span}"
+                );
+            } else {
+                assert_eq!(u64_of(&span["ret"]), 2 * arg + 1, "{span}");
+            }
+        }
+    }
+    let status = scoped.settled_status(TIMEOUT);
+    for counter in ["kernel.unmatched_exit", "kernel.abandoned"] {
+        assert_eq!(
+            u64_of(&status["counters"][counter]),
+            0,
+            "{counter}: {status}"
+        );
+    }
+    assert_eq!(u64_of(&status["spans_dropped"]), 0, "{status}");
+    target.send("exit");
+    target.expect_line("bye", TIMEOUT);
+    let exit = target
+        .proc
+        .wait_exit(TIMEOUT)
+        .expect("the Go program exits");
+    let errors = std::fs::read_to_string(&stderr).unwrap();
+    assert!(exit.success() && errors.is_empty(), "{exit}:\n{errors}");
+}
