@@ -305,8 +305,14 @@ impl Daemon {
     pub fn on_process_event(&self, event: &ProcessEvent) {
         match event.event {
             process_event::FORK => self.follow_fork(event),
-            process_event::EXEC => self.follow_exec(event.pid),
-            process_event::EXIT => self.process_exited(event.pid),
+            process_event::EXEC => {
+                self.end_go_calls(event.pid, span_flags::EXECED);
+                self.follow_exec(event.pid)
+            }
+            process_event::EXIT => {
+                self.end_go_calls(event.pid, span_flags::THREAD_EXITED);
+                self.process_exited(event.pid)
+            }
             other => tracing::warn!(event = other, "unknown process event from the kernel"),
         }
     }
@@ -425,18 +431,23 @@ impl Daemon {
         }
     }
 
-    fn process_exited(&self, pid: u32) {
-        // Before its probes are let go, so the spans are still attributed to them.
+    /// Reports the Go calls of `pid` still open when it exited or exec'd (`flag`), as the
+    /// kernel does a thread's, and frees their goroutine stacks. Called before the process's
+    /// probes are let go, so the spans are still attributed to them.
+    fn end_go_calls(&self, pid: u32, flag: u32) {
         let stacks = self.manager().kernel_mut().take_go_stacks(pid);
-        let open = unfinished_go_calls(pid, &stacks, monotonic_ns());
+        let open = unfinished_go_calls(pid, &stacks, monotonic_ns(), flag);
         if !open.is_empty() {
             tracing::info!(
                 pid,
                 calls = open.len(),
-                "Go calls were open when their process exited; they are reported as thread_exited"
+                "Go calls were open when their process exited or exec'd; they are reported unfinished"
             );
             self.pipeline.ingest(open);
         }
+    }
+
+    fn process_exited(&self, pid: u32) {
         let sessions = self.manager().sessions_of(pid);
         let mut detached = Vec::new();
         let mut started = None;
@@ -825,9 +836,15 @@ fn spec_process(pid: u32) -> Option<ProcessInfo> {
 }
 
 /// The Go calls open on `stacks` (goroutines of process `pid`) as spans that ended at `now_ns`
-/// with [`span_flags::THREAD_EXITED`], as the kernel reports the open calls of a thread that
-/// exits. They carry no thread: a goroutine has none of its own.
-fn unfinished_go_calls(pid: u32, stacks: &[ThreadStack], now_ns: u64) -> Vec<scope_common::Span> {
+/// with `flag` ([`span_flags::THREAD_EXITED`] or [`span_flags::EXECED`]), as the kernel
+/// reports the open calls of a thread that exits. They carry no thread: a goroutine has none
+/// of its own.
+fn unfinished_go_calls(
+    pid: u32,
+    stacks: &[ThreadStack],
+    now_ns: u64,
+    flag: u32,
+) -> Vec<scope_common::Span> {
     let mut spans = Vec::new();
     for stack in stacks {
         let depth = (stack.depth as usize).min(stack.frames.len());
@@ -851,7 +868,7 @@ fn unfinished_go_calls(pid: u32, stacks: &[ThreadStack], now_ns: u64) -> Vec<sco
                 ret: 0,
                 caller: frame.caller,
                 depth: index as u32,
-                flags: span_flags::THREAD_EXITED | frame.link_flags,
+                flags: flag | frame.link_flags,
             });
         }
     }
@@ -878,7 +895,7 @@ mod tests {
             unstored: 0,
             frames,
         };
-        let spans = unfinished_go_calls(42, &[stack], 5_000);
+        let spans = unfinished_go_calls(42, &[stack], 5_000, span_flags::THREAD_EXITED);
         assert_eq!(spans.len(), 2);
         assert_eq!(
             (spans[0].probe_id, spans[0].parent_id, spans[0].depth),
@@ -900,6 +917,9 @@ mod tests {
             unstored: 0,
             frames,
         };
-        assert_eq!(unfinished_go_calls(42, &[deep], 5_000).len(), MAX_DEPTH);
+        assert_eq!(
+            unfinished_go_calls(42, &[deep], 5_000, span_flags::EXECED).len(),
+            MAX_DEPTH
+        );
     }
 }
