@@ -199,7 +199,9 @@ pub struct Frame {
     pub probe_id: u32,
     /// `LINK_*` [`span_flags`] of a root frame.
     pub link_flags: u32,
-    /// Stack pointer at entry (pointing at the return address); the exit sees `sp + 8`.
+    /// Stack pointer at entry (pointing at the return address); the exit sees `sp + 8`. For
+    /// Go code ([`cookie::GO`]), where that is on the goroutine's stack: [`GO_STACK_TOP`]
+    /// minus its distance from the stack's top, the same at the RET instruction.
     pub sp: u64,
     pub start_ns: u64,
     pub span_id: u64,
