@@ -599,13 +599,20 @@ fn on_return(stack: &mut ThreadStack, probe_id: u32, entry_sp: u64, ret: u64, pi
 
 /// The first six integer arguments: System V's RDI, RSI, RDX, RCX, R8, R9, or for Go code
 /// those of Go's register ABI, RAX, RBX, RCX, RDI, RSI, R8 (then R9, R10, R11).
+// One choice per register: a choice between two arrays of registers is compiled to loads
+// through a pointer into `pt_regs` chosen at run time, which the verifier refuses
+// ("dereference of modified ctx ptr").
 #[inline(always)]
 fn call_args(regs: &aya_ebpf::bindings::pt_regs, go: bool) -> [u64; 6] {
-    if go {
-        [regs.rax, regs.rbx, regs.rcx, regs.rdi, regs.rsi, regs.r8]
-    } else {
-        [regs.rdi, regs.rsi, regs.rdx, regs.rcx, regs.r8, regs.r9]
-    }
+    let pick = |go_register: u64, c_register: u64| if go { go_register } else { c_register };
+    [
+        pick(regs.rax, regs.rdi),
+        pick(regs.rbx, regs.rsi),
+        pick(regs.rcx, regs.rdx),
+        pick(regs.rdi, regs.rcx),
+        pick(regs.rsi, regs.r8),
+        pick(regs.r8, regs.r9),
+    ]
 }
 
 /// Deepest a goroutine's stack can be: Go's limit on 64-bit systems (`maxstacksize`, 1 GB).
