@@ -282,9 +282,10 @@ fn traced_go_functions_report_durations_and_the_program_runs_on() {
         assert_eq!(handle_of(wait), id, "{wait}");
         assert_eq!(u64_of(&wait["depth"]), 1, "{wait}");
         assert!(within(wait, parent(wait)), "{wait}");
-        // Blocked until main sent, 50 ms after starting the goroutines.
+        // Blocked on its channel until main sent, 50 ms after starting the goroutines (a
+        // lower bound that leaves room for a goroutine that started late on a busy machine).
         assert!(
-            u64_of(&wait["duration_ns"]) >= 40_000_000,
+            u64_of(&wait["duration_ns"]) >= 10_000_000,
             "wait blocked on its channel: {wait}"
         );
     }
