@@ -16,6 +16,10 @@ pub mod maps {
     pub const TARGETS: &str = "TARGETS";
     /// Hash map: tid → [`super::ThreadStack`], the in-kernel call stack used to pair entry/exit.
     pub const STACKS: &str = "STACKS";
+    /// Hash map: [`super::GoroutineKey`] → [`super::ThreadStack`], the call stack of a
+    /// goroutine's traced Go calls ([`super::cookie::GO`]); an entry lives while the
+    /// goroutine has a traced call open.
+    pub const GO_STACKS: &str = "GO_STACKS";
     /// Per-CPU array indexed by [`super::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
     /// Per-CPU array indexed by probe id: [`super::ProbeCounters`].
@@ -106,6 +110,14 @@ pub mod cookie {
     /// `function__return`). It makes no span of its own, and its calls are not counted: they
     /// are the begin probe's spans.
     pub const USDT_END: u64 = 1 << 35;
+    /// Go code (Go's internal register ABI: R14 holds the running goroutine, `g`). Its calls
+    /// are kept per goroutine in [`super::maps::GO_STACKS`], not per thread — a goroutine
+    /// that blocks may resume on another thread — and its stack positions are measured from
+    /// the top of the goroutine's stack, which stays put when Go moves the stack to grow it.
+    pub const GO: u64 = 1 << 36;
+    /// A uprobe on a RET instruction of the function (Go, which cannot take uretprobes): the
+    /// entry program pairs it as the call's exit. Always with [`GO`].
+    pub const RET_SITE: u64 = 1 << 37;
 
     /// Builds the cookie for a probe.
     pub const fn new(probe_id: u32, flags: u64) -> u64 {
@@ -197,7 +209,9 @@ pub struct Frame {
     pub probe_id: u32,
     /// `LINK_*` [`span_flags`] of a root frame.
     pub link_flags: u32,
-    /// Stack pointer at entry (pointing at the return address); the exit sees `sp + 8`.
+    /// Stack pointer at entry (pointing at the return address); the exit sees `sp + 8`. For
+    /// Go code ([`cookie::GO`]), where that is on the goroutine's stack: [`GO_STACK_TOP`]
+    /// minus its distance from the stack's top, the same at the RET instruction.
     pub sp: u64,
     pub start_ns: u64,
     pub span_id: u64,
@@ -224,6 +238,26 @@ pub struct ThreadStack {
     pub unstored: u32,
     pub frames: [Frame; MAX_DEPTH],
 }
+
+/// A goroutine: the key of [`maps::GO_STACKS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct GoroutineKey {
+    /// The process (tgid).
+    pub pid: u32,
+    pub _pad: u32,
+    /// Address of the goroutine's `runtime.g`.
+    pub g: u64,
+}
+
+/// Offset of `stack.hi` in Go's `runtime.g` (`stack.lo` and `stack.hi` come first, and the
+/// runtime's assembly relies on it): the top of the goroutine's stack.
+pub const GO_G_STACK_HI: u64 = 8;
+/// Where [`Frame::sp`] of a Go call counts down from: a frame's `sp` is this minus its
+/// distance from the top of the goroutine's stack. Go copies a growing stack to a new place
+/// keeping those distances, so entry and return agree, and deeper calls have lower values
+/// as on a thread's stack.
+pub const GO_STACK_TOP: u64 = 1 << 62;
 
 /// A traced process. The value of [`maps::TARGETS`].
 #[repr(C)]
@@ -571,7 +605,8 @@ pub enum Counter {
     RingFull = 1,
     /// No ring buffer for this CPU (CPU id ≥ [`MAX_CPUS`]): span lost.
     NoRing = 2,
-    /// The thread stack map was full: the call could not be tracked, span lost.
+    /// The thread (or goroutine) stack map was full, or a Go call's goroutine could not be
+    /// read: the call could not be tracked, span lost.
     StackMapFull = 3,
     /// Nesting deeper than [`MAX_DEPTH`]: span lost.
     DepthOverflow = 4,
@@ -640,6 +675,7 @@ const _: () = assert!(size_of::<KernelOffsets>() == 92);
 const _: () = assert!(size_of::<IoEvent>() == 128);
 const _: () = assert!(size_of::<StreamState>() == 24 + 32 * STREAM_WRITES);
 const _: () = assert!(size_of::<Target>() == 8);
+const _: () = assert!(size_of::<GoroutineKey>() == 16);
 const _: () = assert!(size_of::<CpuState>() == 8);
 const _: () = assert!(size_of::<ProbeCounters>() == 32);
 const _: () = assert!(size_of::<ProbeControl>() == 24);
@@ -654,6 +690,7 @@ mod pod {
     unsafe impl aya::Pod for super::Frame {}
     unsafe impl aya::Pod for super::ThreadStack {}
     unsafe impl aya::Pod for super::Target {}
+    unsafe impl aya::Pod for super::GoroutineKey {}
     unsafe impl aya::Pod for super::CpuState {}
     unsafe impl aya::Pod for super::ProbeCounters {}
     unsafe impl aya::Pod for super::ProbeControl {}

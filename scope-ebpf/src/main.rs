@@ -33,11 +33,11 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, info, warn};
 use scope_common::{
-    Counter, CpuState, Frame, IoEvent, KernelOffsets, Link, MAX_CPUS, MAX_DEPTH, MAX_PROBES,
-    MAX_STREAMS, MAX_TARGETS, MAX_TEXT, MAX_THREADS, MAX_UNWIND, PROVISIONAL_WRITE_BYTES,
-    PendingIo, ProbeControl, ProbeCounters, ProcessEvent, RecordKind, STREAM_WRITES, Span,
-    StreamState, StreamWrite, Target, TextSpan, ThreadStack, UsdtArgSpec, UsdtSpec, cookie, io_op,
-    process_event, span_flags, stream_kind,
+    Counter, CpuState, Frame, GO_G_STACK_HI, GO_STACK_TOP, GoroutineKey, IoEvent, KernelOffsets,
+    Link, MAX_CPUS, MAX_DEPTH, MAX_PROBES, MAX_STREAMS, MAX_TARGETS, MAX_TEXT, MAX_THREADS,
+    MAX_UNWIND, PROVISIONAL_WRITE_BYTES, PendingIo, ProbeControl, ProbeCounters, ProcessEvent,
+    RecordKind, STREAM_WRITES, Span, StreamState, StreamWrite, Target, TextSpan, ThreadStack,
+    UsdtArgSpec, UsdtSpec, cookie, io_op, process_event, span_flags, stream_kind,
 };
 
 /// Size of the template ring in the object. The daemon creates the real per-CPU rings (of the
@@ -59,6 +59,14 @@ static TARGETS: HashMap<u32, Target, { MAX_TARGETS as usize }> = HashMap::new();
 #[btf_map]
 static STACKS: HashMap<u32, ThreadStack, { MAX_THREADS as usize }, { BPF_F_NO_PREALLOC as usize }> =
     HashMap::new();
+
+#[btf_map]
+static GO_STACKS: HashMap<
+    GoroutineKey,
+    ThreadStack,
+    { MAX_THREADS as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 /// One zeroed `ThreadStack`, the initial value of a new `STACKS` entry (too big for the BPF stack).
 #[btf_map]
@@ -328,6 +336,10 @@ fn on_entry(ctx: &ProbeContext) {
     let probe_id = (cookie & cookie::PROBE_ID_MASK) as u32;
     // SAFETY: regs points at the trapped task's pt_regs for the duration of the program.
     let regs = unsafe { &*ctx.regs };
+    if cookie & cookie::RET_SITE != 0 {
+        on_go_return(regs, probe_id, pid, tid);
+        return;
+    }
     if cookie & cookie::USDT_END != 0 {
         usdt_end(regs, probe_id, pid, tid);
         return;
@@ -336,7 +348,8 @@ fn on_entry(ctx: &ProbeContext) {
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
     let sp = regs.rsp;
-    let mut args = [regs.rdi, regs.rsi, regs.rdx, regs.rcx, regs.r8, regs.r9];
+    let go = cookie & cookie::GO != 0;
+    let mut args = call_args(regs, go);
     let usdt_begin = cookie & cookie::USDT_BEGIN != 0;
     let caller = if usdt_begin {
         // A USDT site is inside its function: the site itself says where.
@@ -347,7 +360,17 @@ fn on_entry(ctx: &ProbeContext) {
         unsafe { bpf_probe_read_user(sp as *const u64) }.unwrap_or(0)
     };
 
-    let Some(stack) = thread_stack(tid) else {
+    let goroutine = GoroutineKey {
+        pid,
+        _pad: 0,
+        g: regs.r14,
+    };
+    let stack = if go {
+        go_stack(&goroutine, sp)
+    } else {
+        thread_stack(tid).map(|stack| (stack, sp))
+    };
+    let Some((stack, sp)) = stack else {
         count(Counter::StackMapFull);
         probe_count(probe_id, ProbeField::Dropped);
         return;
@@ -377,6 +400,9 @@ fn on_entry(ctx: &ProbeContext) {
             // Its exit will come, and must not be taken for a stored frame's.
             stack.unstored += 1;
         }
+        if go {
+            release_idle_go_stack(&goroutine, stack);
+        }
         return;
     }
     let (pair, strings) = if cookie & cookie::USDT != 0 {
@@ -393,7 +419,8 @@ fn on_entry(ctx: &ProbeContext) {
     let depth = stack.depth as usize;
     let span_id = next_span_id();
     let (parent_id, root_id, trace_id, link) = if depth == 0 {
-        let link = root_link(tid);
+        // A goroutine's calls are not linked to what woke or forked the thread it runs on.
+        let link = if go { Link::default() } else { root_link(tid) };
         let trace_id = if link.span_id != 0 {
             link.trace_id
         } else {
@@ -433,6 +460,9 @@ fn on_entry(ctx: &ProbeContext) {
                 flags: span_flags::INSTANT | link.flags,
             }
         });
+        if go {
+            release_idle_go_stack(&goroutine, stack);
+        }
         return;
     }
 
@@ -452,7 +482,10 @@ fn on_entry(ctx: &ProbeContext) {
     frame.link_id = link.span_id;
     frame.link_flags = link.flags;
     frame.caller = caller;
-    frame.args = args;
+    // A volatile store (six stores): a plain array assignment can become a `memmove` call,
+    // which the BPF backend does not expand and the loader cannot relocate.
+    // SAFETY: `frame` is a valid, exclusive reference into the map value.
+    unsafe { core::ptr::write_volatile(&raw mut frame.args, args) };
     frame.pair = pair;
     frame.text = strings;
     stack.depth = depth as u32 + 1;
@@ -601,14 +634,45 @@ fn on_exit(ctx: &RetProbeContext) {
     };
     // SAFETY: see on_entry: only this thread touches its stack.
     let stack = unsafe { &mut *stack };
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: regs points at the task's pt_regs for the duration of the program.
     let regs = unsafe { &*ctx.regs };
-    let ret = regs.rax;
     // The return popped the return address: the entry saw sp 8 bytes lower.
     let entry_sp = regs.rsp.wrapping_sub(8);
+    on_return(stack, probe_id, entry_sp, regs.rax, pid, tid);
+}
 
+/// A Go function reached one of its RET instructions (probed instead of a uretprobe, which
+/// Go's runtime cannot live with): the exit of the goroutine's call.
+#[inline(always)]
+fn on_go_return(regs: &aya_ebpf::bindings::pt_regs, probe_id: u32, pid: u32, tid: u32) {
+    let goroutine = GoroutineKey {
+        pid,
+        _pad: 0,
+        g: regs.r14,
+    };
+    let Some(stack) = GO_STACKS.get_ptr_mut(&goroutine) else {
+        count(Counter::UnmatchedExit);
+        return;
+    };
+    // SAFETY: a goroutine runs on one thread at a time, and only its own probes touch its
+    // stack.
+    let stack = unsafe { &mut *stack };
+    // At the RET, sp still points at the return address, as it did at entry.
+    let Some(entry_sp) = go_sp(goroutine.g, regs.rsp) else {
+        count(Counter::UnmatchedExit);
+        return;
+    };
+    // Go's register ABI returns the first integer result in RAX, as System V does.
+    on_return(stack, probe_id, entry_sp, regs.rax, pid, tid);
+    release_idle_go_stack(&goroutine, stack);
+}
+
+/// Pairs the return of `probe_id`'s call whose entry saw `entry_sp` with its frame, and
+/// reports the span (and any frames a longjmp or an exception abandoned on the way).
+#[inline(always)]
+fn on_return(stack: &mut ThreadStack, probe_id: u32, entry_sp: u64, ret: u64, pid: u32, tid: u32) {
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
     for _ in 0..MAX_UNWIND {
         let depth = stack.depth as usize;
         if depth == 0 || depth > MAX_DEPTH {
@@ -649,6 +713,67 @@ fn on_exit(ctx: &RetProbeContext) {
         stack.unstored = 0;
         pop_reported(stack, top_index, pid, tid, now, 0, span_flags::ABANDONED);
         count(Counter::Abandoned);
+    }
+}
+
+/// The first six integer arguments: System V's RDI, RSI, RDX, RCX, R8, R9, or for Go code
+/// those of Go's register ABI, RAX, RBX, RCX, RDI, RSI, R8 (then R9, R10, R11).
+// One choice per register: a choice between two arrays of registers is compiled to loads
+// through a pointer into `pt_regs` chosen at run time, which the verifier refuses
+// ("dereference of modified ctx ptr").
+#[inline(always)]
+fn call_args(regs: &aya_ebpf::bindings::pt_regs, go: bool) -> [u64; 6] {
+    let pick = |go_register: u64, c_register: u64| if go { go_register } else { c_register };
+    [
+        pick(regs.rax, regs.rdi),
+        pick(regs.rbx, regs.rsi),
+        pick(regs.rcx, regs.rdx),
+        pick(regs.rdi, regs.rcx),
+        pick(regs.rsi, regs.r8),
+        pick(regs.r8, regs.r9),
+    ]
+}
+
+/// Deepest a goroutine's stack can be: Go's limit on 64-bit systems (`maxstacksize`, 1 GB).
+const GO_MAX_STACK: u64 = 1 << 30;
+
+/// The position of `rsp` on the stack of goroutine `g`, as [`Frame::sp`] keeps it for Go
+/// code: [`GO_STACK_TOP`] minus its distance from the top of the goroutine's stack, which a
+/// stack copy keeps. `None` when `g`'s stack cannot be read or does not hold `rsp`.
+#[inline(always)]
+fn go_sp(g: u64, rsp: u64) -> Option<u64> {
+    // SAFETY: bpf_probe_read_user copes with any address.
+    let hi = unsafe { bpf_probe_read_user((g.wrapping_add(GO_G_STACK_HI)) as *const u64) }.ok()?;
+    let depth = hi.checked_sub(rsp)?;
+    if depth > GO_MAX_STACK {
+        return None;
+    }
+    Some(GO_STACK_TOP - depth)
+}
+
+/// A goroutine's stack entry, created on first use, and where `rsp` is on it (see [`go_sp`]).
+#[inline(always)]
+fn go_stack(goroutine: &GoroutineKey, rsp: u64) -> Option<(*mut ThreadStack, u64)> {
+    let sp = go_sp(goroutine.g, rsp)?;
+    if let Some(stack) = GO_STACKS.get_ptr_mut(goroutine) {
+        return Some((stack, sp));
+    }
+    let empty = EMPTY_STACK.get(0)?;
+    if GO_STACKS
+        .insert(goroutine, empty, BPF_NOEXIST as u64)
+        .is_err()
+    {
+        return None;
+    }
+    Some((GO_STACKS.get_ptr_mut(goroutine)?, sp))
+}
+
+/// Forgets a goroutine's stack once no traced call is open on it: goroutines are many and
+/// short-lived, and nothing tells the kernel when one ends.
+#[inline(always)]
+fn release_idle_go_stack(goroutine: &GoroutineKey, stack: &ThreadStack) {
+    if stack.depth == 0 && stack.unstored == 0 {
+        let _ = GO_STACKS.remove(goroutine);
     }
 }
 
@@ -1207,6 +1332,11 @@ fn report(
 ) {
     let frame = frame(stack, index);
     let parent_id = parent_of(stack, index);
+    // Read as one volatile load (six loads): a plain copy of the array out of the frame is
+    // sometimes turned into a `memmove` call, which the BPF backend does not expand and the
+    // loader cannot relocate.
+    // SAFETY: a reference to a map value is valid to read.
+    let args = unsafe { core::ptr::read_volatile(&raw const frame.args) };
     emit(frame.probe_id, frame.text, |span| {
         *span = Span {
             kind: RecordKind::Span as u32,
@@ -1220,7 +1350,7 @@ fn report(
             root_id: frame.root_id,
             trace_id: frame.trace_id,
             link_id: frame.link_id,
-            args: frame.args,
+            args,
             ret,
             caller: frame.caller,
             depth: index as u32,

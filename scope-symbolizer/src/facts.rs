@@ -16,6 +16,10 @@ pub struct BinaryFacts {
     pub has_symtab: bool,
     /// The Go version in `.go.buildinfo` (`go1.19.8`), for a Go binary.
     pub go_version: Option<String>,
+    /// Built by Go: it has Go's build info or its function table (`.gopclntab`), also when
+    /// the build info names no version (before Go 1.18). Tracing treats its functions as Go
+    /// code (no uretprobes).
+    pub go: bool,
     /// The program interpreter (`/lib64/ld-linux-x86-64.so.2`), for a dynamically linked
     /// executable.
     pub interpreter: Option<String>,
@@ -35,6 +39,9 @@ pub(crate) fn read(file: &object::File<'_>) -> BinaryFacts {
         }
     }
     let go_version = section(".go.buildinfo").and_then(go_version);
+    let go = go_version.is_some()
+        || file.section_by_name(".go.buildinfo").is_some()
+        || file.section_by_name(".gopclntab").is_some();
     let interpreter = section(".interp").map(|bytes| {
         String::from_utf8_lossy(bytes.split(|&b| b == 0).next().unwrap_or_default()).into_owned()
     });
@@ -43,6 +50,7 @@ pub(crate) fn read(file: &object::File<'_>) -> BinaryFacts {
         needed: needed(file),
         has_symtab: file.symbol_table().is_some(),
         go_version,
+        go,
         interpreter,
     }
 }

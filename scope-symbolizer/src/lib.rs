@@ -10,6 +10,8 @@
 //! - [`Module`] answers: functions by symbol table, frames and source locations by DWARF,
 //!   inlined call sites, USDT probes ([`UsdtProbe`]), and vaddr ↔ file offset translation for
 //!   uprobes.
+//! - [`go`] finds where to probe a Go function (after its stack check, and on its RET
+//!   instructions: Go cannot take uretprobes), by decoding its machine code.
 //!
 //! Everything here reads untrusted files (any binary any process maps), so nothing panics on
 //! input: a corrupt or truncated file is an error when it cannot be opened as ELF at all, and
@@ -24,6 +26,7 @@ mod dwarf;
 mod elf;
 mod error;
 mod facts;
+pub mod go;
 mod maps;
 mod module;
 mod symbolizer;
@@ -34,6 +37,7 @@ pub use dwarf::{InlineSite, MAX_DECOMPRESSED_SECTION_BYTES};
 pub use elf::Function;
 pub use error::SymbolizeError;
 pub use facts::BinaryFacts;
+pub use go::{GoCodeError, GoProbePoints};
 pub use maps::{Mapping, ModuleMapping, Perms, ProcessMaps};
 pub use module::{FRAME_CACHE_GENERATION_ENTRIES, Frame, Module};
 pub use symbolizer::{DEFAULT_MODULE_CACHE_CAPACITY, Symbolizer};

@@ -9,6 +9,7 @@ use object::{Object, ObjectKind};
 
 use crate::{
     facts::{self, BinaryFacts},
+    go::{self, GoCodeError, GoProbePoints},
     usdt::{self, UsdtProbe},
 };
 
@@ -65,6 +66,8 @@ enum ContextState {
 /// [`inline_sites`](Module::inline_sites) call.
 pub struct Module {
     path: PathBuf,
+    /// The file's bytes, for reading machine code ([`Module::function_code`]).
+    file: MappedFile,
     root: PathBuf,
     build_id: Option<Vec<u8>>,
     pie_or_shared: bool,
@@ -169,6 +172,7 @@ impl Module {
 
         Ok(Module {
             path: main.path.clone(),
+            file: main.clone(),
             root: root.to_path_buf(),
             build_id: key.build_id,
             pie_or_shared,
@@ -236,6 +240,32 @@ impl Module {
     /// How the file was built: toolchains, needed libraries, symbol table, Go build info.
     pub fn facts(&self) -> &BinaryFacts {
         &self.facts
+    }
+
+    /// The machine code of `function` in the file: `None` when the symbol table gives it no
+    /// size or its bytes are not all in one loaded segment of the file.
+    pub fn function_code(&self, function: &Function) -> Option<&[u8]> {
+        if function.size == 0 {
+            return None;
+        }
+        let last = function.address.checked_add(function.size - 1)?;
+        let start = self.vaddr_to_file_offset(function.address)?;
+        let end = self.vaddr_to_file_offset(last)?.checked_add(1)?;
+        if end.checked_sub(start)? != function.size {
+            return None;
+        }
+        self.file
+            .map
+            .get(usize::try_from(start).ok()?..usize::try_from(end).ok()?)
+    }
+
+    /// Where to probe a Go function: after its stack check, and on each RET instruction
+    /// (see [`crate::go`]).
+    pub fn go_probe_points(&self, function: &Function) -> Result<GoProbePoints, GoCodeError> {
+        let code = self
+            .function_code(function)
+            .ok_or(GoCodeError::UnknownSize)?;
+        go::probe_points(code, function.address)
     }
 
     /// The USDT probes (`.note.stapsdt`) the file carries, in note order.

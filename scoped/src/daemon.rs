@@ -7,7 +7,9 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use scope_common::{ProbeCounters, ProcessEvent, process_event};
+use scope_common::{
+    ProbeCounters, ProcessEvent, RecordKind, ThreadStack, process_event, span_flags,
+};
 use scope_symbolizer::{Frame, Module, ProcessMaps, Symbolizer};
 
 use crate::{
@@ -16,7 +18,7 @@ use crate::{
     ebpf::ProgramPair,
     error::ScopeError,
     export::otlp::ExporterCounters,
-    model::{IdScheme, Io, Probe, Span, TraceId, now_unix_ns},
+    model::{IdScheme, Io, Probe, Span, TraceId, monotonic_ns, now_unix_ns},
     pipeline::{Pipeline, Subscription, WatchFilter},
     probes::{Limits, ProbeInfo, ProbeManager, Session, Terms, Tracing, release},
     procfs::ProcessInfo,
@@ -303,8 +305,14 @@ impl Daemon {
     pub fn on_process_event(&self, event: &ProcessEvent) {
         match event.event {
             process_event::FORK => self.follow_fork(event),
-            process_event::EXEC => self.follow_exec(event.pid),
-            process_event::EXIT => self.process_exited(event.pid),
+            process_event::EXEC => {
+                self.end_go_calls(event.pid, span_flags::EXECED);
+                self.follow_exec(event.pid)
+            }
+            process_event::EXIT => {
+                self.end_go_calls(event.pid, span_flags::THREAD_EXITED);
+                self.process_exited(event.pid)
+            }
             other => tracing::warn!(event = other, "unknown process event from the kernel"),
         }
     }
@@ -420,6 +428,22 @@ impl Daemon {
             Err(error) => {
                 tracing::warn!(session = id, pid, error = %error.chain(), "cannot follow a process after {why}")
             }
+        }
+    }
+
+    /// Reports the Go calls of `pid` still open when it exited or exec'd (`flag`), as the
+    /// kernel does a thread's, and frees their goroutine stacks. Called before the process's
+    /// probes are let go, so the spans are still attributed to them.
+    fn end_go_calls(&self, pid: u32, flag: u32) {
+        let stacks = self.manager().kernel_mut().take_go_stacks(pid);
+        let open = unfinished_go_calls(pid, &stacks, monotonic_ns(), flag);
+        if !open.is_empty() {
+            tracing::info!(
+                pid,
+                calls = open.len(),
+                "Go calls were open when their process exited or exec'd; they are reported unfinished"
+            );
+            self.pipeline.ingest(open, Vec::new());
         }
     }
 
@@ -809,4 +833,93 @@ fn log_refused(refused: &[Tracing], pid: u32, why: &str) {
 /// The process as /proc shows it now (`None` if it is already gone).
 fn spec_process(pid: u32) -> Option<ProcessInfo> {
     ProcessInfo::read(pid)
+}
+
+/// The Go calls open on `stacks` (goroutines of process `pid`) as spans that ended at `now_ns`
+/// with `flag` ([`span_flags::THREAD_EXITED`] or [`span_flags::EXECED`]), as the kernel
+/// reports the open calls of a thread that exits. They carry no thread: a goroutine has none
+/// of its own.
+fn unfinished_go_calls(
+    pid: u32,
+    stacks: &[ThreadStack],
+    now_ns: u64,
+    flag: u32,
+) -> Vec<scope_common::Span> {
+    let mut spans = Vec::new();
+    for stack in stacks {
+        let depth = (stack.depth as usize).min(stack.frames.len());
+        let frames = &stack.frames[..depth];
+        for (index, frame) in frames.iter().enumerate() {
+            spans.push(scope_common::Span {
+                kind: RecordKind::Span as u32,
+                probe_id: frame.probe_id,
+                pid,
+                tid: 0,
+                start_ns: frame.start_ns,
+                end_ns: now_ns.max(frame.start_ns),
+                span_id: frame.span_id,
+                parent_id: index
+                    .checked_sub(1)
+                    .map_or(0, |parent| frames[parent].span_id),
+                root_id: frame.root_id,
+                trace_id: frame.trace_id,
+                link_id: frame.link_id,
+                args: frame.args,
+                ret: 0,
+                caller: frame.caller,
+                depth: index as u32,
+                flags: flag | frame.link_flags,
+            });
+        }
+    }
+    spans
+}
+
+#[cfg(test)]
+mod tests {
+    use scope_common::{Frame, MAX_DEPTH};
+
+    use super::*;
+
+    #[test]
+    fn open_go_calls_become_thread_exited_spans_nested_as_they_were() {
+        let mut frames = [Frame::default(); MAX_DEPTH];
+        for (index, frame) in frames.iter_mut().take(2).enumerate() {
+            frame.probe_id = index as u32 + 7;
+            frame.span_id = index as u64 + 100;
+            frame.start_ns = 1_000 + index as u64;
+        }
+        frames[0].link_flags = span_flags::LINK_WAKEUP;
+        let stack = ThreadStack {
+            depth: 2,
+            unstored: 0,
+            frames,
+        };
+        let spans = unfinished_go_calls(42, &[stack], 5_000, span_flags::THREAD_EXITED);
+        assert_eq!(spans.len(), 2);
+        assert_eq!(
+            (spans[0].probe_id, spans[0].parent_id, spans[0].depth),
+            (7, 0, 0)
+        );
+        assert_eq!(
+            (spans[1].probe_id, spans[1].parent_id, spans[1].depth),
+            (8, 100, 1)
+        );
+        assert!(spans.iter().all(|s| s.pid == 42 && s.end_ns == 5_000));
+        assert_eq!(
+            spans[0].flags,
+            span_flags::THREAD_EXITED | span_flags::LINK_WAKEUP
+        );
+        assert_eq!(spans[1].flags, span_flags::THREAD_EXITED);
+        // A corrupt depth reads no more frames than there are.
+        let deep = ThreadStack {
+            depth: u32::MAX,
+            unstored: 0,
+            frames,
+        };
+        assert_eq!(
+            unfinished_go_calls(42, &[deep], 5_000, span_flags::EXECED).len(),
+            MAX_DEPTH
+        );
+    }
 }

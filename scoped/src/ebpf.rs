@@ -14,8 +14,8 @@ use aya::{
     },
 };
 use scope_common::{
-    Counter, KernelOffsets, MAX_CPUS, MAX_PROBES, ProbeControl, ProbeCounters, Target, UsdtSpec,
-    globals, maps, programs,
+    Counter, GoroutineKey, KernelOffsets, MAX_CPUS, MAX_PROBES, ProbeControl, ProbeCounters,
+    Target, ThreadStack, UsdtSpec, globals, maps, programs,
 };
 
 use crate::error::ScopeError;
@@ -108,6 +108,7 @@ pub struct Rings {
 pub struct Kernel {
     ebpf: Ebpf,
     targets: HashMap<MapData, u32, Target>,
+    go_stacks: HashMap<MapData, GoroutineKey, ThreadStack>,
     counters: PerCpuArray<MapData, u64>,
     probe_counters: PerCpuArray<MapData, ProbeCounters>,
     probe_control: Array<MapData, ProbeControl>,
@@ -281,6 +282,7 @@ impl Kernel {
 
         let mut kernel = Kernel {
             targets: take_map(&mut ebpf, maps::TARGETS)?,
+            go_stacks: take_map(&mut ebpf, maps::GO_STACKS)?,
             counters: take_map(&mut ebpf, maps::COUNTERS)?,
             probe_counters: take_map(&mut ebpf, maps::PROBE_COUNTERS)?,
             probe_control: take_map(&mut ebpf, maps::PROBE_CONTROL)?,
@@ -425,6 +427,27 @@ impl Kernel {
                 map: maps::TARGETS,
                 source,
             })
+    }
+
+    /// Takes the call stacks of `pid`'s goroutines out of the kernel. A goroutine's stack
+    /// is freed when its last traced call returns, but nothing in the kernel ends the calls
+    /// still open when the process exits: the daemon reports those.
+    pub fn take_go_stacks(&mut self, pid: u32) -> Vec<ThreadStack> {
+        let keys: Vec<GoroutineKey> = self
+            .go_stacks
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| key.pid == pid)
+            .collect();
+        keys.iter()
+            .filter_map(|key| {
+                let stack = self.go_stacks.get(key, 0).ok();
+                if let Err(error) = self.go_stacks.remove(key) {
+                    tracing::debug!(pid, %error, "a goroutine's stack was gone already");
+                }
+                stack
+            })
+            .collect()
     }
 
     /// Removes `pid` from the set of traced processes.

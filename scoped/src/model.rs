@@ -188,6 +188,11 @@ impl Span {
     }
 }
 
+/// `CLOCK_MONOTONIC` now, in nanoseconds: the kernel's clock for span times.
+pub fn monotonic_ns() -> u64 {
+    u64::try_from(clock_ns(libc::CLOCK_MONOTONIC)).unwrap_or(0)
+}
+
 /// Unix time now, in nanoseconds.
 pub fn now_unix_ns() -> u64 {
     std::time::SystemTime::now()

@@ -124,7 +124,11 @@ impl Pipeline {
         }
     }
 
-    fn ingest(&self, batch: Vec<scope_common::Span>, texts: Vec<(u64, Vec<String>)>) {
+    /// Attributes kernel span records to their probes and hands them on (watchers, exporter,
+    /// store), with the strings that came with some of them (`texts`, by kernel span id).
+    /// The reader's batches come through [`Pipeline::run`]; the daemon calls this for spans
+    /// it makes itself (Go calls open when their process exited).
+    pub fn ingest(&self, batch: Vec<scope_common::Span>, texts: Vec<(u64, Vec<String>)>) {
         let mut spans: Vec<Span> = self.registry.with(|lookup| {
             batch
                 .iter()

@@ -24,7 +24,7 @@ use crate::{
     error::ScopeError,
     model::Probe,
     procfs::ProcessInfo,
-    resolve::{Plan, PlannedUsdt, UsdtRole},
+    resolve::{Exit, Plan, PlannedProbe, UsdtRole},
     stats::Count,
 };
 
@@ -509,18 +509,13 @@ impl ProbeManager {
             let mut pairs: HashMap<usize, u32> = HashMap::new();
             let mut entry_points = Vec::with_capacity(module.probes.len());
             let mut exit_points = Vec::with_capacity(module.probes.len());
-            let mut planned: Vec<(bool, Arc<Probe>, u64, Option<&PlannedUsdt>)> =
+            let mut planned: Vec<(Arc<Probe>, &PlannedProbe)> =
                 Vec::with_capacity(module.probes.len());
             for planned_probe in &module.probes {
                 let Some(probe) = probes.next() else {
                     return Err(ScopeError::ProbeSlotsExhausted { needed: 1, free: 0 });
                 };
-                planned.push((
-                    planned_probe.inlined_into.is_some() || planned_probe.usdt.is_some(),
-                    probe,
-                    planned_probe.file_offset,
-                    planned_probe.usdt.as_ref(),
-                ));
+                planned.push((probe, planned_probe));
             }
             // The kernel runs the handlers of probes on one address newest-registered first.
             // Registering inlined call sites (entry-only) before function entries makes a site
@@ -528,11 +523,14 @@ impl ProbeManager {
             // site is nested inside the call it belongs to. The end sites of USDT pairs come
             // before everything: the link registers its points in order, and a begin seen
             // before its end is armed would leave a span open until it is reported abandoned.
-            planned.sort_by_key(|(instant, _, _, usdt)| {
-                let end = usdt.is_some_and(|u| matches!(u.role, UsdtRole::End { .. }));
-                (!end, !instant)
+            planned.sort_by_key(|(_, p)| {
+                let end = p
+                    .usdt
+                    .as_ref()
+                    .is_some_and(|u| matches!(u.role, UsdtRole::End { .. }));
+                (!end, p.exit != Exit::Instant)
             });
-            for (instant, probe, file_offset, usdt) in planned {
+            for (probe, planned_probe) in planned {
                 let Some(slot) = self.free_slots.pop_front() else {
                     return Err(ScopeError::ProbeSlotsExhausted { needed: 1, free: 0 });
                 };
@@ -542,8 +540,15 @@ impl ProbeManager {
                 let info = Arc::new(ProbeInfo::new(slot, probe, limits.sample_every));
                 self.registry.set(slot, Some(Arc::clone(&info)));
                 member.probes.push(info);
-                let mut flags = if instant { cookie::INSTANT } else { 0 };
-                if let Some(usdt) = usdt {
+                let mut flags = if planned_probe.exit == Exit::Instant {
+                    cookie::INSTANT
+                } else {
+                    0
+                };
+                if planned_probe.go {
+                    flags |= cookie::GO;
+                }
+                if let Some(usdt) = &planned_probe.usdt {
                     let mut spec = usdt_spec(&usdt.args, &usdt.symbols);
                     spec.strings = usdt.strings;
                     flags = cookie::USDT
@@ -572,9 +577,19 @@ impl ProbeManager {
                         }
                     }
                 }
-                entry_points.push((file_offset, cookie::new(slot, flags)));
-                if !instant {
-                    exit_points.push((file_offset, cookie::new(slot, 0)));
+                entry_points.push((planned_probe.file_offset, cookie::new(slot, flags)));
+                match &planned_probe.exit {
+                    Exit::Uretprobe => {
+                        exit_points.push((planned_probe.file_offset, cookie::new(slot, 0)))
+                    }
+                    // The returns of Go code are uprobes too, in the same link as the entries:
+                    // the entry program runs the exit's pairing for them.
+                    Exit::ReturnSites(offsets) => entry_points.extend(
+                        offsets
+                            .iter()
+                            .map(|&offset| (offset, cookie::new(slot, flags | cookie::RET_SITE))),
+                    ),
+                    Exit::Instant => {}
                 }
             }
             let count = entry_points.len();

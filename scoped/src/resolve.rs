@@ -76,6 +76,24 @@ pub struct PlannedProbe {
     pub inlined_into: Option<String>,
     /// For a USDT probe site: its arguments and semaphore. Such a probe has no exit.
     pub usdt: Option<PlannedUsdt>,
+    /// How the kernel sees the calls end.
+    pub exit: Exit,
+    /// Go code: the kernel keeps its calls per goroutine, not per thread (see
+    /// `scope_common::cookie::GO`).
+    pub go: bool,
+}
+
+/// How a probe's calls end.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// A uretprobe on the function (native code).
+    Uretprobe,
+    /// Uprobes on the function's RET instructions (file offsets): Go code, whose runtime
+    /// crashes on the return address a uretprobe puts on the stack.
+    ReturnSites(Vec<u64>),
+    /// None: inlined call sites, USDT sites, and Go functions without a RET that can be
+    /// probed. Their spans have zero length.
+    Instant,
 }
 
 /// A USDT probe site's arguments, and its semaphore's address in the process.
@@ -295,6 +313,8 @@ pub fn plan(
                             strings,
                             role: UsdtRole::Site,
                         }),
+                        exit: Exit::Instant,
+                        go: false,
                     });
                 }
             }
@@ -312,6 +332,7 @@ pub fn plan(
                 continue;
             }
             let module = Arc::clone(&target.module);
+            let is_go = module.facts().go;
             for function in module.functions() {
                 let names = std::iter::once(function.base_name.as_str())
                     .chain(std::iter::once(function.name.as_str()))
@@ -337,7 +358,7 @@ pub fn plan(
                 let (file, line) = module
                     .location(function.address)
                     .map_or((None, None), |(f, l)| (Some(f), Some(l)));
-                target.probes.push(PlannedProbe {
+                let mut probe = PlannedProbe {
                     function: function.base_name.clone(),
                     symbol: function.symbol.clone(),
                     address: function.address,
@@ -346,7 +367,13 @@ pub fn plan(
                     line,
                     inlined_into: None,
                     usdt: None,
-                });
+                    exit: Exit::Uretprobe,
+                    go: false,
+                };
+                if is_go {
+                    plan_go(&module, function, &mut probe);
+                }
+                target.probes.push(probe);
             }
             for site in module.inline_sites() {
                 if !pattern.glob.matches(&site.name) {
@@ -368,6 +395,8 @@ pub fn plan(
                     line: site.call_line,
                     inlined_into: Some(site.inlined_into.clone()),
                     usdt: None,
+                    exit: Exit::Instant,
+                    go: false,
                 });
             }
         }
@@ -463,6 +492,51 @@ fn pair_usdt_sites(probes: &mut [PlannedProbe], broken: &[&str]) {
                 probe.function = renamed.clone();
             }
         }
+    }
+}
+
+/// Suffix Go's linker gives the assembly (ABI0) version of a function that also has a Go
+/// (ABIInternal) one. ABI0 code does not keep the goroutine in R14.
+const GO_ABI0_SUFFIX: &str = ".abi0";
+
+/// Turns a Go function's probe into an entry after its stack check plus uprobes on its RET
+/// instructions. Never a uretprobe: the Go runtime walks goroutine stacks (growing them, for
+/// the garbage collector) and aborts on the kernel trampoline's return address. A function
+/// whose returns cannot be probed (it only tail-jumps or never returns, or its code does not
+/// decode) is traced at its entry alone, as a zero-length span, and the log says why.
+fn plan_go(module: &Module, function: &scope_symbolizer::Function, probe: &mut PlannedProbe) {
+    probe.exit = Exit::Instant;
+    if function.symbol.ends_with(GO_ABI0_SUFFIX) {
+        tracing::warn!(function = %function.symbol, "Go assembly (ABI0) function: its calls are reported as zero-length spans at entry; trace its Go wrapper for durations");
+        return;
+    }
+    probe.go = true;
+    let points = match module.go_probe_points(function) {
+        Ok(points) => points,
+        Err(error) => {
+            tracing::warn!(function = %function.symbol, %error, "cannot find the returns of this Go function: its calls are reported as zero-length spans at entry");
+            return;
+        }
+    };
+    let offsets: Option<Vec<u64>> = points
+        .returns
+        .iter()
+        .map(|&ret| module.vaddr_to_file_offset(ret))
+        .collect();
+    let Some(entry_offset) = module.vaddr_to_file_offset(points.entry) else {
+        return;
+    };
+    probe.address = points.entry;
+    probe.file_offset = entry_offset;
+    match offsets {
+        // A function that is a lone RET returns where it is entered: zero length is right.
+        Some(offsets) if !offsets.is_empty() && !offsets.contains(&entry_offset) => {
+            probe.exit = Exit::ReturnSites(offsets);
+        }
+        Some(offsets) if offsets.is_empty() => {
+            tracing::warn!(function = %function.symbol, "this Go function has no RET instruction (it ends in a tail jump or never returns): its calls are reported as zero-length spans at entry");
+        }
+        _ => {}
     }
 }
 

@@ -612,6 +612,37 @@ pub fn compile(
     out
 }
 
+/// Builds a one-file Go program with the machine's `go` (Debian's golang-go) into `dir`,
+/// offline and with its caches inside `dir`, so nothing outside the test is read or written.
+pub fn go_build(dir: &Path, file_name: &str, source: &str) -> PathBuf {
+    let src = dir.join(file_name);
+    std::fs::write(&src, source).unwrap();
+    let out = dir.join(Path::new(file_name).file_stem().unwrap());
+    let output = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .current_dir(dir)
+        .env("GOCACHE", dir.join("gocache"))
+        .env("GOPATH", dir.join("gopath"))
+        // One file, no module and no network: nothing to download.
+        .env("GO111MODULE", "off")
+        .env("GOPROXY", "off")
+        .env("GOTOOLCHAIN", "local")
+        .env("GOFLAGS", "")
+        .env("CGO_ENABLED", "0")
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("running go failed ({e}); install golang-go with `cargo xtask setup`")
+        });
+    assert!(
+        output.status.success(),
+        "go build failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    out
+}
+
 /// The 1-based line of the first line in `source` containing `needle`.
 pub fn line_of(source: &str, needle: &str) -> u32 {
     source

@@ -50,6 +50,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("bpftrace", "benchmark peer"),
     ("linux-perf", "benchmark peer (perf probe)"),
     ("bpftool", "tests check which BPF programs and links exist"),
+    ("golang-go", "the Go tests build a Go program to trace"),
     ("procps", "ps, pgrep in tests"),
     ("iproute2", "netns pairs stand in for two hosts"),
     ("sqlite3", "the tests open the span store as users do"),
