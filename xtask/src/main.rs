@@ -155,6 +155,45 @@ pub fn build_ebpf() -> anyhow::Result<()> {
             object.display()
         );
     }
+    check_ebpf_calls(&object)
+}
+
+/// Functions the eBPF object must never call. LLVM emits calls to them for innocent-looking
+/// Rust (an array copy or zeroing, `%`, an index it cannot prove in bounds), the BPF backend
+/// does not expand them, and the loader then refuses the whole program at run time with a
+/// message that names no source line ("BTF function info for `memmove` does not match the
+/// program", or a verifier log that says "processed 0 insns").
+const FORBIDDEN_BPF_CALLS: &[&str] = &["memmove", "memcpy", "memset", "memcmp", "panic"];
+
+/// Fails the build when the object calls one of [`FORBIDDEN_BPF_CALLS`], naming the source
+/// line of each call: a build error now instead of a load error in every test.
+fn check_ebpf_calls(object: &std::path::Path) -> anyhow::Result<()> {
+    let output = Command::new("/usr/lib/llvm-22/bin/llvm-objdump")
+        .args(["-d", "-l", "-r", "--no-show-raw-insn"])
+        .arg(object)
+        .output()
+        .context("running llvm-objdump (from llvm-22, which `cargo xtask setup` installs)")?;
+    let listing = String::from_utf8_lossy(&output.stdout);
+    let mut line = "";
+    let mut found = Vec::new();
+    for text in listing.lines() {
+        if let Some(source) = text.strip_prefix("; ") {
+            line = source;
+        } else if text.contains("R_BPF_64_32")
+            && let Some(name) = text.split_whitespace().last()
+            && FORBIDDEN_BPF_CALLS.iter().any(|f| name.contains(f))
+        {
+            found.push(format!("  {name} at {line}"));
+        }
+    }
+    if !found.is_empty() {
+        bail!(
+            "the eBPF object calls functions the BPF loader cannot relocate:\n{}\n\
+             write the code so LLVM needs none (see scope-ebpf/src/main.rs: volatile reads and \
+             writes of arrays, zip instead of indexing, checked_rem instead of %)",
+            found.join("\n")
+        );
+    }
     Ok(())
 }
 
