@@ -311,6 +311,17 @@ impl Budgets {
         Ok(())
     }
 
+    /// The calibrated trap costs, once [`Budgets::prepare`] has run.
+    pub fn trap_costs(&self) -> Option<TrapCosts> {
+        self.traps
+    }
+
+    /// The programs' cost per recorded call: as last measured, or the default before any
+    /// measurement.
+    pub fn program_ns(&self) -> f64 {
+        self.program_ns.unwrap_or(DEFAULT_PROGRAM_NS)
+    }
+
     /// One round: measures every budgeted session's probes and throttles what is over.
     /// Returns the throttles made this round.
     pub fn enforce(&mut self, manager: &mut ProbeManager, pair: ProgramPair) -> Vec<Throttle> {
