@@ -107,6 +107,10 @@ pub const DEFAULT_PLAN_WINDOW: Duration = Duration::from_secs(1);
 /// Counting long enough for rates of a few calls a second to show, short enough that a
 /// candidate too hot to probe costs its process only this long.
 pub const DEFAULT_PLAN_COUNT: Duration = Duration::from_millis(200);
+/// The shortest screening count (a quarter of the counting window otherwise).
+const MIN_SCREEN: Duration = Duration::from_millis(20);
+/// Screening rounds at most before the counting run.
+const SCREEN_ROUNDS: usize = 3;
 /// The longest sampling or counting window a request may ask for.
 pub const MAX_PLAN_WINDOW: Duration = Duration::from_secs(30);
 
@@ -329,9 +333,35 @@ impl Daemon {
                 .unwrap_or_default();
             candidate.ns_per_call = traps.per_call(&code) + program_ns;
         }
-        let counted = self.count_calls(caller, pid, &candidates, options.count)?;
+        // Screening: short counts of the candidates. One whose cost at the rate seen — a
+        // floor, as the traps slowed the thread — is over the budget alone is out, and is not
+        // counted again, so its traps do not hold the others' rates down; again, as the
+        // rates of the rest rise once the hottest are gone.
+        let screen_for = (options.count / 4).max(MIN_SCREEN);
+        let budget_ns = options.budget * 1e9;
+        let mut rest = candidates;
+        let mut screened: Vec<Candidate> = Vec::new();
+        let mut screen_elapsed = Duration::ZERO;
+        for _ in 0..SCREEN_ROUNDS {
+            let screen = self.count_calls(caller, pid, &rest, screen_for)?;
+            screen_elapsed += screen.elapsed;
+            let (out, kept): (Vec<Candidate>, Vec<Candidate>) = rest
+                .into_iter()
+                .partition(|c| screen.rate(c) * c.ns_per_call > budget_ns);
+            rest = kept;
+            let done = out.is_empty();
+            screened.extend(out.into_iter().map(|mut c| {
+                c.calls_per_second = Some(screen.rate(&c));
+                c.floor = true;
+                c
+            }));
+            if done {
+                break;
+            }
+        }
+        let counted = self.count_calls(caller, pid, &rest, options.count)?;
         // The counting run's traps, as a share of a busy thread's time (see planner::correct).
-        let trap_cpu: f64 = candidates
+        let trap_cpu: f64 = rest
             .iter()
             .map(|c| counted.rate(c) * c.ns_per_call / 1e9)
             .sum();
@@ -345,11 +375,14 @@ impl Daemon {
             .count()
             .max(1);
         let trap_share = trap_cpu / busy_threads as f64;
-        for candidate in &mut candidates {
-            let (rate, saturated) = planner::correct(counted.rate(candidate), trap_share);
+        for candidate in &mut rest {
+            let (rate, floor) = planner::correct(counted.rate(candidate), trap_share);
             candidate.calls_per_second = Some(rate);
-            candidate.saturated = saturated;
+            candidate.floor = floor;
         }
+        let screened_out = screened.len();
+        let mut candidates = rest;
+        candidates.append(&mut screened);
         let mut plan = planner::fit(candidates, options.budget, planner::MAX_PLAN_PROBES);
         plan.window_ms = u64::try_from(profile.window.as_millis()).unwrap_or(u64::MAX);
         plan.samples = profile.samples;
@@ -364,10 +397,11 @@ impl Daemon {
             profile.busiest_thread_share() * 100.0
         ));
         plan.notes.push(format!(
-            "counted calls of {} candidate{} for {:.0} ms; rates corrected for the counting run's own traps ({:.1}% of a busy thread)",
+            "counted calls of {} candidate{} for {:.0} ms ({screened_out} more over the budget alone in {:.0} ms of screening); rates corrected for the counting run's own traps ({:.1}% of a busy thread)",
             counted.probes,
             if counted.probes == 1 { "" } else { "s" },
             counted.elapsed.as_secs_f64() * 1e3,
+            screen_elapsed.as_secs_f64() * 1e3,
             trap_share * 100.0
         ));
         plan.notes.push(format!(

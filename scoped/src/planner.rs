@@ -194,6 +194,10 @@ pub fn classify(name: &str, library: Library) -> Option<(Class, String)> {
         "query",
         "message",
         "msg",
+        // An event loop's dispatch (`aeProcessEvents`, `ngx_process_events_and_timers`):
+        // where an event-driven server's requests start.
+        "event",
+        "events",
     ];
     if library != Library::Libc
         && let (Some(verb), Some(noun)) = (any(&words, VERBS), any(&words, NOUNS))
@@ -284,8 +288,9 @@ pub struct Candidate {
     pub ns_per_call: f64,
     /// Measured calls a second (corrected), when counted.
     pub calls_per_second: Option<f64>,
-    /// Set when the counting run saw the thread trap so much that the rate is only a floor.
-    pub saturated: bool,
+    /// Set when the rate is only a floor: screened out at a rate its own traps held down, or
+    /// counted while the thread did little but trap.
+    pub floor: bool,
 }
 
 impl Candidate {
@@ -424,7 +429,7 @@ fn new_candidate(
         stack_samples,
         ns_per_call: 0.0,
         calls_per_second: None,
-        saturated: false,
+        floor: false,
     }
 }
 
@@ -569,17 +574,18 @@ pub fn fit(mut candidates: Vec<Candidate>, budget: f64, max_probes: usize) -> Pr
                 true,
                 "chosen by rank; cost unknown (no running process to measure)".to_owned(),
             ),
-            Some(_) if candidate.saturated => (
-                false,
-                "left out: so hot that counting its calls kept its thread trapping; no budget fits it".to_owned(),
-            ),
             Some(cost) if cost > budget_ns => (
                 false,
                 format!(
-                    "left out: alone it would cost {:.2}% of a CPU, over the {:.2}% budget",
+                    "left out: alone it would cost {}{:.2}% of a CPU, over the {:.2}% budget",
+                    if candidate.floor { "at least " } else { "" },
                     percent(cost),
                     percent(budget_ns)
                 ),
+            ),
+            Some(_) if candidate.floor => (
+                false,
+                "left out: counting its calls kept its thread trapping, so its rate is only known to be at least this".to_owned(),
             ),
             Some(cost) if spent + cost > budget_ns => (
                 false,
@@ -607,7 +613,8 @@ pub fn fit(mut candidates: Vec<Candidate>, budget: f64, max_probes: usize) -> Pr
         }
         let rate = match candidate.calls_per_second {
             Some(rate) => format!(
-                "; {rate:.0} calls/s × {:.2} µs",
+                "; {}{rate:.0} calls/s × {:.2} µs",
+                if candidate.floor { "≥ " } else { "" },
                 candidate.ns_per_call / 1e3
             ),
             None => String::new(),
@@ -655,6 +662,7 @@ mod tests {
         assert_eq!(class("ngx_http_process_request"), Some(Class::Entry));
         assert_eq!(class("exec_simple_query"), Some(Class::Entry));
         assert_eq!(class("analyzed::handle_request"), Some(Class::Entry));
+        assert_eq!(class("aeProcessEvents"), Some(Class::Entry));
         assert_eq!(class("setCommand"), Some(Class::Handler));
         assert_eq!(class("ngx_http_static_handler"), Some(Class::Handler));
         assert_eq!(class("readQueryFromClient"), Some(Class::Io));
@@ -697,7 +705,7 @@ mod tests {
             stack_samples: stack,
             ns_per_call: 2_000.0,
             calls_per_second: rate,
-            saturated: false,
+            floor: false,
         }
     }
 
