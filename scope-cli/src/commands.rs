@@ -82,7 +82,9 @@ pub struct AttachTarget {
 
 /// A duration as the milliseconds a request carries (0: the daemon's default).
 pub fn millis(duration: Option<std::time::Duration>) -> u32 {
-    duration.map_or(0, |d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX).max(1))
+    duration.map_or(0, |d| {
+        u32::try_from(d.as_millis()).unwrap_or(u32::MAX).max(1)
+    })
 }
 
 /// `1%`, `0.5%` or `2` (percent either way).

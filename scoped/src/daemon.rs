@@ -249,8 +249,7 @@ impl Daemon {
                     library: Library::Executable,
                 }];
                 let candidates = planner::candidates(&views, None, &analysis.entry_points);
-                let mut plan =
-                    planner::fit(candidates, options.budget, planner::MAX_PLAN_PROBES);
+                let mut plan = planner::fit(candidates, options.budget, planner::MAX_PLAN_PROBES);
                 plan.notes.push(
                     "a file, not a process: candidates ranked by the rules alone (known entry points, then names); \
                      no call rates, so no costs — analyze a running process (--pid) to fit the budget"

@@ -88,9 +88,10 @@ pub const MAX_COUNTED: usize = 48;
 pub const MAX_CPU_CANDIDATES: usize = 4;
 /// An unclassified function is a `cpu` candidate only with at least this share of samples.
 pub const MIN_CPU_SHARE: f64 = 0.02;
-/// Name-rule entry points and handlers of the executable that are candidates without
-/// being sampled (entry points wait for requests more than they compute), at most.
-pub const MAX_STATIC_CANDIDATES: usize = 12;
+/// Name-rule entry points and timer handlers of the executable (all its handlers, for a
+/// file) that are candidates without being sampled, at most: entry points wait for
+/// requests more than they compute, timers run a few times a second.
+pub const MAX_STATIC_CANDIDATES: usize = 16;
 /// Busy-thread trap share above which a counting run's rates cannot be corrected: the
 /// thread did little but trap, and the true rate is only known to be very high.
 const MAX_CORRECTABLE_SHARE: f64 = 0.9;
@@ -133,6 +134,15 @@ pub fn words(name: &str) -> Vec<String> {
         words.push(word);
     }
     words
+}
+
+/// Whether a name's words say it runs on a timer (`serverCron`, `on_tick`): called a
+/// steady few times a second whatever the load, so cheap to probe and a program's pulse.
+fn is_timer(words: &[String]) -> bool {
+    matches!(
+        words.last().map(String::as_str),
+        Some("cron" | "timer" | "tick" | "periodic")
+    )
 }
 
 /// The library a module is, for the rules that depend on it.
@@ -210,6 +220,12 @@ pub fn classify(name: &str, library: Library) -> Option<(Class, String)> {
     {
         return Some((Class::Handler, "named as a handler".to_owned()));
     }
+    if library != Library::Libc && is_timer(&words) {
+        return Some((
+            Class::Handler,
+            format!("a timer's handler (named `{last}`)"),
+        ));
+    }
     const CRYPTO: &[&str] = &[
         "ssl", "tls", "evp", "aes", "sha1", "sha256", "sha512", "md5", "hmac", "encrypt",
         "decrypt", "cipher", "crypt",
@@ -218,8 +234,17 @@ pub fn classify(name: &str, library: Library) -> Option<(Class, String)> {
         return Some((Class::Crypto, format!("named `{word}`")));
     }
     const LOCKS: &[&str] = &[
-        "lock", "unlock", "trylock", "mutex", "futex", "rwlock", "spinlock", "spin", "sem",
-        "semaphore", "condvar",
+        "lock",
+        "unlock",
+        "trylock",
+        "mutex",
+        "futex",
+        "rwlock",
+        "spinlock",
+        "spin",
+        "sem",
+        "semaphore",
+        "condvar",
     ];
     if let Some(word) = any(&words, LOCKS) {
         return Some((Class::Lock, format!("named `{word}`")));
@@ -238,9 +263,32 @@ pub fn classify(name: &str, library: Library) -> Option<(Class, String)> {
         return Some((Class::Alloc, "named `…alloc…`".to_owned()));
     }
     const IO: &[&str] = &[
-        "read", "write", "readv", "writev", "pread", "pread64", "pwrite", "pwrite64", "send",
-        "sendto", "sendmsg", "recv", "recvfrom", "recvmsg", "accept", "accept4", "connect",
-        "poll", "epoll", "select", "fsync", "fdatasync", "flush", "socket", "sendfile", "io",
+        "read",
+        "write",
+        "readv",
+        "writev",
+        "pread",
+        "pread64",
+        "pwrite",
+        "pwrite64",
+        "send",
+        "sendto",
+        "sendmsg",
+        "recv",
+        "recvfrom",
+        "recvmsg",
+        "accept",
+        "accept4",
+        "connect",
+        "poll",
+        "epoll",
+        "select",
+        "fsync",
+        "fdatasync",
+        "flush",
+        "socket",
+        "sendfile",
+        "io",
     ];
     if let Some(word) = any(&words, IO) {
         return Some((Class::Io, format!("named `{word}`")));
@@ -457,7 +505,10 @@ pub fn candidates(
                 if function.ifunc || !taken.insert((0, function.address)) {
                     continue;
                 }
-                let samples = heat.get(&(0, function.address)).copied().unwrap_or_default();
+                let samples = heat
+                    .get(&(0, function.address))
+                    .copied()
+                    .unwrap_or_default();
                 out.push(new_candidate(
                     exe,
                     function,
@@ -475,7 +526,9 @@ pub fn candidates(
             .filter(|f| plannable(f) && !taken.contains(&(0, f.address)))
             .filter_map(|f| {
                 let (class, why) = classify(&f.base_name, exe.library)?;
-                let wanted = class == Class::Entry || (sampled.is_none() && class == Class::Handler);
+                let wanted = class == Class::Entry
+                    || (class == Class::Handler
+                        && (sampled.is_none() || is_timer(&words(&f.base_name))));
                 wanted.then(|| {
                     let samples = heat.get(&(0, f.address)).copied().unwrap_or_default();
                     new_candidate(exe, f, class, false, why, samples)
@@ -484,8 +537,11 @@ pub fn candidates(
             .collect();
         // Entry points before handlers, the larger (more work a call) first.
         by_name.sort_by(|a, b| {
-            (a.class, std::cmp::Reverse(a.size), &a.function)
-                .cmp(&(b.class, std::cmp::Reverse(b.size), &b.function))
+            (a.class, std::cmp::Reverse(a.size), &a.function).cmp(&(
+                b.class,
+                std::cmp::Reverse(b.size),
+                &b.function,
+            ))
         });
         by_name.truncate(MAX_STATIC_CANDIDATES);
         for candidate in by_name {
@@ -665,6 +721,7 @@ mod tests {
         assert_eq!(class("aeProcessEvents"), Some(Class::Entry));
         assert_eq!(class("setCommand"), Some(Class::Handler));
         assert_eq!(class("ngx_http_static_handler"), Some(Class::Handler));
+        assert_eq!(class("serverCron"), Some(Class::Handler));
         assert_eq!(class("readQueryFromClient"), Some(Class::Io));
         assert_eq!(class("connSocketWrite"), Some(Class::Io));
         assert_eq!(class("pthread_mutex_lock"), Some(Class::Lock));

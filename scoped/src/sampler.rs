@@ -221,7 +221,8 @@ impl Ring {
         let mut tail = unsafe { tail_ptr.read_volatile() };
         let size = (self.len - page) as u64;
         // SAFETY: the data area is the rest of the mapping.
-        let data = unsafe { std::slice::from_raw_parts(self.base.as_ptr().add(page), size as usize) };
+        let data =
+            unsafe { std::slice::from_raw_parts(self.base.as_ptr().add(page), size as usize) };
         let read = |at: u64, n: usize| -> Vec<u8> {
             (0..n as u64)
                 .map(|i| data[((at + i) % size) as usize])
