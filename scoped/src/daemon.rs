@@ -403,6 +403,13 @@ impl Daemon {
             screen_elapsed.as_secs_f64() * 1e3,
             trap_share * 100.0
         ));
+        if self.manager().kernel().config().io_capture
+            && let Some(rate) = profile.io_syscalls_per_second
+        {
+            plan.notes.push(format!(
+                "not in this estimate: IO capture is on, so a session also follows this process's reads and writes ({rate:.0} a second while sampled) to link requests across processes; `scoped --no-io-capture` turns that off"
+            ));
+        }
         plan.notes.push(format!(
             "cost per call = trap (calibrated here: {:.2} µs emulated first instruction, {:.2} µs single-stepped) + programs ({:.2} µs)",
             traps.emulated_ns / 1e3,

@@ -175,10 +175,7 @@ impl Library {
 }
 
 fn any(words: &[String], set: &[&str]) -> Option<String> {
-    words
-        .iter()
-        .find(|w| set.contains(&w.as_str()))
-        .map(Clone::clone)
+    words.iter().find(|w| set.contains(&w.as_str())).cloned()
 }
 
 /// The class of function `name` (demangled) in a library of kind `library`, and the rule
@@ -551,10 +548,15 @@ pub fn candidates(
     }
 
     // What the samples found.
-    let mut hot: Vec<(&(usize, u64), &(u64, u64))> = heat.iter().collect();
-    hot.sort_by(|a, b| b.1.1.cmp(&a.1.1).then(b.1.0.cmp(&a.1.0)).then(a.0.cmp(b.0)));
+    let mut hot: Vec<((usize, u64), (u64, u64))> = heat.into_iter().collect();
+    hot.sort_by(|a, b| {
+        b.1.1
+            .cmp(&a.1.1)
+            .then(b.1.0.cmp(&a.1.0))
+            .then(a.0.cmp(&b.0))
+    });
     let mut cpu = 0usize;
-    for (&(index, address), &samples) in hot {
+    for ((index, address), samples) in hot {
         if taken.contains(&(index, address)) {
             continue;
         }

@@ -97,6 +97,9 @@ pub struct Profile {
     /// Threads sampled, and those that could not be (gone before the event was opened).
     pub threads: usize,
     pub window: Duration,
+    /// Read- and write-family system calls a second over the window (`syscr` + `syscw` of
+    /// `/proc/PID/io`), when readable: what IO capture would follow.
+    pub io_syscalls_per_second: Option<f64>,
 }
 
 impl Profile {
@@ -342,6 +345,7 @@ pub fn sample(pid: u32, window: Duration) -> Result<Profile, SampleError> {
         threads: rings.len(),
         ..Profile::default()
     };
+    let io_before = io_syscalls(pid);
     let started = Instant::now();
     for ring in &rings {
         ring.ioctl(PERF_EVENT_IOC_ENABLE);
@@ -357,7 +361,21 @@ pub fn sample(pid: u32, window: Duration) -> Result<Profile, SampleError> {
         ring.drain(&mut profile);
     }
     profile.window = started.elapsed();
+    profile.io_syscalls_per_second = io_before.zip(io_syscalls(pid)).map(|(before, after)| {
+        after.saturating_sub(before) as f64 / profile.window.as_secs_f64().max(1e-3)
+    });
     Ok(profile)
+}
+
+/// `syscr + syscw` of process `pid`: its read- and write-family system calls so far.
+fn io_syscalls(pid: u32) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    Some(field("syscr:")? + field("syscw:")?)
 }
 
 #[cfg(test)]
