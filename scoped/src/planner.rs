@@ -13,10 +13,13 @@
 //! 3. **Count** the candidates' calls for a moment: the daemon attaches them as a session
 //!    that records nothing (1 call in `u32::MAX` kept) and reads the kernel's per-probe call
 //!    counters. Sampling alone cannot give a call rate (a sample says where time goes, not
-//!    how often a function is entered), and this is cheap: one short run, bounded in time.
-//!    The traps of that run slow a busy thread, which lowers the rates it sees; [`correct`]
-//!    undoes that, assuming the busy threads were CPU-bound (an overestimate when they were
-//!    not, which errs on the side of the budget).
+//!    how often a function is entered). First short screening counts (a quarter of the
+//!    counting window, up to three rounds): a candidate whose cost at the rate seen is over
+//!    the budget alone is out — that rate is a floor, since the traps slowed the thread — and
+//!    is not counted again, so its traps do not hold the others' rates down. Then the rest
+//!    are counted for the whole window. The traps of that run still slow a busy thread;
+//!    [`correct`] undoes that, assuming the busy threads were CPU-bound (an overestimate
+//!    when they were not, which errs on the side of the budget).
 //! 4. **Fit** ([`fit`]): each candidate's cost is its rate × (the trap of its first
 //!    instruction, as `budget::TrapCosts` calibrated it, + the programs' cost per call) —
 //!    the model `--budget` enforces. In rank order (entry points, handlers, I/O, locks,
