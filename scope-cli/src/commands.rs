@@ -61,7 +61,7 @@ pub struct AttachTarget {
     pub count: Option<std::time::Duration>,
     /// Resolve the globs only in this ELF file mapped by the process (its executable
     /// or one of its libraries).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "auto")]
     pub binary: Option<String>,
     /// Do not trace the processes it forks (by default they are followed, and what they
     /// exec is traced with the same globs).

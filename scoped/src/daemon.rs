@@ -492,7 +492,7 @@ impl Daemon {
         spec: &AttachSpec,
         options: PlanOptions,
     ) -> Result<SessionSnapshot, ScopeError> {
-        if !spec.patterns.is_empty() {
+        if !spec.patterns.is_empty() || spec.binary.is_some() {
             return Err(ScopeError::AutoWithPatterns);
         }
         let budget = spec.limits.budget.unwrap_or(DEFAULT_PLAN_BUDGET);

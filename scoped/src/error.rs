@@ -127,7 +127,9 @@ pub enum ScopeError {
         why: String,
     },
 
-    #[error("--auto chooses the functions itself: give either --auto or --func/--usdt, not both")]
+    #[error(
+        "--auto chooses the functions itself (in the executable and its libraries): give either --auto or --func/--usdt/--binary, not both"
+    )]
     AutoWithPatterns,
 
     #[error(
