@@ -89,8 +89,13 @@ pub const MAX_PLAN_PROBES: usize = 16;
 pub const MAX_COUNTED: usize = 48;
 /// Unclassified functions kept as `cpu` candidates: the hottest few by self samples.
 pub const MAX_CPU_CANDIDATES: usize = 4;
-/// An unclassified function is a `cpu` candidate only with at least this share of samples.
+/// An unclassified function is a `cpu` candidate with at least this share of samples
+/// innermost ("hot")...
 pub const MIN_CPU_SHARE: f64 = 0.02;
+/// ...or on at least this share of sampled stacks while innermost in under a fifth of them
+/// ("outer": its time is mostly in what it calls, as a dispatcher's is). Only call chains
+/// the kernel could walk (frame pointers) show this.
+pub const MIN_OUTER_SHARE: f64 = 0.05;
 /// Name-rule entry points and timer handlers of the executable (all its handlers, for a
 /// file) that are candidates without being sampled, at most: entry points wait for
 /// requests more than they compute, timers run a few times a second.
@@ -578,14 +583,24 @@ pub fn candidates(
         );
         let (class, why) = match classify(&function.base_name, view.library) {
             Some((class, why)) => (class, format!("{why}; {position}")),
-            // Hot but unnamed by any rule: where the CPU goes. Not libc's string and memory
-            // functions: called far too often for a trap each.
-            None if view.library != Library::Libc
-                && cpu < MAX_CPU_CANDIDATES
-                && samples.0 as f64 >= MIN_CPU_SHARE * total_samples as f64 =>
-            {
+            // Unnamed by any rule but where the CPU goes, innermost (hot) or around it (outer,
+            // by its position in the call graph). Not libc's string and memory functions:
+            // called far too often for a trap each.
+            None if view.library != Library::Libc && cpu < MAX_CPU_CANDIDATES => {
+                let total = total_samples as f64;
+                let hot = samples.0 as f64 >= MIN_CPU_SHARE * total;
+                let outer =
+                    samples.1 as f64 >= MIN_OUTER_SHARE * total && samples.0 * 5 < samples.1;
+                if !(hot || outer) {
+                    continue;
+                }
                 cpu += 1;
-                (Class::Cpu, format!("hot: {position}"))
+                let kind = if hot {
+                    "hot"
+                } else {
+                    "outer (its time is mostly in its callees)"
+                };
+                (Class::Cpu, format!("{kind}: {position}"))
             }
             None => continue,
         };
@@ -815,6 +830,60 @@ mod tests {
         let chosen: Vec<&str> = plan.chosen().map(|c| c.function.as_str()).collect();
         assert_eq!(chosen, ["PortalRun", "exec_query"]);
         assert!(!plan.functions[2].chosen);
+    }
+
+    /// A request handler of this test binary, for the rules to find.
+    #[inline(never)]
+    fn handle_request(x: u64) -> u64 {
+        std::hint::black_box(x).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (x >> 7)
+    }
+
+    #[inline(never)]
+    fn crunch_numbers(x: u64) -> u64 {
+        (0..64).fold(x, |a, i| std::hint::black_box(a.rotate_left(i) ^ i as u64))
+    }
+
+    #[test]
+    fn candidates_come_from_names_and_from_where_samples_land() {
+        let symbolizer = scope_symbolizer::Symbolizer::new();
+        let exe = std::fs::read_link("/proc/self/exe").unwrap_or_default();
+        let Ok(module) = symbolizer.module(&exe) else {
+            panic!("this test binary is an ELF file: {}", exe.display())
+        };
+        let views = [ModuleView {
+            path: exe.clone(),
+            name: exe
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            module,
+            library: Library::Executable,
+        }];
+        let maps = ProcessMaps::read(std::process::id()).unwrap_or_else(|e| panic!("{e}"));
+        // Every sample innermost in crunch_numbers, called from handle_request.
+        let crunch = crunch_numbers as fn(u64) -> u64 as usize as u64;
+        let handle = handle_request as fn(u64) -> u64 as usize as u64;
+        assert_ne!(handle_request(1), crunch_numbers(1));
+        let profile = Profile {
+            stacks: [(vec![crunch + 2, handle + 5], 100)].into_iter().collect(),
+            samples: 100,
+            ..Profile::default()
+        };
+        let found = candidates(&views, Some((&maps, &profile)), &[]);
+        let by_suffix = |suffix: &str| {
+            found
+                .iter()
+                .find(|c| c.function.ends_with(suffix))
+                .unwrap_or_else(|| panic!("no candidate {suffix}: {found:#?}"))
+        };
+        let handler = by_suffix("::handle_request");
+        assert_eq!(handler.class, Class::Entry);
+        assert_eq!((handler.self_samples, handler.stack_samples), (0, 100));
+        let hot = by_suffix("::crunch_numbers");
+        assert_eq!(hot.class, Class::Cpu);
+        assert_eq!((hot.self_samples, hot.stack_samples), (100, 100));
+        assert!(hot.why.starts_with("hot"), "{}", hot.why);
+        assert!(hot.pattern().ends_with(&format!("!{}", hot.symbol)));
     }
 
     #[test]
