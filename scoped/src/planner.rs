@@ -365,10 +365,13 @@ impl Candidate {
         self.calls_per_second.map(|r| r * self.ns_per_call)
     }
 
-    fn rank(&self) -> (Class, bool, std::cmp::Reverse<u64>, std::cmp::Reverse<u64>) {
+    /// Rank order: by class; a known server's entry point first; then the ones seen called
+    /// (a function not called now can wait for the slots left); then the most sampled.
+    fn rank(&self) -> (Class, bool, bool, std::cmp::Reverse<u64>, std::cmp::Reverse<u64>) {
         (
             self.class,
             !self.known_entry,
+            !self.calls_per_second.is_some_and(|r| r > 0.0),
             std::cmp::Reverse(self.stack_samples),
             std::cmp::Reverse(self.self_samples),
         )
@@ -642,7 +645,7 @@ pub fn fit(mut candidates: Vec<Candidate>, budget: f64, max_probes: usize) -> Pr
     for candidate in candidates {
         let percent = |ns: f64| ns / 1e7;
         let (take, verdict) = match candidate.cost_ns() {
-            _ if chosen >= max_probes => (
+            None if chosen >= max_probes => (
                 false,
                 format!("left out: the plan already has {max_probes} probes"),
             ),
@@ -671,6 +674,10 @@ pub fn fit(mut candidates: Vec<Candidate>, budget: f64, max_probes: usize) -> Pr
                     percent(spent + cost),
                     percent(budget_ns)
                 ),
+            ),
+            Some(_) if chosen >= max_probes => (
+                false,
+                format!("left out: the plan already has {max_probes} probes"),
             ),
             Some(cost) => {
                 spent += cost;
