@@ -367,7 +367,15 @@ impl Candidate {
 
     /// Rank order: by class; a known server's entry point first; then the ones seen called
     /// (a function not called now can wait for the slots left); then the most sampled.
-    fn rank(&self) -> (Class, bool, bool, std::cmp::Reverse<u64>, std::cmp::Reverse<u64>) {
+    fn rank(
+        &self,
+    ) -> (
+        Class,
+        bool,
+        bool,
+        std::cmp::Reverse<u64>,
+        std::cmp::Reverse<u64>,
+    ) {
         (
             self.class,
             !self.known_entry,
