@@ -373,7 +373,15 @@ impl Daemon {
             })
             .count()
             .max(1);
+        // A thread with room to spare (busy less than 1 − share untraced) absorbs the traps
+        // and keeps its callers' pace: no correction. One that had none was slowed.
+        let busy = profile.busiest_thread_share();
         let trap_share = trap_cpu / busy_threads as f64;
+        let trap_share = if busy + trap_share >= 1.0 {
+            trap_share
+        } else {
+            0.0
+        };
         for candidate in &mut rest {
             let (rate, floor) = planner::correct(counted.rate(candidate), trap_share);
             candidate.calls_per_second = Some(rate);
@@ -396,7 +404,7 @@ impl Daemon {
             profile.busiest_thread_share() * 100.0
         ));
         plan.notes.push(format!(
-            "counted calls of {} candidate{} for {:.0} ms ({screened_out} more over the budget alone in {:.0} ms of screening); rates corrected for the counting run's own traps ({:.1}% of a busy thread)",
+            "counted calls of {} candidate{} for {:.0} ms ({screened_out} more over the budget alone in {:.0} ms of screening); rates corrected for the counting run's own traps ({:.1}% of a busy thread; 0 when the busiest thread had room for them)",
             counted.probes,
             if counted.probes == 1 { "" } else { "s" },
             counted.elapsed.as_secs_f64() * 1e3,

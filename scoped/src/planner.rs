@@ -17,9 +17,11 @@
 //!    counting window, up to three rounds): a candidate whose cost at the rate seen is over
 //!    the budget alone is out — that rate is a floor, since the traps slowed the thread — and
 //!    is not counted again, so its traps do not hold the others' rates down. Then the rest
-//!    are counted for the whole window. The traps of that run still slow a busy thread;
-//!    [`correct`] undoes that, assuming the busy threads were CPU-bound (an overestimate
-//!    when they were not, which errs on the side of the budget).
+//!    are counted for the whole window. The traps of that run still slow a thread that had
+//!    no room for them (busy, in the sampling window, more than 1 − their share of its
+//!    time); [`correct`] undoes that for such a process, assuming its calls are paced by
+//!    its CPU (an overestimate for calls paced otherwise, timers say, which errs on the side
+//!    of the budget).
 //! 4. **Fit** ([`fit`]): each candidate's cost is its rate × (the trap of its first
 //!    instruction, as `budget::TrapCosts` calibrated it, + the programs' cost per call) —
 //!    the model `--budget` enforces. In rank order (entry points, handlers, I/O, locks,
