@@ -39,7 +39,8 @@ pub struct AttachTarget {
         long = "func",
         short,
         value_name = "GLOB",
-        required_unless_present = "usdt"
+        required_unless_present_any = ["usdt", "auto"],
+        conflicts_with = "auto"
     )]
     pub functions: Vec<String>,
     /// USDT probes to trace, `PROVIDER:NAME` (globs; `scope analyze --pid PID` lists them):
@@ -47,11 +48,22 @@ pub struct AttachTarget {
     /// Both sites of a pair (`X__start` and `X__done`, `X__entry` and `X__return`) make one
     /// span `PROVIDER:X` with a duration; PostgreSQL's queries carry their SQL, Python's
     /// calls their `file:function:line`. Repeat for more.
-    #[arg(long, value_name = "PROVIDER:NAME")]
+    #[arg(long, value_name = "PROVIDER:NAME", conflicts_with = "auto")]
     pub usdt: Vec<String>,
+    /// Choose the functions: scoped samples the process, counts its candidates' calls and
+    /// attaches the plan that fits --budget (1% without one), keeping that budget while it
+    /// runs (`scope analyze --pid PID` shows the plan without attaching).
+    #[arg(long)]
+    pub auto: bool,
+    /// With --auto: how long to sample where the process spends its CPU (default 1s).
+    #[arg(long, value_name = "DURATION", value_parser = crate::duration::parse_duration, requires = "auto")]
+    pub window: Option<std::time::Duration>,
+    /// With --auto: how long to count the candidates' calls (default 200ms).
+    #[arg(long, value_name = "DURATION", value_parser = crate::duration::parse_duration, requires = "auto")]
+    pub count: Option<std::time::Duration>,
     /// Resolve the globs only in this ELF file mapped by the process (its executable
     /// or one of its libraries).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "auto")]
     pub binary: Option<String>,
     /// Do not trace the processes it forks (by default they are followed, and what they
     /// exec is traced with the same globs).
@@ -70,8 +82,15 @@ pub struct AttachTarget {
     pub budget: Option<f64>,
 }
 
+/// A duration as the milliseconds a request carries (0: the daemon's default).
+pub fn millis(duration: Option<std::time::Duration>) -> u32 {
+    duration.map_or(0, |d| {
+        u32::try_from(d.as_millis()).unwrap_or(u32::MAX).max(1)
+    })
+}
+
 /// `1%`, `0.5%` or `2` (percent either way).
-fn parse_percent(text: &str) -> std::result::Result<f64, String> {
+pub fn parse_percent(text: &str) -> std::result::Result<f64, String> {
     let number = text.trim().trim_end_matches('%').trim();
     match number.parse::<f64>() {
         Ok(value) if value.is_finite() && value > 0.0 => Ok(value),
@@ -99,6 +118,9 @@ pub async fn attach_session(client: &Client, target: &AttachTarget) -> Result<Se
             sample_every: target.sample_every,
             max_rate: target.max_rate.unwrap_or(0),
             budget_percent: target.budget.unwrap_or(0.0),
+            auto: target.auto,
+            window_ms: millis(target.window),
+            count_ms: millis(target.count),
         })
         .await
         .map_err(|status| client.error(status))?
@@ -179,19 +201,30 @@ pub async fn sessions(client: &Client, out: &mut impl Write, json: bool) -> Resu
     }
 }
 
+/// What `scope analyze` asks for.
+pub struct AnalyzeArgs {
+    pub pid: u32,
+    pub binary: Option<String>,
+    pub budget: Option<f64>,
+    pub window: Option<std::time::Duration>,
+    pub count: Option<std::time::Duration>,
+}
+
 pub async fn analyze(
     client: &Client,
     out: &mut impl Write,
-    pid: u32,
-    binary: Option<String>,
+    args: AnalyzeArgs,
     json: bool,
 ) -> Result<()> {
     let response = client
         .rpc
         .clone()
         .analyze(AnalyzeRequest {
-            pid,
-            binary: binary.unwrap_or_default(),
+            pid: args.pid,
+            binary: args.binary.unwrap_or_default(),
+            budget_percent: args.budget.unwrap_or(0.0),
+            window_ms: millis(args.window),
+            count_ms: millis(args.count),
         })
         .await
         .map_err(|status| client.error(status))?

@@ -267,7 +267,9 @@ enum Command {
         json: bool,
     },
     /// What a binary is and runs on: language and toolchain, build id, stripped, DWARF, PIE,
-    /// libraries, runtimes and known servers, USDT probes, request entry points.
+    /// libraries, runtimes and known servers, USDT probes, request entry points, its functions
+    /// by class, and a probe plan that fits --budget (for a live process measured: it is
+    /// sampled for --window and its candidates' calls counted for --count).
     Analyze {
         /// A live process: its executable, as it sees it.
         #[arg(
@@ -280,6 +282,15 @@ enum Command {
         /// An ELF file.
         #[arg(long, value_name = "PATH")]
         binary: Option<String>,
+        /// The budget the probe plan fits, a share of one CPU (default 1%).
+        #[arg(long, value_name = "PERCENT", value_parser = commands::parse_percent)]
+        budget: Option<f64>,
+        /// For a process: how long to sample where it spends its CPU (default 1s).
+        #[arg(long, value_name = "DURATION", value_parser = duration::parse_duration, requires = "pid")]
+        window: Option<std::time::Duration>,
+        /// For a process: how long to count the candidates' calls (default 200ms).
+        #[arg(long, value_name = "DURATION", value_parser = duration::parse_duration, requires = "pid")]
+        count: Option<std::time::Duration>,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -465,8 +476,22 @@ async fn run(cli: Cli) -> Result<()> {
         } => traces::show(&client, &addrs, &credentials, &mut out, trace_id, json).await?,
         Command::Ps { json } => traces::ps(&client, &mut out, json).await?,
         Command::Status { json } => commands::status(&client, &mut out, json).await?,
-        Command::Analyze { pid, binary, json } => {
-            commands::analyze(&client, &mut out, pid.unwrap_or(0), binary, json).await?
+        Command::Analyze {
+            pid,
+            binary,
+            budget,
+            window,
+            count,
+            json,
+        } => {
+            let args = commands::AnalyzeArgs {
+                pid: pid.unwrap_or(0),
+                binary,
+                budget,
+                window,
+                count,
+            };
+            commands::analyze(&client, &mut out, args, json).await?
         }
     }
     out.flush()?;

@@ -4,7 +4,8 @@
 use std::collections::BTreeMap;
 
 use scope_proto::v1::{
-    AnalyzeResponse, DetachResponse, Frame, Probe, Session, Span, StatusResponse, Throttle,
+    AnalyzeResponse, DetachResponse, Frame, Probe, ProbePlan, Session, Span, StatusResponse,
+    Throttle,
 };
 use serde::Serialize;
 
@@ -367,6 +368,10 @@ pub fn sessions_lines(sessions: &[Session]) -> Vec<String> {
             lines.push(format!("session {}: {}", s.id, limits.join("; ")));
         }
         lines.extend(s.throttled.iter().map(throttle_line));
+        if let Some(plan) = &s.plan {
+            lines.push(format!("session {} (--auto):", s.id));
+            lines.extend(plan_lines(plan));
+        }
     }
     lines
 }
@@ -408,6 +413,9 @@ pub fn attach_lines(session: &Session) -> Vec<String> {
         ])
         .render(&rows),
     );
+    if let Some(plan) = &session.plan {
+        lines.extend(plan_lines(plan));
+    }
     lines.push(format!(
         "see its calls with `scope calls --session {id}`; stop with `scope detach {id}`",
         id = session.id
@@ -516,9 +524,133 @@ pub fn analyze_lines(a: &AnalyzeResponse) -> Vec<String> {
                 .map(|e| vec![format!("  {}", e.function), e.reason.clone()]),
         );
     }
+    if !a.classes.is_empty() {
+        rows.push(vec![
+            "functions by class".into(),
+            a.classes
+                .iter()
+                .map(|c| format!("{} {}", c.class, c.functions))
+                .collect::<Vec<_>>()
+                .join(", "),
+        ]);
+    }
     let mut table = Table::new(&[("", false), ("", false)]);
     table.fit(&rows);
-    rows.iter().map(|r| table.line(r)).collect()
+    let mut lines: Vec<String> = rows.iter().map(|r| table.line(r)).collect();
+    if let Some(plan) = &a.plan {
+        lines.push(String::new());
+        lines.extend(plan_lines(plan));
+    }
+    lines
+}
+
+/// A probe plan: the chosen functions and the ones left out, with why.
+pub fn plan_lines(plan: &ProbePlan) -> Vec<String> {
+    let chosen = plan.functions.iter().filter(|f| f.chosen).count();
+    let mut lines = vec![format!(
+        "probe plan for a budget of {}% of a CPU: {chosen} function{}, estimated {}",
+        plan.budget_percent,
+        if chosen == 1 { "" } else { "s" },
+        if plan.count_ms > 0 {
+            format!("{:.3}%", plan.predicted_percent)
+        } else {
+            "cost unknown".to_owned()
+        }
+    )];
+    let rows: Vec<Vec<String>> = plan
+        .functions
+        .iter()
+        .map(|f| {
+            vec![
+                format!("  {}", if f.chosen { "yes" } else { "no" }),
+                f.function.clone(),
+                f.class.clone(),
+                if f.measured {
+                    format!("{:.0}", f.calls_per_second)
+                } else {
+                    "-".to_owned()
+                },
+                if f.measured {
+                    format!("{:.3}%", f.cost_percent)
+                } else {
+                    "-".to_owned()
+                },
+                f.reason.clone(),
+            ]
+        })
+        .collect();
+    lines.extend(
+        Table::new(&[
+            ("  CHOSEN", false),
+            ("FUNCTION", false),
+            ("CLASS", false),
+            ("CALLS/S", true),
+            ("COST", true),
+            ("WHY", false),
+        ])
+        .render(&rows),
+    );
+    lines.extend(plan.notes.iter().map(|n| format!("  note: {n}")));
+    lines
+}
+
+/// A probe plan, as JSON.
+#[derive(Serialize)]
+pub struct PlanJson<'a> {
+    pub budget_percent: f64,
+    pub predicted_percent: f64,
+    pub window_ms: u64,
+    pub samples: u64,
+    pub count_ms: u64,
+    pub functions: Vec<PlannedJson<'a>>,
+    pub notes: &'a [String],
+}
+
+#[derive(Serialize)]
+pub struct PlannedJson<'a> {
+    pub function: &'a str,
+    pub module: &'a str,
+    pub class: &'a str,
+    pub chosen: bool,
+    pub measured: bool,
+    pub calls_per_second: f64,
+    pub ns_per_call: f64,
+    pub cost_percent: f64,
+    pub self_samples: u64,
+    pub stack_samples: u64,
+    pub pattern: &'a str,
+    pub reason: &'a str,
+}
+
+impl<'a> From<&'a ProbePlan> for PlanJson<'a> {
+    fn from(p: &'a ProbePlan) -> Self {
+        Self {
+            budget_percent: p.budget_percent,
+            predicted_percent: p.predicted_percent,
+            window_ms: p.window_ms,
+            samples: p.samples,
+            count_ms: p.count_ms,
+            functions: p
+                .functions
+                .iter()
+                .map(|f| PlannedJson {
+                    function: &f.function,
+                    module: &f.module,
+                    class: &f.class,
+                    chosen: f.chosen,
+                    measured: f.measured,
+                    calls_per_second: f.calls_per_second,
+                    ns_per_call: f.ns_per_call,
+                    cost_percent: f.cost_percent,
+                    self_samples: f.self_samples,
+                    stack_samples: f.stack_samples,
+                    pattern: &f.pattern,
+                    reason: &f.reason,
+                })
+                .collect(),
+            notes: &p.notes,
+        }
+    }
 }
 
 /// `scope analyze --json`.
@@ -537,6 +669,9 @@ pub struct AnalyzeJson<'a> {
     pub functions: u32,
     pub usdt: &'a [String],
     pub entry_points: Vec<EntryPointJson<'a>>,
+    /// Function counts by class.
+    pub classes: BTreeMap<&'a str, u32>,
+    pub plan: Option<PlanJson<'a>>,
 }
 
 #[derive(Serialize)]
@@ -568,6 +703,12 @@ impl<'a> From<&'a AnalyzeResponse> for AnalyzeJson<'a> {
                     reason: &e.reason,
                 })
                 .collect(),
+            classes: a
+                .classes
+                .iter()
+                .map(|c| (c.class.as_str(), c.functions))
+                .collect(),
+            plan: a.plan.as_ref().map(PlanJson::from),
         }
     }
 }
@@ -805,6 +946,8 @@ pub struct SessionJson<'a> {
     pub follow: bool,
     pub pids: &'a [u32],
     pub probes: Vec<ProbeJson<'a>>,
+    /// The plan an `--auto` session applied.
+    pub plan: Option<PlanJson<'a>>,
 }
 
 /// A probe the overhead budget sampled or detached.
@@ -874,6 +1017,7 @@ impl<'a> From<&'a Session> for SessionJson<'a> {
             follow: s.follow,
             pids: &s.pids,
             probes: s.probes.iter().map(ProbeJson::from).collect(),
+            plan: s.plan.as_ref().map(PlanJson::from),
         }
     }
 }

@@ -3,14 +3,18 @@
 //! DWARF, PIE, the libraries it needs, the runtimes and known servers it is, its USDT
 //! probes, and the functions where a known server handles a request.
 //!
-//! Not yet here (issue 6): call rates measured by sampling, a classification of every
-//! function, and a probe plan fitted to a budget.
+//! It also counts the executable's functions by the planner's classes (`planner::classify`);
+//! the probe plan itself is the planner's (`planner.rs`), from these facts and, for a live
+//! process, from measurements.
 
 use std::path::{Path, PathBuf};
 
 use scope_symbolizer::{Module, Symbolizer};
 
-use crate::error::ScopeError;
+use crate::{
+    error::ScopeError,
+    planner::{self, Class, Library},
+};
 
 /// What `scope analyze` reports about one ELF file.
 #[derive(Clone, Debug, PartialEq)]
@@ -33,6 +37,8 @@ pub struct Analysis {
     pub usdt: Vec<String>,
     /// Functions where a request starts, for the servers it recognises, with why.
     pub entry_points: Vec<(String, String)>,
+    /// How many of the executable's functions each class of the planner's rules has.
+    pub classes: Vec<(Class, usize)>,
 }
 
 /// A server scope recognises, and where it handles a request.
@@ -85,6 +91,15 @@ pub fn binary(
     path: &Path,
     root: Option<&Path>,
 ) -> Result<Analysis, ScopeError> {
+    binary_and_module(symbolizer, path, root).map(|(analysis, _)| analysis)
+}
+
+/// [`binary`], and the parsed module (for the planner).
+pub fn binary_and_module(
+    symbolizer: &Symbolizer,
+    path: &Path,
+    root: Option<&Path>,
+) -> Result<(Analysis, std::sync::Arc<Module>), ScopeError> {
     let module = match root {
         Some(root) => symbolizer.module_in_root(path, root),
         None => symbolizer.module(path),
@@ -93,7 +108,7 @@ pub fn binary(
         path: path.to_owned(),
         source,
     })?;
-    Ok(of(&module, path))
+    Ok((of(&module, path), module))
 }
 
 fn of(module: &Module, path: &Path) -> Analysis {
@@ -175,6 +190,16 @@ fn of(module: &Module, path: &Path) -> Analysis {
         }
     }
 
+    let mut classes: Vec<(Class, usize)> = Class::ALL.iter().map(|&c| (c, 0)).collect();
+    for function in functions {
+        if let Some((class, _)) = planner::classify(&function.base_name, Library::Executable)
+            && let Some(count) = classes.iter_mut().find(|(c, _)| *c == class)
+        {
+            count.1 += 1;
+        }
+    }
+    classes.retain(|&(c, n)| n > 0 && c != Class::Cpu);
+
     Analysis {
         path: path.to_owned(),
         language,
@@ -194,5 +219,6 @@ fn of(module: &Module, path: &Path) -> Analysis {
             .map(|p| format!("{}:{}", p.provider, p.name))
             .collect(),
         entry_points,
+        classes,
     }
 }

@@ -1,7 +1,12 @@
 //! The gRPC service `scope.v1.Scope`: validates and converts wire types, calls [`Daemon`],
 //! converts the answer back. No business logic lives here.
 
-use std::{path::PathBuf, pin::Pin, sync::Arc, time::UNIX_EPOCH};
+use std::{
+    path::PathBuf,
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, UNIX_EPOCH},
+};
 
 use scope_common::{ProbeCounters, io_op, stream_kind};
 use scope_proto::v1 as pb;
@@ -12,7 +17,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     access::Caller,
     budget::{Action, Throttle},
-    daemon::{Daemon, SessionSnapshot, StatusSnapshot},
+    daemon::{Daemon, MAX_PLAN_WINDOW, PlanOptions, SessionSnapshot, StatusSnapshot},
     error::ScopeError,
     export::{
         self, StreamFormat,
@@ -22,6 +27,7 @@ use crate::{
     glob::Glob,
     model::{Io, Span, TraceId},
     pipeline::WatchFilter,
+    planner::ProbePlan,
     probes::{Limits, ProbeInfo},
     resolve::AttachSpec,
     store::{self, FunctionStats, SpanQuery, TraceQuery},
@@ -79,9 +85,18 @@ impl pb::scope_server::Scope for ScopeService {
         request: Request<pb::AttachRequest>,
     ) -> Result<Response<pb::AttachResponse>, Status> {
         let caller = Caller::of(&request)?;
-        let spec = attach_spec(request.into_inner())?;
+        let request = request.into_inner();
+        let auto = request
+            .auto
+            .then(|| plan_options(request.budget_percent, request.window_ms, request.count_ms))
+            .transpose()?;
+        let spec = attach_spec(request)?;
         let daemon = Arc::clone(&self.daemon);
-        let session = blocking(move || daemon.attach(&caller, &spec)).await??;
+        let session = blocking(move || match auto {
+            Some(options) => daemon.attach_auto(&caller, &spec, options),
+            None => daemon.attach(&caller, &spec),
+        })
+        .await??;
         Ok(Response::new(pb::AttachResponse {
             session: Some(session.into()),
         }))
@@ -504,9 +519,11 @@ impl pb::scope_server::Scope for ScopeService {
                 return Err(Status::invalid_argument("give a pid or a binary, not both"));
             }
         };
+        let options = plan_options(request.budget_percent, request.window_ms, request.count_ms)?;
         let daemon = Arc::clone(&self.daemon);
         let pid = request.pid;
-        let analysis = blocking(move || daemon.analyze(&caller, pid, binary.as_deref())).await??;
+        let (analysis, plan) =
+            blocking(move || daemon.analyze(&caller, pid, binary.as_deref(), options)).await??;
         Ok(Response::new(pb::AnalyzeResponse {
             path: analysis.path.display().to_string(),
             language: analysis.language.to_owned(),
@@ -525,6 +542,15 @@ impl pb::scope_server::Scope for ScopeService {
                 .map(|(function, reason)| pb::EntryPoint { function, reason })
                 .collect(),
             pid,
+            classes: analysis
+                .classes
+                .iter()
+                .map(|&(class, functions)| pb::ClassCount {
+                    class: class.name().to_owned(),
+                    functions: u32::try_from(functions).unwrap_or(u32::MAX),
+                })
+                .collect(),
+            plan: Some(plan_to_wire(&plan)),
         }))
     }
 
@@ -740,6 +766,72 @@ fn attach_spec(request: pb::AttachRequest) -> Result<AttachSpec, Status> {
     })
 }
 
+/// Plan options from a request: `budget_percent` 0 means the default budget, window and
+/// count 0 their defaults.
+fn plan_options(budget_percent: f64, window_ms: u32, count_ms: u32) -> Result<PlanOptions, Status> {
+    if !(budget_percent.is_finite() && (0.0..=MAX_BUDGET_PERCENT).contains(&budget_percent)) {
+        return Err(Status::invalid_argument(format!(
+            "budget_percent {budget_percent} is not a share of CPU: give a percentage above 0 (e.g. 1 for 1% of one CPU), or 0 for the default"
+        )));
+    }
+    let defaults = PlanOptions::default();
+    let window = |ms: u32, default: Duration, what: &str| {
+        let window = if ms == 0 {
+            default
+        } else {
+            Duration::from_millis(u64::from(ms))
+        };
+        if window > MAX_PLAN_WINDOW {
+            return Err(Status::invalid_argument(format!(
+                "{what} of {ms} ms is too long: at most {} s",
+                MAX_PLAN_WINDOW.as_secs()
+            )));
+        }
+        Ok(window)
+    };
+    Ok(PlanOptions {
+        budget: if budget_percent > 0.0 {
+            budget_percent / 100.0
+        } else {
+            defaults.budget
+        },
+        window: window(window_ms, defaults.window, "a sampling window")?,
+        count: window(count_ms, defaults.count, "a counting run")?,
+    })
+}
+
+fn plan_to_wire(plan: &ProbePlan) -> pb::ProbePlan {
+    pb::ProbePlan {
+        budget_percent: plan.budget * 100.0,
+        predicted_percent: plan.predicted * 100.0,
+        window_ms: plan.window_ms,
+        samples: plan.samples,
+        count_ms: plan.count_ms,
+        functions: plan
+            .functions
+            .iter()
+            .map(|p| {
+                let c = &p.candidate;
+                pb::PlannedFunction {
+                    function: c.function.clone(),
+                    module: c.module.display().to_string(),
+                    class: c.class.name().to_owned(),
+                    reason: p.reason.clone(),
+                    measured: c.calls_per_second.is_some(),
+                    calls_per_second: c.calls_per_second.unwrap_or(0.0),
+                    ns_per_call: c.ns_per_call,
+                    cost_percent: c.cost_ns().map_or(0.0, |ns| ns / 1e7),
+                    chosen: p.chosen,
+                    self_samples: c.self_samples,
+                    stack_samples: c.stack_samples,
+                    pattern: c.pattern(),
+                }
+            })
+            .collect(),
+        notes: plan.notes.clone(),
+    }
+}
+
 fn throttle_to_wire(throttle: &Throttle) -> pb::Throttle {
     let (action, sample_every) = match throttle.action {
         Action::Sample(every) => ("sampled", every),
@@ -814,6 +906,7 @@ impl From<SessionSnapshot> for pb::Session {
             throttled: session.throttled.iter().map(throttle_to_wire).collect(),
             sampled_out: session.sampled_out,
             rate_limited: session.rate_limited,
+            plan: session.plan.as_deref().map(plan_to_wire),
         }
     }
 }

@@ -14,12 +14,13 @@ use scope_symbolizer::{Frame, Module, ProcessMaps, Symbolizer};
 
 use crate::{
     access::{self, Caller},
-    budget::{Budgets, Throttle},
+    budget::{self, Budgets, Throttle},
     ebpf::ProgramPair,
     error::ScopeError,
     export::otlp::ExporterCounters,
     model::{IdScheme, Io, Probe, Span, TraceId, monotonic_ns, now_unix_ns},
     pipeline::{Pipeline, Subscription, WatchFilter},
+    planner::{self, Candidate, Library, ModuleView, ProbePlan},
     probes::{Limits, ProbeInfo, ProbeManager, Session, Terms, Tracing, release},
     procfs::ProcessInfo,
     resolve::{self, AttachSpec, Plan},
@@ -50,6 +51,8 @@ pub struct SessionSnapshot {
     /// Estimated cost, a share of one CPU (measured only under a budget).
     pub overhead: Option<f64>,
     pub throttled: Vec<Throttle>,
+    /// The plan an `--auto` session applied.
+    pub plan: Option<Arc<ProbePlan>>,
 }
 
 impl SessionSnapshot {
@@ -83,6 +86,42 @@ impl SessionSnapshot {
                 .filter(|t| t.session_id == session.id)
                 .cloned()
                 .collect(),
+            plan: None,
+        }
+    }
+}
+
+/// How to plan probes (`scope analyze`, `scope attach --auto`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PlanOptions {
+    /// The budget to fit, a share of one CPU.
+    pub budget: f64,
+    /// How long to sample where the process spends its CPU time.
+    pub window: Duration,
+    /// How long to count the candidates' calls.
+    pub count: Duration,
+}
+
+/// The budget a plan fits when none is given: 1% of a CPU.
+pub const DEFAULT_PLAN_BUDGET: f64 = 0.01;
+/// Sampling long enough for a busy thread's 1,000 samples.
+pub const DEFAULT_PLAN_WINDOW: Duration = Duration::from_secs(1);
+/// Counting long enough for rates of a few calls a second to show, short enough that a
+/// candidate too hot to probe costs its process only this long.
+pub const DEFAULT_PLAN_COUNT: Duration = Duration::from_millis(200);
+/// The shortest screening count (a quarter of the counting window otherwise).
+const MIN_SCREEN: Duration = Duration::from_millis(20);
+/// Screening rounds at most before the counting run.
+const SCREEN_ROUNDS: usize = 3;
+/// The longest sampling or counting window a request may ask for.
+pub const MAX_PLAN_WINDOW: Duration = Duration::from_secs(30);
+
+impl Default for PlanOptions {
+    fn default() -> Self {
+        PlanOptions {
+            budget: DEFAULT_PLAN_BUDGET,
+            window: DEFAULT_PLAN_WINDOW,
+            count: DEFAULT_PLAN_COUNT,
         }
     }
 }
@@ -134,6 +173,8 @@ pub struct Daemon {
     budgets: Mutex<Budgets>,
     /// Things Watch clients should hear about (a probe the budget throttled).
     warnings: tokio::sync::broadcast::Sender<String>,
+    /// The plans `--auto` sessions applied, by session id.
+    plans: Mutex<HashMap<u64, Arc<ProbePlan>>>,
 }
 
 impl Daemon {
@@ -158,7 +199,14 @@ impl Daemon {
             settings,
             budgets: Mutex::new(Budgets::default()),
             warnings: tokio::sync::broadcast::channel(64).0,
+            plans: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn plans(&self) -> MutexGuard<'_, HashMap<u64, Arc<ProbePlan>>> {
+        self.plans
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn budgets(&self) -> MutexGuard<'_, Budgets> {
@@ -179,18 +227,37 @@ impl Daemon {
         self.manager().release_idle_io();
     }
 
-    /// `scope analyze` of a live process's executable (`pid`) or of a file. A non-root caller
-    /// may analyze a process it could trace, or a file it could read. Blocking.
+    /// `scope analyze` of a live process's executable (`pid`) or of a file, with a probe plan
+    /// fitted to `options.budget`: for a process, from where its CPU time goes and its
+    /// candidates' call rates (measured: this takes `options.window + options.count`); for a
+    /// file, by the rules alone. A non-root caller may analyze a process it could trace, or a
+    /// file it could read. Blocking.
     pub fn analyze(
         &self,
         caller: &Caller,
         pid: u32,
         binary: Option<&std::path::Path>,
-    ) -> Result<crate::analyze::Analysis, ScopeError> {
+        options: PlanOptions,
+    ) -> Result<(crate::analyze::Analysis, ProbePlan), ScopeError> {
         match binary {
             Some(path) => {
                 caller.check_readable(path)?;
-                crate::analyze::binary(&self.symbolizer, path, None)
+                let (analysis, module) =
+                    crate::analyze::binary_and_module(&self.symbolizer, path, None)?;
+                let views = [ModuleView {
+                    path: path.to_owned(),
+                    name: file_name(path),
+                    module,
+                    library: Library::Executable,
+                }];
+                let candidates = planner::candidates(&views, None, &analysis.entry_points);
+                let mut plan = planner::fit(candidates, options.budget, planner::MAX_PLAN_PROBES);
+                plan.notes.push(
+                    "a file, not a process: candidates ranked by the rules alone (known entry points, then names); \
+                     no call rates, so no costs — analyze a running process (--pid) to fit the budget"
+                        .to_owned(),
+                );
+                Ok((analysis, plan))
             }
             None => {
                 if pid == 0 {
@@ -200,9 +267,274 @@ impl Daemon {
                 let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
                     .map_err(|_| ScopeError::NoSuchProcess { pid })?;
                 let root = std::path::PathBuf::from(format!("/proc/{pid}/root"));
-                crate::analyze::binary(&self.symbolizer, &exe, Some(&root))
+                let analysis = crate::analyze::binary(&self.symbolizer, &exe, Some(&root))?;
+                let plan = self.plan_process(caller, pid, &analysis, options)?;
+                Ok((analysis, plan))
             }
         }
+    }
+
+    /// Plans probes for live process `pid`: samples it, counts its candidates' calls, fits
+    /// the budget (see `planner.rs` for the estimator). Blocking.
+    fn plan_process(
+        &self,
+        caller: &Caller,
+        pid: u32,
+        analysis: &crate::analyze::Analysis,
+        options: PlanOptions,
+    ) -> Result<ProbePlan, ScopeError> {
+        let (traps, program_ns) = {
+            let mut manager = self.manager();
+            let mut budgets = self.budgets();
+            budgets.prepare(manager.kernel_mut())?;
+            (budgets.trap_costs(), budgets.program_ns())
+        };
+        let traps = traps.ok_or_else(|| ScopeError::Calibration {
+            why: "the trap costs were not measured".to_owned(),
+        })?;
+        let maps = ProcessMaps::read(pid).map_err(|source| match ProcessInfo::read(pid) {
+            None => ScopeError::NoSuchProcess { pid },
+            Some(_) => ScopeError::ProcessMaps { pid, source },
+        })?;
+        let root = std::path::PathBuf::from(format!("/proc/{pid}/root"));
+        let mut views = Vec::new();
+        for mapping in maps.executable_modules(pid) {
+            match self.symbolizer.module_in_root(&mapping.open_path, &root) {
+                Ok(module) => {
+                    let path = std::path::PathBuf::from(&mapping.path);
+                    let name = file_name(&path);
+                    views.push(ModuleView {
+                        library: Library::of(&name, mapping.is_main),
+                        path,
+                        name,
+                        module,
+                    });
+                }
+                Err(source) if mapping.is_main => {
+                    return Err(ScopeError::NotElf {
+                        path: mapping.path.into(),
+                        source,
+                    });
+                }
+                Err(_) => {}
+            }
+        }
+        let profile = crate::sampler::sample(pid, options.window)
+            .map_err(|source| ScopeError::Sample { pid, source })?;
+        let mut candidates =
+            planner::candidates(&views, Some((&maps, &profile)), &analysis.entry_points);
+        planner::keep_for_counting(&mut candidates);
+        for candidate in &mut candidates {
+            let view = views.iter().find(|v| v.path == candidate.module);
+            let code = view
+                .and_then(|v| v.module.vaddr_to_file_offset(candidate.address))
+                .map(|offset| {
+                    budget::first_instruction(pid, &candidate.module.display().to_string(), offset)
+                })
+                .unwrap_or_default();
+            candidate.ns_per_call = traps.per_call(&code) + program_ns;
+        }
+        // Screening: short counts of the candidates. One whose cost at the rate seen — a
+        // floor, as the traps slowed the thread — is over the budget alone is out, and is not
+        // counted again, so its traps do not hold the others' rates down; again, as the
+        // rates of the rest rise once the hottest are gone.
+        let screen_for = (options.count / 4).max(MIN_SCREEN);
+        let budget_ns = options.budget * 1e9;
+        let mut rest = candidates;
+        let mut screened: Vec<Candidate> = Vec::new();
+        let mut screen_elapsed = Duration::ZERO;
+        for _ in 0..SCREEN_ROUNDS {
+            let screen = self.count_calls(caller, pid, &rest, screen_for)?;
+            screen_elapsed += screen.elapsed;
+            let (out, kept): (Vec<Candidate>, Vec<Candidate>) = rest
+                .into_iter()
+                .partition(|c| screen.rate(c) * c.ns_per_call > budget_ns);
+            rest = kept;
+            let done = out.is_empty();
+            screened.extend(out.into_iter().map(|mut c| {
+                c.calls_per_second = Some(screen.rate(&c));
+                c.floor = true;
+                c
+            }));
+            if done {
+                break;
+            }
+        }
+        let counted = self.count_calls(caller, pid, &rest, options.count)?;
+        // The counting run's traps, as a share of a busy thread's time (see planner::correct).
+        let trap_cpu: f64 = rest
+            .iter()
+            .map(|c| counted.rate(c) * c.ns_per_call / 1e9)
+            .sum();
+        let busy_threads = profile
+            .per_thread
+            .values()
+            .filter(|&&n| {
+                n as f64 * crate::sampler::SAMPLE_PERIOD_NS as f64 / 1e9
+                    >= 0.1 * profile.window.as_secs_f64()
+            })
+            .count()
+            .max(1);
+        // A thread with room to spare (busy less than 1 − share untraced) absorbs the traps
+        // and keeps its callers' pace: no correction. One that had none was slowed.
+        let busy = profile.busiest_thread_share();
+        let trap_share = trap_cpu / busy_threads as f64;
+        let trap_share = if busy + trap_share >= 1.0 {
+            trap_share
+        } else {
+            0.0
+        };
+        for candidate in &mut rest {
+            let (rate, floor) = planner::correct(counted.rate(candidate), trap_share);
+            candidate.calls_per_second = Some(rate);
+            candidate.floor = floor;
+        }
+        let screened_out = screened.len();
+        let mut candidates = rest;
+        candidates.append(&mut screened);
+        let mut plan = planner::fit(candidates, options.budget, planner::MAX_PLAN_PROBES);
+        plan.window_ms = u64::try_from(profile.window.as_millis()).unwrap_or(u64::MAX);
+        plan.samples = profile.samples;
+        plan.count_ms = u64::try_from(counted.elapsed.as_millis()).unwrap_or(u64::MAX);
+        plan.notes.push(format!(
+            "sampled {} thread{} for {:.1} s: {} samples of 1 ms of CPU each ({} lost); busiest thread {:.0}% of a CPU",
+            profile.threads,
+            if profile.threads == 1 { "" } else { "s" },
+            profile.window.as_secs_f64(),
+            profile.samples,
+            profile.lost,
+            profile.busiest_thread_share() * 100.0
+        ));
+        plan.notes.push(format!(
+            "counted calls of {} candidate{} for {:.0} ms ({screened_out} more over the budget alone in {:.0} ms of screening); rates corrected for the counting run's own traps ({:.1}% of a busy thread; 0 when the busiest thread had room for them)",
+            counted.probes,
+            if counted.probes == 1 { "" } else { "s" },
+            counted.elapsed.as_secs_f64() * 1e3,
+            screen_elapsed.as_secs_f64() * 1e3,
+            trap_share * 100.0
+        ));
+        if self.manager().kernel().config().io_capture
+            && let Some(rate) = profile.io_syscalls_per_second
+        {
+            plan.notes.push(format!(
+                "not in this estimate: IO capture is on, so a session also follows this process's reads and writes ({rate:.0} a second while sampled) to link requests across processes; `scoped --no-io-capture` turns that off"
+            ));
+        }
+        plan.notes.push(format!(
+            "cost per call = trap (calibrated here: {:.2} µs emulated first instruction, {:.2} µs single-stepped) + programs ({:.2} µs)",
+            traps.emulated_ns / 1e3,
+            traps.stepped_ns / 1e3,
+            program_ns / 1e3
+        ));
+        Ok(plan)
+    }
+
+    /// Counts the calls of `candidates` in `pid` for `duration`: a session of them that
+    /// records nothing (the kernel counts every call and keeps 1 in `u32::MAX`), read and
+    /// detached. Blocking.
+    fn count_calls(
+        &self,
+        caller: &Caller,
+        pid: u32,
+        candidates: &[Candidate],
+        duration: Duration,
+    ) -> Result<Counted, ScopeError> {
+        let mut patterns: Vec<String> = candidates.iter().map(Candidate::pattern).collect();
+        patterns.sort();
+        patterns.dedup();
+        let mut counted = Counted::default();
+        if patterns.is_empty() {
+            return Ok(counted);
+        }
+        let spec = AttachSpec {
+            pid,
+            patterns,
+            binary: None,
+            follow: false,
+            require_matches: false,
+            limits: Limits {
+                sample_every: u32::MAX,
+                max_rate: 0,
+                budget: None,
+            },
+        };
+        let session = self.attach(caller, &spec)?;
+        let read = |manager: &ProbeManager| -> HashMap<(String, u64), u64> {
+            let mut calls = HashMap::new();
+            if let Some(session) = manager.session(session.id) {
+                for probe in session.probes() {
+                    if probe.probe.inlined_into.is_none() {
+                        *calls
+                            .entry((probe.probe.module.clone(), probe.probe.address))
+                            .or_default() += manager.probe_counters(probe).calls;
+                    }
+                }
+            }
+            calls
+        };
+        let before = read(&self.manager());
+        let started = Instant::now();
+        std::thread::sleep(duration);
+        let after = read(&self.manager());
+        counted.elapsed = started.elapsed();
+        let detached = self.detach(caller, Some(session.id));
+        if let Err(error) = detached {
+            tracing::error!(session = session.id, error = %error, "detaching a counting run failed");
+        }
+        counted.probes = after.len();
+        let seconds = counted.elapsed.as_secs_f64().max(1e-3);
+        counted.rates = after
+            .into_iter()
+            .map(|(key, calls)| {
+                let delta = calls.saturating_sub(before.get(&key).copied().unwrap_or(0));
+                (key, delta as f64 / seconds)
+            })
+            .collect();
+        Ok(counted)
+    }
+
+    /// `scope attach --auto`: plans `spec.pid`'s probes within the session's budget (1% when
+    /// none is given) and attaches the chosen functions as a session that keeps that budget.
+    /// Blocking.
+    pub fn attach_auto(
+        &self,
+        caller: &Caller,
+        spec: &AttachSpec,
+        options: PlanOptions,
+    ) -> Result<SessionSnapshot, ScopeError> {
+        if !spec.patterns.is_empty() || spec.binary.is_some() {
+            return Err(ScopeError::AutoWithPatterns);
+        }
+        let budget = spec.limits.budget.unwrap_or(DEFAULT_PLAN_BUDGET);
+        let options = PlanOptions { budget, ..options };
+        let (_, plan) = self.analyze(caller, spec.pid, None, options)?;
+        let mut patterns: Vec<String> = plan.chosen().map(Candidate::pattern).collect();
+        patterns.dedup();
+        if patterns.is_empty() {
+            let why = plan
+                .functions
+                .first()
+                .map(|p| format!("{} — {}", p.candidate.function, p.reason))
+                .unwrap_or_else(|| "no candidate function was found".to_owned());
+            return Err(ScopeError::EmptyPlan {
+                pid: spec.pid,
+                budget_percent: budget * 100.0,
+                why,
+            });
+        }
+        let spec = AttachSpec {
+            patterns,
+            limits: Limits {
+                budget: Some(budget),
+                ..spec.limits
+            },
+            ..spec.clone()
+        };
+        let mut snapshot = self.attach(caller, &spec)?;
+        let plan = Arc::new(plan);
+        self.plans().insert(snapshot.id, Arc::clone(&plan));
+        snapshot.plan = Some(plan);
+        Ok(snapshot)
     }
 
     /// Measures the sessions with an overhead budget and throttles what is over.
@@ -529,6 +861,12 @@ impl Daemon {
     ) -> Result<(Vec<u64>, Duration), ScopeError> {
         let detached = self.manager().detach(id, caller)?;
         let (ids, took) = release(detached);
+        {
+            let mut plans = self.plans();
+            for id in &ids {
+                plans.remove(id);
+            }
+        }
         let now = now_unix_ns();
         for id in &ids {
             self.store.end_session(*id, now);
@@ -544,7 +882,11 @@ impl Daemon {
         manager
             .sessions()
             .filter(|s| caller.owns(s.owner_uid))
-            .map(|s| SessionSnapshot::of(s, &manager, &budgets))
+            .map(|s| {
+                let mut snapshot = SessionSnapshot::of(s, &manager, &budgets);
+                snapshot.plan = self.plans().get(&s.id).cloned();
+                snapshot
+            })
             .collect()
     }
 
@@ -833,6 +1175,30 @@ fn log_refused(refused: &[Tracing], pid: u32, why: &str) {
 /// The process as /proc shows it now (`None` if it is already gone).
 fn spec_process(pid: u32) -> Option<ProcessInfo> {
     ProcessInfo::read(pid)
+}
+
+/// What a counting run measured.
+#[derive(Default)]
+struct Counted {
+    /// Calls a second by (module, function address).
+    rates: HashMap<(String, u64), f64>,
+    probes: usize,
+    elapsed: Duration,
+}
+
+impl Counted {
+    fn rate(&self, candidate: &Candidate) -> f64 {
+        self.rates
+            .get(&(candidate.module.display().to_string(), candidate.address))
+            .copied()
+            .unwrap_or(0.0)
+    }
+}
+
+fn file_name(path: &std::path::Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// The Go calls open on `stacks` (goroutines of process `pid`) as spans that ended at `now_ns`

@@ -111,6 +111,27 @@ pub enum ScopeError {
     #[error("cannot measure what probes cost, so an overhead budget cannot be kept: {why}")]
     Calibration { why: String },
 
+    #[error("cannot sample pid {pid} to plan probes: {source}")]
+    Sample {
+        pid: u32,
+        #[source]
+        source: crate::sampler::SampleError,
+    },
+
+    #[error(
+        "no function of pid {pid} fits a budget of {budget_percent}% of a CPU: {why} (`scope analyze --pid {pid}` shows the plan; a larger --budget, or --func with --sample, may do)"
+    )]
+    EmptyPlan {
+        pid: u32,
+        budget_percent: f64,
+        why: String,
+    },
+
+    #[error(
+        "--auto chooses the functions itself (in the executable and its libraries): give either --auto or --func/--usdt/--binary, not both"
+    )]
+    AutoWithPatterns,
+
     #[error(
         "no USDT probe matches '{pattern}' in pid {pid} (`scope analyze --pid {pid}` lists them)"
     )]
@@ -165,7 +186,10 @@ impl From<ScopeError> for tonic::Status {
             }
             ProcessMaps { .. } => tonic::Status::failed_precondition(message),
             Attach { .. } | Map { .. } | Store(_) => tonic::Status::internal(message),
-            Calibration { .. } => tonic::Status::failed_precondition(message),
+            Calibration { .. } | Sample { .. } | EmptyPlan { .. } => {
+                tonic::Status::failed_precondition(message)
+            }
+            AutoWithPatterns => tonic::Status::invalid_argument(message),
         }
     }
 }

@@ -704,6 +704,33 @@ impl Redis {
         self.proc.pid()
     }
 
+    /// A light, steady load: one client sending PING every `every` until the returned value
+    /// is dropped (what a planner sees of a server that is up but not busy).
+    pub fn trickle(&self, every: Duration) -> Trickle {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let port = self.port;
+        let flag = std::sync::Arc::clone(&stop);
+        let thread = thread::spawn(move || {
+            use std::io::{Read, Write};
+            let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            let mut reply = [0u8; 64];
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                stream.write_all(b"PING\r\n").unwrap();
+                let n = stream.read(&mut reply).unwrap();
+                assert!(
+                    reply[..n].starts_with(b"+PONG"),
+                    "redis answered PING with {:?}",
+                    &reply[..n]
+                );
+                thread::sleep(every);
+            }
+        });
+        Trickle {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
     /// Runs redis-benchmark against this server.
     pub fn benchmark(&self, args: &[&str]) -> Output {
         Command::new("redis-benchmark")
@@ -711,6 +738,21 @@ impl Redis {
             .args(args)
             .output()
             .unwrap()
+    }
+}
+
+/// The client [`Redis::trickle`] started; stops when dropped.
+pub struct Trickle {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Drop for Trickle {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 

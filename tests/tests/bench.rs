@@ -116,3 +116,13 @@ fn analyze_bench_times_real_binaries() {
     }
     assert!(report.markdown().contains("| cold | warm |"));
 }
+
+#[test]
+fn auto_bench_compares_the_plans_prediction_with_redis_throughput() {
+    let report = bench::auto::run(bench::auto::AutoConfig::QUICK);
+    assert_eq!(report.rows.len(), 1, "{report:?}");
+    let row = &report.rows[0];
+    assert!(row.predicted <= row.budget, "{row:?}");
+    assert!(row.untraced > 0.0 && row.traced > 0.0, "{row:?}");
+    assert!(report.markdown().contains("| budget | chosen"));
+}

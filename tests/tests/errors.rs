@@ -178,6 +178,27 @@ async fn grpc_errors_carry_the_right_codes() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    // --auto chooses the functions: naming some too is a mistake, said so.
+    let status = client
+        .attach(pb::AttachRequest {
+            auto: true,
+            ..attach(target.pid(), &["main"], "")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("--auto"), "{status:?}");
+    // A plan's sampling window is bounded.
+    let status = client
+        .analyze(pb::AnalyzeRequest {
+            pid: target.pid(),
+            window_ms: 3_600_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("sampling window"), "{status:?}");
     // Still serving.
     client.status(pb::StatusRequest {}).await.unwrap();
 }

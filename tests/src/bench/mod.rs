@@ -2,6 +2,7 @@
 //! part of BENCHMARKS.md. Timing lives here, never in tests.
 
 pub mod analyze;
+pub mod auto;
 pub mod correlation;
 pub mod detach;
 pub mod per_call;

@@ -120,7 +120,7 @@ impl RedisReport {
 }
 
 /// One redis-benchmark run: (SET ops/s, GET ops/s).
-fn benchmark(port: u16, requests: u64, cpus: usize) -> (f64, f64) {
+pub(crate) fn benchmark(port: u16, requests: u64, cpus: usize) -> (f64, f64) {
     let mut command = Command::new("redis-benchmark");
     command.args([
         "-p",

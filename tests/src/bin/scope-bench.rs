@@ -1,16 +1,17 @@
 //! `cargo xtask bench` runs this: the benchmarks of `scope_tests::bench`, each written into
 //! its own section of BENCHMARKS.md (between markers, so the rest of the file stays).
 //!
-//! Usage: scope-bench [--quick] [--only per-call|redis|pgbench|correlation|store|rss|detach|analyze] [--out PATH]
+//! Usage: scope-bench [--quick] [--only per-call|redis|pgbench|correlation|store|rss|detach|analyze|auto] [--out PATH]
 
 use std::{path::Path, time::Duration};
 
 use anyhow::{Context, bail};
 use scope_tests::bench::{
-    self, BenchConfig, correlation::CorrelationConfig, pgbench::PgbenchConfig, redis::RedisConfig,
+    self, BenchConfig, auto::AutoConfig, correlation::CorrelationConfig, pgbench::PgbenchConfig,
+    redis::RedisConfig,
 };
 
-const SECTIONS: [&str; 8] = [
+const SECTIONS: [&str; 9] = [
     "per-call",
     "redis",
     "pgbench",
@@ -19,6 +20,7 @@ const SECTIONS: [&str; 8] = [
     "rss",
     "detach",
     "analyze",
+    "auto",
 ];
 
 fn main() -> anyhow::Result<()> {
@@ -32,7 +34,7 @@ fn main() -> anyhow::Result<()> {
             "--only" => only = Some(args.next().context("--only needs a section")?),
             "--out" => out = Some(args.next().context("--out needs a path")?.into()),
             other => bail!(
-                "unknown argument {other:?}; usage: scope-bench [--quick] [--only per-call|redis|pgbench|correlation|store|rss|detach|analyze] [--out PATH]"
+                "unknown argument {other:?}; usage: scope-bench [--quick] [--only per-call|redis|pgbench|correlation|store|rss|detach|analyze|auto] [--out PATH]"
             ),
         }
     }
@@ -116,6 +118,18 @@ fn main() -> anyhow::Result<()> {
         let rounds = if quick { 1 } else { 5 };
         eprintln!("scope-bench: scope analyze, {rounds} rounds");
         write("analyze", bench::analyze::run(rounds).markdown())?;
+    }
+    if wanted("auto") {
+        let config = if quick {
+            AutoConfig::QUICK
+        } else {
+            AutoConfig::FULL
+        };
+        eprintln!(
+            "scope-bench: --auto on redis at budgets {:?}%, {} rounds",
+            config.budgets, config.rounds
+        );
+        write("auto", bench::auto::run(config).markdown())?;
     }
     if wanted("rss") {
         let duration = if quick {
