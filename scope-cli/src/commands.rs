@@ -77,7 +77,8 @@ pub struct AttachTarget {
     pub max_rate: Option<u32>,
     /// The share of one CPU the session's probes may cost, e.g. `1%`. scoped measures each
     /// probe's call rate and cost, and samples or detaches the most expensive probes to stay
-    /// under it (`scope sessions` and `scope status` say which and why).
+    /// under it (`scope sessions` and `scope status` say which and why). A budgeted session
+    /// does not capture the process's reads and writes, whose cost the budget cannot bound.
     #[arg(long, value_name = "PERCENT", value_parser = parse_percent)]
     pub budget: Option<f64>,
 }

@@ -270,6 +270,10 @@ pub struct Target {
     /// kernel makes it undumpable) stops being traced at once, in the kernel, before the new
     /// program runs; the daemon then decides, session by session, who may follow it.
     pub restricted: u32,
+    /// Non-zero while no session tracing it captures its reads and writes (every one has an
+    /// overhead budget, which a per-syscall cost would escape): the IO programs skip it.
+    pub skip_io: u32,
+    pub _pad: u32,
 }
 
 /// Per-CPU bookkeeping. The value of [`maps::CPU_STATE`].
@@ -674,7 +678,7 @@ const _: () = assert!(size_of::<Link>() == 24);
 const _: () = assert!(size_of::<KernelOffsets>() == 92);
 const _: () = assert!(size_of::<IoEvent>() == 128);
 const _: () = assert!(size_of::<StreamState>() == 24 + 32 * STREAM_WRITES);
-const _: () = assert!(size_of::<Target>() == 8);
+const _: () = assert!(size_of::<Target>() == 16);
 const _: () = assert!(size_of::<GoroutineKey>() == 16);
 const _: () = assert!(size_of::<CpuState>() == 8);
 const _: () = assert!(size_of::<ProbeCounters>() == 32);

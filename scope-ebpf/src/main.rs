@@ -231,8 +231,11 @@ pub fn scope_fork(ctx: RawTracePointContext) -> u32 {
             &child_pid,
             &Target {
                 sessions: 0,
-                // Until the daemon decides, a child is as restricted as its parent.
+                // Until the daemon decides, a child is as restricted as its parent, and has
+                // its reads and writes captured as its parent does.
                 restricted: parent.restricted,
+                skip_io: parent.skip_io,
+                _pad: 0,
             },
             0,
         );
@@ -941,9 +944,10 @@ const IPPROTO_TCP: u16 = 6;
 fn io_enter(ctx: &TracePointContext, op: u32) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tid = pid_tgid as u32;
-    // SAFETY: only checked for presence.
-    if unsafe { TARGETS.get(&((pid_tgid >> 32) as u32)) }.is_none() {
-        return;
+    // SAFETY: read once.
+    match unsafe { TARGETS.get(&((pid_tgid >> 32) as u32)) } {
+        Some(target) if target.skip_io == 0 => {}
+        _ => return,
     }
     // SAFETY: the tracepoint record holds the arguments at these offsets.
     let Ok(fd) = (unsafe { ctx.read_at::<u64>(SYSCALL_ARG0) }) else {

@@ -410,16 +410,20 @@ impl Kernel {
     }
 
     /// Adds `pid` to the set of traced processes (or updates it); `restricted` while a
-    /// session of a user other than root traces it (see [`Target::restricted`]).
+    /// session of a user other than root traces it (see [`Target::restricted`]); `io` while
+    /// a session captures its reads and writes (see [`Target::skip_io`]).
     pub fn add_target(
         &mut self,
         pid: u32,
         sessions: u32,
         restricted: bool,
+        io: bool,
     ) -> Result<(), ScopeError> {
         let target = Target {
             sessions,
             restricted: u32::from(restricted),
+            skip_io: u32::from(!io),
+            _pad: 0,
         };
         self.targets
             .insert(&pid, &target, 0)

@@ -137,6 +137,8 @@ pub struct Member {
     modules: Vec<AttachedModule>,
     /// Whether its session is a non-root user's (see [`Traced`]).
     restricted: bool,
+    /// Whether its session captures its reads and writes ([`Member::captures_io`]).
+    io: bool,
     /// USDT semaphores raised in the process (lowered again when it leaves the session).
     semaphores: Vec<u64>,
 }
@@ -158,9 +160,19 @@ struct AttachedModule {
 struct Traced {
     sessions: u32,
     restricted: u32,
+    /// Sessions that capture its reads and writes.
+    io: u32,
 }
 
 impl Member {
+    /// Whether a session with these limits captures its processes' reads and writes (the
+    /// links between calls across processes and hosts). A session with an overhead budget
+    /// does not: IO capture costs per read and write syscall, in programs that are not the
+    /// session's probes, so the budget could neither see nor bound that cost.
+    pub fn captures_io(limits: &Limits) -> bool {
+        limits.budget.is_none()
+    }
+
     /// Lowers the USDT semaphores this member raised (the process may be gone: then there is
     /// nothing to lower).
     fn lower_semaphores(&mut self) {
@@ -380,7 +392,7 @@ impl ProbeManager {
     /// its links to release, and the process it was.
     pub fn remove_member(&mut self, id: u64, pid: u32) -> Option<(Detached, ProcessInfo)> {
         let mut member = self.sessions.get_mut(&id)?.members.remove(&pid)?;
-        self.untarget(pid, member.restricted);
+        self.untarget(pid, member.restricted, member.io);
         self.unregister(&member.probes);
         Some((
             Detached {
@@ -408,11 +420,13 @@ impl ProbeManager {
             });
         }
         let pid = plan.process.pid;
+        let io = Member::captures_io(&limits);
         let mut member = Member {
             process: plan.process,
             probes: Vec::with_capacity(needed),
             modules: Vec::new(),
             restricted,
+            io,
             semaphores: Vec::new(),
         };
         if let Err(error) = self.place(&mut member, plan.modules, probes, pair, limits) {
@@ -422,12 +436,13 @@ impl ProbeManager {
         let traced = self.targets.entry(pid).or_default();
         traced.sessions += 1;
         traced.restricted += u32::from(restricted);
+        traced.io += u32::from(io);
         let traced = *traced;
-        if let Err(error) = self
-            .kernel
-            .add_target(pid, traced.sessions, traced.restricted != 0)
+        if let Err(error) =
+            self.kernel
+                .add_target(pid, traced.sessions, traced.restricted != 0, traced.io != 0)
         {
-            self.untarget(pid, restricted);
+            self.untarget(pid, restricted, io);
             self.unregister(&member.probes);
             return Err(error);
         }
@@ -435,17 +450,18 @@ impl ProbeManager {
         Ok(member)
     }
 
-    fn untarget(&mut self, pid: u32, restricted: bool) {
+    fn untarget(&mut self, pid: u32, restricted: bool, io: bool) {
         if let Some(traced) = self.targets.get_mut(&pid) {
             traced.sessions = traced.sessions.saturating_sub(1);
             traced.restricted = traced.restricted.saturating_sub(u32::from(restricted));
+            traced.io = traced.io.saturating_sub(u32::from(io));
             let traced = *traced;
             if traced.sessions == 0 {
                 self.targets.remove(&pid);
                 self.kernel.remove_target(pid);
             } else if let Err(error) =
                 self.kernel
-                    .add_target(pid, traced.sessions, traced.restricted != 0)
+                    .add_target(pid, traced.sessions, traced.restricted != 0, traced.io != 0)
             {
                 tracing::warn!(pid, error = %error.chain(), "updating a traced process in the kernel failed");
             }
@@ -471,14 +487,14 @@ impl ProbeManager {
     /// [`IO_LINGER`] after): they tax every read and write on the machine, traced or not (see
     /// BENCHMARKS.md).
     fn update_io_capture(&mut self) {
-        if self.targets.is_empty() {
+        if self.targets.values().all(|traced| traced.io == 0) {
             if self.kernel.io_attached() && self.io_idle_since.is_none() {
                 self.io_idle_since = Some(Instant::now());
             }
             return;
         }
         self.io_idle_since = None;
-        if let Err(error) = self.kernel.capture_io(!self.targets.is_empty()) {
+        if let Err(error) = self.kernel.capture_io(true) {
             let error = anyhow::Error::from(error);
             tracing::warn!(
                 error = format!("{error:#}"),
@@ -728,7 +744,7 @@ impl ProbeManager {
                 continue;
             };
             for (pid, mut member) in session.members {
-                self.untarget(pid, member.restricted);
+                self.untarget(pid, member.restricted, member.io);
                 self.unregister(&member.probes);
                 detached.push(Detached {
                     id,

@@ -324,6 +324,10 @@ fn a_budget_detaches_the_hot_probe_keeps_the_cold_one_and_the_program_near_full_
         assert!(Instant::now() < deadline, "cold calls keep coming");
         thread::sleep(Duration::from_millis(200));
     }
+    // The program writes a line a window to its pipe, but a budgeted session captures no
+    // reads and writes: their cost is per syscall, outside what the budget can bound.
+    let status = scoped.status();
+    assert_eq!(status["counters"]["daemon.io_received"], 0, "{status}");
 }
 
 #[test]
