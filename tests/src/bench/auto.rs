@@ -2,8 +2,8 @@
 //! on Debian's redis-server under redis-benchmark, for a few budgets. The plan is made while
 //! the benchmark runs (the load it must fit); then its functions are attached with the same
 //! budget in rounds interleaved with untraced ones, by a default scoped and by one with
-//! `--no-io-capture` (the plan's cost model covers the probes, not IO capture's syscall
-//! tracepoints).
+//! `--no-io-capture` as a control: a budgeted session captures no reads and writes, so the
+//! two should agree.
 //!
 //! redis-server is pinned to one CPU and redis-benchmark to the others, as in the redis
 //! section, so the server's CPU limits the rate: a probe costing x% of that CPU shows as
@@ -141,10 +141,10 @@ impl AutoReport {
              only functions called a few times a second, that column is within the noise of the rounds (±10% on this shared \
              2-CPU machine). Where it chose one called thousands of times a second, the loss measured exceeds the prediction: \
              each call is also a span the daemon reads and stores, and that work — not in the model, nor in `--budget`'s — \
-             competes here with redis-benchmark for the other CPU. The default daemon's column adds what every session costs \
-             on top of its probes: IO capture's syscall tracepoints following each read and write of the server to its socket, \
-             and the daemon storing them. Neither the plan nor `--budget` counts that yet (the plan notes the process's \
-             read/write rate); keeping it inside a budget needs a per-process switch for IO capture in the kernel's target map."
+             competes here with redis-benchmark for the other CPU. A budgeted session does not capture its process's reads \
+             and writes (IO capture costs per syscall, outside the probes: before budgeted sessions skipped it, the default \
+             daemon's column lost 36–47% at every budget), so the default daemon's column and the *no IO capture* control \
+             now measure the same probes; what remains between them is the noise of the rounds."
         );
         md
     }
