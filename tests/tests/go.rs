@@ -144,13 +144,12 @@ fn handle_result(id: u64) -> u64 {
     101 * id + id * id + GROW_DEPTH * (GROW_DEPTH + 1) / 2 + SLEEP_MS
 }
 
-#[test]
-fn traced_go_functions_report_durations_and_the_program_runs_on() {
-    let dir = tempfile::tempdir().unwrap();
-    let binary = go_build(dir.path(), "goprog.go", SOURCE);
-    let scoped = Scoped::start();
-    let stderr = dir.path().join("stderr");
-    let mut target = Target::spawn(
+/// Builds the test program in `dir` and starts it, waiting for its `ready`; its stderr goes
+/// to the returned file.
+fn start_program(dir: &std::path::Path) -> (Target, std::path::PathBuf) {
+    let binary = go_build(dir, "goprog.go", SOURCE);
+    let stderr = dir.join("stderr");
+    let target = Target::spawn(
         "goprog",
         Command::new(&binary)
             // Several Ps, so a woken goroutine has other threads to resume on.
@@ -158,6 +157,14 @@ fn traced_go_functions_report_durations_and_the_program_runs_on() {
             .stderr(std::fs::File::create(&stderr).unwrap()),
     );
     target.expect_line("ready", TIMEOUT);
+    (target, stderr)
+}
+
+#[test]
+fn traced_go_functions_report_durations_and_the_program_runs_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let scoped = Scoped::start();
+    let (mut target, stderr) = start_program(dir.path());
     let pid = target.pid();
     let functions = [
         "main.handle",
@@ -489,16 +496,8 @@ fn objdump(binary: &Path, name: &str) -> (Option<u64>, Vec<u64>) {
 #[test]
 fn two_sessions_on_one_go_function_each_get_every_call() {
     let dir = tempfile::tempdir().unwrap();
-    let binary = go_build(dir.path(), "goprog.go", SOURCE);
     let scoped = Scoped::start();
-    let stderr = dir.path().join("stderr");
-    let mut target = Target::spawn(
-        "goprog",
-        Command::new(&binary)
-            .env("GOMAXPROCS", "4")
-            .stderr(std::fs::File::create(&stderr).unwrap()),
-    );
-    target.expect_line("ready", TIMEOUT);
+    let (mut target, stderr) = start_program(dir.path());
     let pid = target.pid();
     let sessions: Vec<String> = (0..2)
         .map(|_| {
