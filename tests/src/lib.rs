@@ -958,3 +958,17 @@ pub fn runtime_address(pid: u32, binary: &Path, symbol: &str) -> u64 {
         });
     base + vaddr
 }
+
+/// A CPython whose `function__entry` USDT probe fires (Debian 11's 3.9, unpacked by
+/// `cargo xtask setup` under `target/python3.9`): the interpreter and its `PYTHONHOME`.
+/// Debian 12's own 3.11 never fires that probe (python/cpython#98894).
+pub fn probed_python() -> (PathBuf, PathBuf) {
+    let home = target_dir().parent().unwrap().join("python3.9").join("usr");
+    let python = home.join("bin/python3.9");
+    assert!(
+        python.exists(),
+        "{} is missing: `cargo xtask setup` unpacks it (the suite runs setup first)",
+        python.display()
+    );
+    (python, home)
+}

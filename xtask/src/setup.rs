@@ -76,6 +76,7 @@ pub fn setup() -> anyhow::Result<()> {
     install_bpf_linker()?;
     install_cargo_fuzz()?;
     python_venv()?;
+    probed_python()?;
     socket_group()?;
     mount_if_missing(
         "tracefs",
@@ -231,6 +232,64 @@ fn python_venv() -> anyhow::Result<()> {
     run(Command::new(&python)
         .args(["-m", "pip", "install", "--quiet"])
         .args(PYTHON_PACKAGES))
+}
+
+/// A CPython that fires its `function__entry` USDT probe, for `tests/tests/python.rs`:
+/// Debian 12's 3.11 carries the probe but never fires it (python/cpython#98894); Debian 11's
+/// 3.9 does. Its two packages are fetched from bullseye and unpacked, not installed, under
+/// `target/python3.9` (the system's python3 is untouched); the test runs
+/// `usr/bin/python3.9` with `PYTHONHOME` there.
+const PROBED_PYTHON_PACKAGES: &[&str] = &["python3.9-minimal", "libpython3.9-minimal"];
+
+fn probed_python() -> anyhow::Result<()> {
+    let dir = crate::root().join("target/python3.9");
+    if dir.join("usr/bin/python3.9").exists() {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask setup: unpacking Debian 11's CPython 3.9 (it fires its USDT function probes) into {}",
+        dir.display()
+    );
+    let work = crate::root().join("target/python3.9-download");
+    std::fs::create_dir_all(work.join("lists/partial"))?;
+    std::fs::create_dir_all(work.join("cache/archives/partial"))?;
+    let sources = work.join("bullseye.sources");
+    std::fs::write(
+        &sources,
+        "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bullseye\nComponents: main\n\
+         Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n",
+    )?;
+    let apt = |args: &[&str]| {
+        let mut command = Command::new("apt-get");
+        command
+            .current_dir(&work)
+            .arg("-q")
+            .arg(format!("-oDir::Etc::SourceList={}", sources.display()))
+            .arg("-oDir::Etc::SourceParts=/dev/null")
+            // Downloads into the project's target directory, which apt's sandbox user cannot write.
+            .arg("-oAPT::Sandbox::User=root")
+            .arg(format!(
+                "-oDir::State::Lists={}",
+                work.join("lists").display()
+            ))
+            .arg(format!("-oDir::Cache={}", work.join("cache").display()))
+            .args(args);
+        command
+    };
+    run(&mut apt(&["update"])).context("fetching Debian 11's package lists")?;
+    run(&mut apt(&["download"]).args(PROBED_PYTHON_PACKAGES))
+        .context("downloading Debian 11's CPython 3.9")?;
+    let unpacked = dir.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&unpacked);
+    for entry in std::fs::read_dir(&work)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "deb") {
+            run(Command::new("dpkg-deb").arg("-x").arg(&path).arg(&unpacked))?;
+        }
+    }
+    std::fs::rename(&unpacked, &dir)?;
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
 }
 
 /// Creates the system group `scope`: scoped opens its socket to it, and its members trace as
