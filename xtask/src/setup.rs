@@ -277,7 +277,7 @@ fn probed_python() -> anyhow::Result<()> {
         command
     };
     run(&mut apt(&["update"])).context("fetching Debian 11's package lists")?;
-    run(&mut apt(&["download"]).args(PROBED_PYTHON_PACKAGES))
+    run(apt(&["download"]).args(PROBED_PYTHON_PACKAGES))
         .context("downloading Debian 11's CPython 3.9")?;
     let unpacked = dir.with_extension("partial");
     let _ = std::fs::remove_dir_all(&unpacked);
