@@ -141,6 +141,9 @@ pub struct Member {
     io: bool,
     /// USDT semaphores raised in the process (lowered again when it leaves the session).
     semaphores: Vec<u64>,
+    /// The end sites of its USDT pairs: (end site's slot, its begin probe's slot). An end
+    /// site makes no spans of its own and counts no calls; it goes with its begin probe.
+    pair_ends: Vec<(u32, u32)>,
 }
 
 /// The probes of one member in one ELF file: what was attached, and the links holding it.
@@ -428,6 +431,7 @@ impl ProbeManager {
             restricted,
             io,
             semaphores: Vec::new(),
+            pair_ends: Vec::new(),
         };
         if let Err(error) = self.place(&mut member, plan.modules, probes, pair, limits) {
             self.unregister(&member.probes);
@@ -521,8 +525,10 @@ impl ProbeManager {
         let pid = member.process.pid;
         let mut probes = probes.into_iter();
         for module in modules {
-            // The kernel's number of each pair of USDT sites in this module.
+            // The kernel's number of each pair of USDT sites in this module, and the slots
+            // of the pairs' begin and end sites.
             let mut pairs: HashMap<usize, u32> = HashMap::new();
+            let (mut begins, mut ends) = (Vec::new(), Vec::new());
             let mut entry_points = Vec::with_capacity(module.probes.len());
             let mut exit_points = Vec::with_capacity(module.probes.len());
             let mut planned: Vec<(Arc<Probe>, &PlannedProbe)> =
@@ -579,6 +585,11 @@ impl ProbeManager {
                             self.last_pair
                         });
                     }
+                    match usdt.role {
+                        UsdtRole::Begin { pair, .. } => begins.push((pair, slot)),
+                        UsdtRole::End { pair } => ends.push((pair, slot)),
+                        UsdtRole::Site => {}
+                    }
                     if let UsdtRole::Begin { nests, .. } = usdt.role {
                         spec.nests = u32::from(nests);
                     }
@@ -607,6 +618,14 @@ impl ProbeManager {
                     ),
                     Exit::Instant => {}
                 }
+            }
+            for &(pair, end) in &ends {
+                member.pair_ends.extend(
+                    begins
+                        .iter()
+                        .filter(|&&(p, _)| p == pair)
+                        .map(|&(_, begin)| (end, begin)),
+                );
             }
             let count = entry_points.len();
             let links = self
@@ -663,6 +682,19 @@ impl ProbeManager {
         else {
             return Ok(false);
         };
+        // The end sites of a USDT pair go with the last of its begin sites: they make no
+        // spans of their own, and would only trap.
+        let live = |begin: u32| begin != slot && member.probes.iter().any(|p| p.slot == begin);
+        let mut slots = vec![slot];
+        for &(end, begin) in &member.pair_ends {
+            let others = member.pair_ends.iter().any(|&(e, b)| e == end && live(b));
+            if begin == slot && !others && !slots.contains(&end) {
+                slots.push(end);
+            }
+        }
+        member
+            .pair_ends
+            .retain(|&(end, begin)| begin != slot && !slots.contains(&end));
         let Some(module) = member.modules.iter_mut().find(|m| {
             m.entry_points
                 .iter()
@@ -670,8 +702,12 @@ impl ProbeManager {
         }) else {
             return Ok(false);
         };
-        module.entry_points.retain(|&(_, c)| cookie_of(c) != slot);
-        module.exit_points.retain(|&(_, c)| cookie_of(c) != slot);
+        module
+            .entry_points
+            .retain(|&(_, c)| !slots.contains(&cookie_of(c)));
+        module
+            .exit_points
+            .retain(|&(_, c)| !slots.contains(&cookie_of(c)));
         // The old links go first: with both attached, each remaining call would trap twice.
         let old = std::mem::take(&mut module.links);
         let (_, took) = release(vec![Detached { id, links: old }]);
@@ -701,7 +737,7 @@ impl ProbeManager {
         }
         let mut removed = Vec::new();
         member.probes.retain(|p| {
-            if p.slot == slot {
+            if slots.contains(&p.slot) {
                 removed.push(Arc::clone(p));
                 false
             } else {

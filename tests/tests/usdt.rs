@@ -285,3 +285,84 @@ fn pgbench_queries_are_spans_with_their_sql_and_a_duration() {
     assert_eq!(status["counters"]["kernel.abandoned"], 0, "{status}");
     assert_eq!(status["spans_dropped"], 0, "{status}");
 }
+
+/// A program that opens and closes a USDT pair as fast as it can.
+const HOT_PAIR: &str = r#"#define _SDT_HAS_SEMAPHORES 1
+#include <sys/sdt.h>
+#include <stdio.h>
+
+/* volatile: the loop calls nothing, so the compiler would read them once. */
+volatile unsigned short hot_op__start_semaphore __attribute__((section(".probes")));
+volatile unsigned short hot_op__done_semaphore __attribute__((section(".probes")));
+
+int main(void) {
+    setvbuf(stdout, NULL, _IONBF, 0);
+    printf("ready\n");
+    for (unsigned long i = 0;; i++) {
+        if (hot_op__start_semaphore)
+            DTRACE_PROBE1(hot, op__start, i);
+        if (hot_op__done_semaphore)
+            DTRACE_PROBE1(hot, op__done, i);
+    }
+}
+"#;
+
+/// An overhead budget detaches a hot USDT pair as a unit: the end site goes with its begin
+/// (it makes no spans of its own and would only trap), and the program runs on.
+#[test]
+fn a_budget_detaches_a_hot_usdt_pair_with_its_end_site() {
+    let dir = tempfile::tempdir().unwrap();
+    let binary = compile(dir.path(), "gcc", "hot_pair.c", HOT_PAIR, &["-O2"]);
+    let scoped = Scoped::start();
+    let mut target = Target::spawn("hot_pair", &mut Command::new(&binary));
+    target.expect_line("ready", TIMEOUT);
+    let pid = target.pid().to_string();
+    let session = scoped.scope_json(&[
+        "attach",
+        "--pid",
+        &pid,
+        "--usdt",
+        "hot:op__*",
+        "--budget",
+        "1%",
+        "--json",
+    ]);
+    let mut functions: Vec<&str> = session["probes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["function"].as_str().unwrap())
+        .collect();
+    functions.sort_unstable();
+    assert_eq!(functions, ["hot:op", "hot:op__done"], "{session}");
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let sessions = loop {
+        let sessions = scoped.scope_json(&["sessions", "--json"]);
+        if sessions["sessions"][0]["probes"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+            || std::time::Instant::now() > deadline
+        {
+            break sessions;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let session = &sessions["sessions"][0];
+    assert!(
+        session["probes"].as_array().unwrap().is_empty(),
+        "both sites of the pair were detached: {session}"
+    );
+    assert_eq!(session["throttled"][0]["function"], "hot:op", "{session}");
+    assert_eq!(session["throttled"][0]["action"], "detached", "{session}");
+    // Spans came back while it was attached, and the program is still running.
+    let calls = scoped.settled_calls(&["--pid", &pid, "--func", "hot:op"], 1, TIMEOUT);
+    assert!(!calls.is_empty());
+    assert!(
+        calls
+            .iter()
+            .all(|c| c["flags"].as_array().unwrap().is_empty()),
+        "{calls:?}"
+    );
+    assert!(target.proc.child.try_wait().unwrap().is_none());
+}
