@@ -733,9 +733,15 @@ impl Daemon {
                 let probes = self.stored_probes(id, session.owner_uid, &plan)?;
                 let stored = started.elapsed();
                 let count = probes.len();
-                let replaced =
-                    self.manager()
-                        .add_member(id, plan, probes, self.settings.programs)?;
+                // A forked child has its parent's memory, USDT semaphores this session
+                // raised included; an exec'd image starts from its file.
+                let replaced = self.manager().add_member(
+                    id,
+                    plan,
+                    probes,
+                    self.settings.programs,
+                    why == "fork",
+                )?;
                 tracing::debug!(
                     resolve_ms = resolved.as_secs_f64() * 1e3,
                     store_ms = (stored - resolved).as_secs_f64() * 1e3,

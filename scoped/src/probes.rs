@@ -350,7 +350,7 @@ impl ProbeManager {
         } = terms;
         let root = plan.process.clone();
         let patterns = plan.patterns.clone();
-        let member = self.member(plan, probes, pair, limits, owner_uid != ROOT_UID)?;
+        let member = self.member(plan, probes, pair, limits, owner_uid != ROOT_UID, false)?;
         let mut members = BTreeMap::new();
         members.insert(root.pid, member);
         self.sessions.insert(
@@ -370,6 +370,8 @@ impl ProbeManager {
     }
 
     /// Adds a process to session `id` (a fork it follows, or the new image after an exec).
+    /// A `forked` process already holds the session's USDT semaphore counts, copied from its
+    /// parent: they are recorded to lower on detach, not raised again.
     /// Returns the links of a member it replaces, to release.
     pub fn add_member(
         &mut self,
@@ -377,6 +379,7 @@ impl ProbeManager {
         plan: Plan,
         probes: Vec<Arc<Probe>>,
         pair: ProgramPair,
+        forked: bool,
     ) -> Result<Option<Detached>, ScopeError> {
         let Some(owner_uid) = self.sessions.get(&id).map(|s| s.owner_uid) else {
             return Err(ScopeError::NoSuchSession { id });
@@ -384,7 +387,7 @@ impl ProbeManager {
         let pid = plan.process.pid;
         let replaced = self.remove_member(id, pid).map(|(links, _)| links);
         let limits = self.sessions.get(&id).map(|s| s.limits).unwrap_or_default();
-        let member = self.member(plan, probes, pair, limits, owner_uid != ROOT_UID)?;
+        let member = self.member(plan, probes, pair, limits, owner_uid != ROOT_UID, forked)?;
         if let Some(session) = self.sessions.get_mut(&id) {
             session.members.insert(pid, member);
         }
@@ -414,6 +417,7 @@ impl ProbeManager {
         pair: ProgramPair,
         limits: Limits,
         restricted: bool,
+        forked: bool,
     ) -> Result<Member, ScopeError> {
         let needed = plan.probe_count();
         if needed > self.free_slots.len() {
@@ -433,7 +437,7 @@ impl ProbeManager {
             semaphores: Vec::new(),
             pair_ends: Vec::new(),
         };
-        if let Err(error) = self.place(&mut member, plan.modules, probes, pair, limits) {
+        if let Err(error) = self.place(&mut member, plan.modules, probes, pair, limits, forked) {
             self.unregister(&member.probes);
             return Err(error);
         }
@@ -521,6 +525,7 @@ impl ProbeManager {
         probes: Vec<Arc<Probe>>,
         pair: ProgramPair,
         limits: Limits,
+        forked: bool,
     ) -> Result<(), ScopeError> {
         let pid = member.process.pid;
         let mut probes = probes.into_iter();
@@ -595,8 +600,15 @@ impl ProbeManager {
                     }
                     self.kernel.set_usdt_args(slot, &spec)?;
                     if let Some(semaphore) = usdt.semaphore {
-                        // Tell the program someone listens, or it skips the probe.
-                        match crate::procfs::add_u16(pid, semaphore, 1) {
+                        // Tell the program someone listens, or it skips the probe. A process
+                        // forked from a member has this session's count already, copied
+                        // with its parent's memory: it is ours to lower, not to raise again.
+                        let raised = if forked {
+                            Ok(())
+                        } else {
+                            crate::procfs::add_u16(pid, semaphore, 1)
+                        };
+                        match raised {
                             Ok(()) => member.semaphores.push(semaphore),
                             Err(error) => {
                                 tracing::warn!(pid, %error, slot, "cannot raise a USDT semaphore: the program may skip this probe")

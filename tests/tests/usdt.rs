@@ -366,3 +366,83 @@ fn a_budget_detaches_a_hot_usdt_pair_with_its_end_site() {
     );
     assert!(target.proc.child.try_wait().unwrap().is_none());
 }
+
+/// A program whose children, forked on request, fire a USDT probe every millisecond.
+const FORKING: &str = r#"#define _SDT_HAS_SEMAPHORES 1
+#include <sys/sdt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <sys/prctl.h>
+#include <unistd.h>
+
+volatile unsigned short kid_tick_semaphore __attribute__((section(".probes")));
+
+int main(void) {
+    char line[64];
+    setvbuf(stdout, NULL, _IONBF, 0);
+    printf("ready\n");
+    while (fgets(line, sizeof line, stdin)) {
+        if (fork() == 0) {
+            /* Gone with its parent, whatever becomes of the test. */
+            prctl(PR_SET_PDEATHSIG, SIGKILL);
+            printf("child %d\n", getpid());
+            for (;;) {
+                if (kid_tick_semaphore)
+                    DTRACE_PROBE(kid, tick);
+                usleep(1000);
+            }
+        }
+    }
+    return 0;
+}
+"#;
+
+/// A forked child inherits the semaphore counts its parent holds: a followed child is not
+/// raised a second time, and detaching lowers it to where it was, so the program stops
+/// paying for arguments nobody reads.
+#[test]
+fn a_followed_fork_inherits_the_semaphore_and_detach_lowers_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let binary = compile(dir.path(), "gcc", "forking.c", FORKING, &["-O2"]);
+    let scoped = Scoped::start();
+    let mut target = Target::spawn("forking", &mut Command::new(&binary));
+    target.expect_line("ready", TIMEOUT);
+    let pid = target.pid();
+    let session = scoped.scope_json(&[
+        "attach",
+        "--pid",
+        &pid.to_string(),
+        "--usdt",
+        "kid:tick",
+        "--json",
+    ]);
+    target.send("fork");
+    let child: u32 = target.expect_line("child", TIMEOUT)["child ".len()..]
+        .parse()
+        .unwrap();
+    let semaphore = |pid: u32| {
+        let address = runtime_address(pid, &binary, "kid_tick_semaphore");
+        u16::from_ne_bytes(read_memory(pid, address, 2).try_into().unwrap())
+    };
+    // Followed: its ticks come back as spans.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while scoped.calls(&["--pid", &child.to_string()]).len() < 5 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the child's ticks come back"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(semaphore(pid), 1);
+    assert_eq!(semaphore(child), 1, "inherited, not raised twice");
+    let id = session["session_id"].as_u64().unwrap().to_string();
+    scoped.scope_ok(&["detach", &id]);
+    assert_eq!(semaphore(pid), 0);
+    assert_eq!(
+        semaphore(child),
+        0,
+        "the child's inherited count was lowered"
+    );
+    // SAFETY: kill has no memory-safety preconditions; the child is ours.
+    unsafe { libc::kill(child as i32, libc::SIGKILL) };
+}
