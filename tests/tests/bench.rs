@@ -93,7 +93,18 @@ fn pgbench_bench_runs_scope_and_bpftrace_on_a_real_postgres() {
         "{kept} spans kept for about {transactions:.0} transactions"
     );
     assert_eq!(dropped, 0);
+    // One span per query with the USDT pair.
+    let queries = report.get("scope, query spans").expect("the USDT pair ran");
+    let (kept, dropped) = queries.spans.expect("scope counts its spans");
+    let transactions = queries.tps * f64::from(config.seconds);
+    assert!(
+        kept > 0 && (kept as f64) <= transactions * 1.1,
+        "{kept} query spans for about {transactions:.0} transactions"
+    );
+    assert_eq!(dropped, 0);
+    assert!(report.get("bpftrace, query probes").is_some());
     assert!(report.markdown().contains("÷ bpftrace"));
+    assert!(report.markdown().contains("÷ bpftrace, query probes"));
 }
 
 #[test]

@@ -38,6 +38,69 @@ const CLIENTS: u32 = 8;
 // simple protocol's entry, is static).
 const FUNCTIONS: [&str; 2] = ["PortalRun", "ExecutorRun"];
 
+/// Configurations of this benchmark alone, on PostgreSQL's own query probes (USDT), in run
+/// order after [`TRACERS`].
+const QUERY_TRACERS: [(&str, &str); 2] = [
+    (
+        "scope, query spans",
+        "`--usdt postgresql:query__start --usdt postgresql:query__done`: one span per query with its SQL, paired in the kernel (`--no-io-capture`)",
+    ),
+    (
+        "bpftrace, query probes",
+        "the same two USDT probes (`--usdt-file-activation`), query durations into a histogram",
+    ),
+];
+
+/// Runs `measure` under configuration `name` of [`QUERY_TRACERS`]; for scope, also the
+/// spans stored and dropped.
+fn query_round(
+    tracers: &Tracers,
+    name: &str,
+    postgres: &Postgres,
+    exe: &str,
+    measure: impl FnOnce() -> f64,
+) -> (f64, Option<(u64, u64)>) {
+    use std::process::Command;
+    use std::time::Duration;
+    if name.starts_with("scope") {
+        let daemon = &tracers.no_capture;
+        let before = daemon.status();
+        let pid = postgres.pid().to_string();
+        let attached = daemon.scope_json(&[
+            "attach",
+            "--pid",
+            &pid,
+            "--usdt",
+            "postgresql:query__start",
+            "--usdt",
+            "postgresql:query__done",
+            "--json",
+        ]);
+        let tps = measure();
+        daemon.scope_ok(&["detach", &attached["session_id"].to_string()]);
+        let after = daemon.settled_status(Duration::from_secs(60));
+        let delta =
+            |key: &str| after[key].as_u64().unwrap_or(0) - before[key].as_u64().unwrap_or(0);
+        return (tps, Some((delta("stored_spans"), delta("spans_dropped"))));
+    }
+    let program = format!(
+        "usdt:{exe}:postgresql:query__start {{ @start[tid] = nsecs; }} \
+         usdt:{exe}:postgresql:query__done /@start[tid]/ {{ @ns = hist(nsecs - @start[tid]); delete(@start[tid]); }}"
+    );
+    let mut command = Command::new("bpftrace");
+    // Raises the semaphores in the running postmaster; the backends it forks inherit them.
+    command
+        .args(["--usdt-file-activation", "-e", &program])
+        .stderr(Stdio::null());
+    let mut bpftrace = crate::Target::spawn("bpftrace", &mut command);
+    bpftrace.expect_line("Attaching", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(1));
+    let tps = measure();
+    bpftrace.proc.signal(libc::SIGINT);
+    bpftrace.proc.wait_exit(Duration::from_secs(30));
+    (tps, None)
+}
+
 #[derive(Clone, Debug)]
 pub struct PgbenchMeasurement {
     pub name: &'static str,
@@ -69,7 +132,9 @@ impl PgbenchReport {
              `pgbench -S -c {CLIENTS} -j 2 -T {}` (select-only, simple protocol, on the other CPUs). \
              Traced configurations probe `PortalRun` and the `ExecutorRun` inside it, entry and \
              exit: scope attaches to the postmaster and follows the backends it forks; bpftrace probes \
-             the executable in every process. Rounds interleaved, median of {}. Measured {} on {}.\n",
+             the executable in every process. The last two use PostgreSQL's own USDT probes instead, \
+             `query__start` and `query__done`: scope makes each query one span carrying its SQL, \
+             bpftrace a histogram of query durations. Rounds interleaved, median of {}. Measured {} on {}.\n",
             self.config.seconds,
             self.config.rounds,
             today(),
@@ -97,11 +162,15 @@ impl PgbenchReport {
             );
         }
         let _ = writeln!(md);
-        for name in ["scope, no capture", "scope"] {
-            if let (Some(scope), Some(bpftrace)) = (self.get(name), self.get("bpftrace")) {
+        for (name, peer) in [
+            ("scope, no capture", "bpftrace"),
+            ("scope", "bpftrace"),
+            ("scope, query spans", "bpftrace, query probes"),
+        ] {
+            if let (Some(scope), Some(bpftrace)) = (self.get(name), self.get(peer)) {
                 let _ = writeln!(
                     md,
-                    "- {name} ÷ bpftrace TPS: **{:.3}×**; 1.0 means the same cost.",
+                    "- {name} ÷ {peer} TPS: **{:.3}×**; 1.0 means the same cost.",
                     scope.tps / bpftrace.tps
                 );
             }
@@ -151,14 +220,18 @@ pub fn run(config: PgbenchConfig) -> PgbenchReport {
     // Warm up: the tables are in the server's cache.
     benchmark(&postgres, config.seconds, cpus);
 
-    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); TRACERS.len()];
-    let mut kept = vec![0u64; TRACERS.len()];
-    let mut dropped = vec![0u64; TRACERS.len()];
+    let configurations: Vec<(&str, &str)> = TRACERS.iter().chain(&QUERY_TRACERS).copied().collect();
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); configurations.len()];
+    let mut kept = vec![0u64; configurations.len()];
+    let mut dropped = vec![0u64; configurations.len()];
     for _ in 0..config.rounds {
-        for (index, &(name, _)) in TRACERS.iter().enumerate() {
-            let (tps, spans) = tracers.run(name, postgres.pid(), &exe, &FUNCTIONS, None, || {
-                benchmark(&postgres, config.seconds, cpus)
-            });
+        for (index, &(name, _)) in configurations.iter().enumerate() {
+            let measure = || benchmark(&postgres, config.seconds, cpus);
+            let (tps, spans) = if index < TRACERS.len() {
+                tracers.run(name, postgres.pid(), &exe, &FUNCTIONS, None, measure)
+            } else {
+                query_round(&tracers, name, &postgres, &exe, measure)
+            };
             samples[index].push(tps);
             if let Some((stored, lost)) = spans {
                 kept[index] += stored;
@@ -166,7 +239,7 @@ pub fn run(config: PgbenchConfig) -> PgbenchReport {
             }
         }
     }
-    let results = TRACERS
+    let results = configurations
         .iter()
         .zip(samples.iter_mut())
         .enumerate()
