@@ -678,7 +678,7 @@ impl Daemon {
                 .filter(|s| s.follow),
             child,
         );
-        log_refused(&refused, child, "fork");
+        log_refused(&refused, child, Followed::Fork);
         if following.is_empty() {
             self.manager().forget_unfollowed(child);
             return;
@@ -690,7 +690,7 @@ impl Daemon {
             fork_span,
         );
         for session in following {
-            self.trace_member(&session, child, "fork");
+            self.trace_member(&session, child, Followed::Fork);
         }
     }
 
@@ -698,7 +698,7 @@ impl Daemon {
     /// who could not ptrace the new program (a setuid one, say) lets go of the process.
     fn follow_exec(&self, pid: u32) {
         let (following, refused) = may_follow(self.manager().sessions_of(pid), pid);
-        log_refused(&refused, pid, "exec");
+        log_refused(&refused, pid, Followed::Exec);
         let mut removed = Vec::new();
         for session in &refused {
             if let Some((member, _)) = self.manager().remove_member(session.id, pid) {
@@ -711,12 +711,12 @@ impl Daemon {
         }
         self.record_process(&spec_process(pid), following.first().map(|s| s.id), None);
         for session in following {
-            self.trace_member(&session, pid, "exec");
+            self.trace_member(&session, pid, Followed::Exec);
         }
     }
 
     /// (Re)attaches a session's globs in process `pid` as it is now.
-    fn trace_member(&self, session: &Tracing, pid: u32, why: &str) {
+    fn trace_member(&self, session: &Tracing, pid: u32, why: Followed) {
         let id = session.id;
         let spec = AttachSpec {
             pid,
@@ -740,7 +740,7 @@ impl Daemon {
                     plan,
                     probes,
                     self.settings.programs,
-                    why == "fork",
+                    why == Followed::Fork,
                 )?;
                 tracing::debug!(
                     resolve_ms = resolved.as_secs_f64() * 1e3,
@@ -1162,7 +1162,25 @@ fn may_follow(
     })
 }
 
-fn log_refused(refused: &[Tracing], pid: u32, why: &str) {
+/// Why a session traces a process it did not attach to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Followed {
+    /// A traced process forked it: it has its parent's memory.
+    Fork,
+    /// It exec'd a new program: its memory is the new image's.
+    Exec,
+}
+
+impl std::fmt::Display for Followed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Followed::Fork => "fork",
+            Followed::Exec => "exec",
+        })
+    }
+}
+
+fn log_refused(refused: &[Tracing], pid: u32, why: Followed) {
     for session in refused {
         let reason = access::may_trace(session.owner_uid, pid)
             .err()

@@ -435,27 +435,25 @@ pub fn plan(
 /// end sites are then still seen, as instants.
 fn pair_usdt_sites(probes: &mut [PlannedProbe], broken: &[&str]) {
     let mut pairs: Vec<String> = Vec::new();
-    let ends: Vec<(usize, Vec<String>)> = probes
+    // (end site's index, its begin site's `provider:name`).
+    let ends: Vec<(usize, String)> = probes
         .iter()
         .enumerate()
         .filter(|(_, probe)| probe.usdt.is_some())
         .filter_map(|(index, probe)| {
             let (provider, name) = probe.function.split_once(':')?;
-            let begins: Vec<String> = crate::usdt::begin_names(name)
-                .into_iter()
-                .map(|begin| format!("{provider}:{begin}"))
-                .collect();
-            (!begins.is_empty()).then_some((index, begins))
+            let begin = crate::usdt::begin_name(name)?;
+            Some((index, format!("{provider}:{begin}")))
         })
         .collect();
-    for (end, begins) in ends {
-        let Some(begin_name) = begins.iter().find(|begin| {
-            probes
-                .iter()
-                .any(|p| p.usdt.is_some() && &p.function == *begin)
-        }) else {
+    for (end, begin_name) in &ends {
+        let end = *end;
+        let planned = probes
+            .iter()
+            .any(|p| p.usdt.is_some() && &p.function == begin_name);
+        if !planned {
             continue;
-        };
+        }
         if broken.contains(&begin_name.as_str()) {
             tracing::warn!(
                 begin = %begin_name,

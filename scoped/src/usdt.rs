@@ -63,17 +63,16 @@ pub fn nests(provider: &str) -> bool {
     !NON_NESTING.contains(&provider)
 }
 
-/// For the end site `name` of a pair, the names its begin site can have.
-pub fn begin_names(name: &str) -> Vec<String> {
+/// For the end site `name` of a pair, the name of its begin site.
+pub fn begin_name(name: &str) -> Option<String> {
     if let Some(stem) = name
         .strip_suffix("__done")
         .or_else(|| name.strip_suffix("__end"))
     {
-        vec![format!("{stem}__start")]
-    } else if let Some(stem) = name.strip_suffix("__return") {
-        vec![format!("{stem}__entry")]
+        Some(format!("{stem}__start"))
     } else {
-        Vec::new()
+        name.strip_suffix("__return")
+            .map(|stem| format!("{stem}__entry"))
     }
 }
 
@@ -115,11 +114,17 @@ mod tests {
 
     #[test]
     fn pairs_follow_the_dtrace_naming_convention() {
-        assert_eq!(begin_names("query__done"), ["query__start"]);
-        assert_eq!(begin_names("request__end"), ["request__start"]);
-        assert_eq!(begin_names("function__return"), ["function__entry"]);
-        assert!(begin_names("query__start").is_empty());
-        assert!(begin_names("statement__status").is_empty());
+        assert_eq!(begin_name("query__done").as_deref(), Some("query__start"));
+        assert_eq!(
+            begin_name("request__end").as_deref(),
+            Some("request__start")
+        );
+        assert_eq!(
+            begin_name("function__return").as_deref(),
+            Some("function__entry")
+        );
+        assert_eq!(begin_name("query__start"), None);
+        assert_eq!(begin_name("statement__status"), None);
         assert_eq!(pair_name("query__start"), "query");
         assert_eq!(pair_name("function__entry"), "function");
         assert_eq!(pair_name("gc__start"), "gc");

@@ -972,3 +972,16 @@ pub fn probed_python() -> (PathBuf, PathBuf) {
     );
     (python, home)
 }
+
+/// The `function` of each probe an attach (or a session of `scope sessions --json`) lists,
+/// sorted.
+pub fn probe_functions(session: &Value) -> Vec<String> {
+    let mut functions: Vec<String> = session["probes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no probes in {session}"))
+        .iter()
+        .map(|p| p["function"].as_str().unwrap().to_owned())
+        .collect();
+    functions.sort_unstable();
+    functions
+}

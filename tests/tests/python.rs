@@ -13,7 +13,7 @@
 
 use std::{process::Command, time::Duration};
 
-use scope_tests::{Scoped, Target, probed_python};
+use scope_tests::{Scoped, Target, probe_functions, probed_python};
 use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -45,16 +45,68 @@ for line in sys.stdin:
     print("result", top(3), flush=True)
 "#;
 
+/// The script running under an interpreter, traced with `python:function__*`.
+struct Traced {
+    _dir: tempfile::TempDir,
+    /// The script's path, as the spans' texts start.
+    file: String,
+    scoped: Scoped,
+    target: Target,
+    pid: String,
+    session: Value,
+}
+
+impl Traced {
+    /// Writes the script, starts `python` on it and attaches to it.
+    fn start(python: &mut Command) -> Traced {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("app.py");
+        std::fs::write(&script, SCRIPT).unwrap();
+        let scoped = Scoped::start();
+        let target = Target::spawn("python", python.arg(&script));
+        target.expect_line("ready", TIMEOUT);
+        let pid = target.pid().to_string();
+        let session = scoped.scope_json(&[
+            "attach",
+            "--pid",
+            &pid,
+            "--usdt",
+            "python:function__*",
+            "--json",
+        ]);
+        Traced {
+            _dir: dir,
+            file: script.to_str().unwrap().to_owned(),
+            scoped,
+            target,
+            pid,
+            session,
+        }
+    }
+
+    /// Runs `top(3)` `times` times; the script computes what it does untraced:
+    /// 2*(0+1) + 2*(1+2) + 2*(2+3) = 18.
+    fn run(&mut self, times: usize) {
+        for _ in 0..times {
+            self.target.send("go");
+            assert_eq!(self.target.expect_line("result", TIMEOUT), "result 18");
+        }
+    }
+
+    /// Detaches, and the script still runs right.
+    fn detach(mut self) {
+        let id = self.session["session_id"].as_u64().unwrap().to_string();
+        self.scoped.scope_ok(&["detach", &id]);
+        self.run(1);
+    }
+}
+
 #[test]
 fn python_returns_are_spans_with_file_function_and_line() {
-    let dir = tempfile::tempdir().unwrap();
-    let script = dir.path().join("app.py");
-    std::fs::write(&script, SCRIPT).unwrap();
-    let scoped = Scoped::start();
-    let mut target = Target::spawn("python", Command::new(PYTHON).arg(&script));
-    target.expect_line("ready", TIMEOUT);
-    let pid = target.pid().to_string();
-    let analysis = scoped.scope_json(&["analyze", "--pid", &pid, "--json"]);
+    let mut traced = Traced::start(&mut Command::new(PYTHON));
+    let analysis = traced
+        .scoped
+        .scope_json(&["analyze", "--pid", &traced.pid, "--json"]);
     let usdt: Vec<&str> = analysis["usdt"]
         .as_array()
         .unwrap()
@@ -65,36 +117,20 @@ fn python_returns_are_spans_with_file_function_and_line() {
         usdt.contains(&"python:function__entry") && usdt.contains(&"python:function__return"),
         "{PYTHON} carries its USDT probes: {usdt:?}"
     );
-
-    let session = scoped.scope_json(&[
-        "attach",
-        "--pid",
-        &pid,
-        "--usdt",
-        "python:function__*",
-        "--json",
-    ]);
-    let mut functions: Vec<&str> = session["probes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["function"].as_str().unwrap())
-        .collect();
-    functions.sort_unstable();
     // Not paired into `python:function`: 3.11 never fires the entry site.
     assert_eq!(
-        functions,
+        probe_functions(&traced.session),
         ["python:function__entry", "python:function__return"],
-        "{session}"
+        "{}",
+        traced.session
     );
-    for _ in 0..2 {
-        target.send("go");
-        // 2*(0+1) + 2*(1+2) + 2*(2+3) = 18: the program computes what it did untraced.
-        assert_eq!(target.expect_line("result", TIMEOUT), "result 18");
-    }
+    traced.run(2);
 
-    let calls = scoped.settled_calls(&["--pid", &pid, "--func", "python:*"], 20, TIMEOUT);
-    let file = script.to_str().unwrap();
+    let calls =
+        traced
+            .scoped
+            .settled_calls(&["--pid", &traced.pid, "--func", "python:*"], 20, TIMEOUT);
+    let file = &traced.file;
     let ours: Vec<&str> = calls
         .iter()
         .map(|c| c["text"].as_str().unwrap())
@@ -117,48 +153,26 @@ fn python_returns_are_spans_with_file_function_and_line() {
         "CPython 3.11 fires function__entry after all (python/cpython#98894 fixed?): pair \
          them again in scoped/src/usdt.rs broken_begins: {calls:#?}"
     );
-
-    let id = session["session_id"].as_u64().unwrap().to_string();
-    scoped.scope_ok(&["detach", &id]);
-    target.send("go");
-    assert_eq!(target.expect_line("result", TIMEOUT), "result 18");
+    traced.detach();
 }
 
 #[test]
 fn python_calls_are_spans_with_file_function_and_line_nested_as_called() {
     let (python, home) = probed_python();
-    let dir = tempfile::tempdir().unwrap();
-    let script = dir.path().join("app.py");
-    std::fs::write(&script, SCRIPT).unwrap();
-    let scoped = Scoped::start();
-    let mut target = Target::spawn(
-        "python3.9",
-        Command::new(&python).arg(&script).env("PYTHONHOME", &home),
+    let mut traced = Traced::start(Command::new(&python).env("PYTHONHOME", &home));
+    assert!(
+        probe_functions(&traced.session).contains(&"python:function".to_owned()),
+        "{}",
+        traced.session
     );
-    target.expect_line("ready", TIMEOUT);
-    let pid = target.pid().to_string();
-    let session = scoped.scope_json(&[
-        "attach",
-        "--pid",
-        &pid,
-        "--usdt",
-        "python:function__*",
-        "--json",
-    ]);
-    let functions: Vec<&str> = session["probes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["function"].as_str().unwrap())
-        .collect();
-    assert!(functions.contains(&"python:function"), "{session}");
-    for _ in 0..2 {
-        target.send("go");
-        assert_eq!(target.expect_line("result", TIMEOUT), "result 18");
-    }
+    traced.run(2);
 
-    let calls = scoped.settled_calls(&["--pid", &pid, "--func", "python:function"], 20, TIMEOUT);
-    let file = script.to_str().unwrap();
+    let calls = traced.scoped.settled_calls(
+        &["--pid", &traced.pid, "--func", "python:function"],
+        20,
+        TIMEOUT,
+    );
+    let file = &traced.file;
     let ours: Vec<&Value> = calls
         .iter()
         .filter(|c| c["text"].as_str().unwrap().starts_with(file))
@@ -218,11 +232,7 @@ fn python_calls_are_spans_with_file_function_and_line_nested_as_called() {
         assert!(call["duration_ns"].as_u64().unwrap() > 0, "{call}");
         assert!(call["flags"].as_array().unwrap().is_empty(), "{call}");
     }
-    let status = scoped.scope_json(&["status", "--json"]);
+    let status = traced.scoped.scope_json(&["status", "--json"]);
     assert_eq!(status["counters"]["kernel.abandoned"], 0, "{status}");
-
-    let id = session["session_id"].as_u64().unwrap().to_string();
-    scoped.scope_ok(&["detach", &id]);
-    target.send("go");
-    assert_eq!(target.expect_line("result", TIMEOUT), "result 18");
+    traced.detach();
 }

@@ -8,7 +8,7 @@
 
 use std::{process::Command, time::Duration};
 
-use scope_tests::{Scoped, Target, compile, read_memory, runtime_address};
+use scope_tests::{Scoped, Target, compile, probe_functions, read_memory, runtime_address};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -200,13 +200,10 @@ fn pgbench_queries_are_spans_with_their_sql_and_a_duration() {
         "ExecutorRun",
         "--json",
     ]);
-    let functions: Vec<&str> = session["probes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["function"].as_str().unwrap())
-        .collect();
-    assert!(functions.contains(&"postgresql:query"), "{session}");
+    assert!(
+        probe_functions(&session).contains(&"postgresql:query".to_owned()),
+        "{session}"
+    );
 
     let run = postgres.pgbench(&["-n", "-S", "-c", "4", "-T", "4"]);
     let stdout = String::from_utf8_lossy(&run.stdout);
@@ -327,14 +324,11 @@ fn a_budget_detaches_a_hot_usdt_pair_with_its_end_site() {
         "1%",
         "--json",
     ]);
-    let mut functions: Vec<&str> = session["probes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["function"].as_str().unwrap())
-        .collect();
-    functions.sort_unstable();
-    assert_eq!(functions, ["hot:op", "hot:op__done"], "{session}");
+    assert_eq!(
+        probe_functions(&session),
+        ["hot:op", "hot:op__done"],
+        "{session}"
+    );
     let deadline = std::time::Instant::now() + TIMEOUT;
     let sessions = loop {
         let sessions = scoped.scope_json(&["sessions", "--json"]);

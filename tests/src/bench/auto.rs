@@ -252,29 +252,23 @@ pub fn run(config: AutoConfig) -> AutoReport {
 
         let (mut untraced, mut traced, mut bare, mut runtime) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let round = |daemon: &Scoped| {
+            traced_round(
+                daemon,
+                redis.pid(),
+                &patterns,
+                budget,
+                redis.port,
+                config.requests,
+                cpus,
+            )
+        };
         for _ in 0..config.rounds {
             untraced.push(benchmark(redis.port, config.requests, cpus).1);
-            let (get, estimate) = traced_round(
-                &scope,
-                redis.pid(),
-                &patterns,
-                budget,
-                redis.port,
-                config.requests,
-                cpus,
-            );
+            let (get, estimate) = round(&scope);
             traced.push(get);
             runtime.push(estimate);
-            let (get, _) = traced_round(
-                &no_capture,
-                redis.pid(),
-                &patterns,
-                budget,
-                redis.port,
-                config.requests,
-                cpus,
-            );
-            bare.push(get);
+            bare.push(round(&no_capture).0);
         }
         rows.push(AutoRow {
             budget,
